@@ -1,0 +1,68 @@
+//! Errors of the storage layer.
+//!
+//! Rules: every variant names the object key or URL it is about; `is_permanent()` says
+//! whether repeating the same call could succeed, and callers retry only what is not
+//! permanent (object_store already retries transient HTTP failures inside one call).
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("repository URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("storage configuration: {0}")]
+    Config(String),
+    #[error("object {key} not found")]
+    NotFound { key: String },
+    #[error("object {key} already exists; refusing to overwrite it")]
+    AlreadyExists { key: String },
+    #[error("storage operation on {key} failed: {source}")]
+    Backend {
+        key: String,
+        #[source]
+        source: object_store::Error,
+    },
+    #[error("Storj auth service {service}: {reason}")]
+    StorjAuth { service: String, reason: String },
+    #[error("upload of {key} was abandoned before it completed")]
+    Abandoned { key: String },
+}
+
+impl StorageError {
+    pub(crate) fn from_store(key: &str, source: object_store::Error) -> Self {
+        match source {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
+            object_store::Error::AlreadyExists { .. }
+            | object_store::Error::Precondition { .. } => {
+                StorageError::AlreadyExists { key: key.into() }
+            }
+            source => StorageError::Backend {
+                key: key.into(),
+                source,
+            },
+        }
+    }
+
+    /// True when repeating the call cannot help (bad configuration, missing object, …).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StorageError::Backend { source, .. } => matches!(
+                source,
+                object_store::Error::PermissionDenied { .. }
+                    | object_store::Error::Unauthenticated { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::InvalidPath { .. }
+            ),
+            StorageError::StorjAuth { .. } => false,
+            _ => true,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StorageError::NotFound { .. })
+    }
+}
+
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

@@ -1,0 +1,487 @@
+//! [`Repo`]: one repository (a store plus a key prefix) with the few operations backups
+//! need, implemented once over `object_store` so every backend gets every feature.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
+};
+
+use crate::error::{Result, StorageError};
+use crate::location::Location;
+use crate::storj;
+
+/// How to reach the store. Secrets are kept out of `Debug`.
+#[derive(Clone, Default)]
+pub struct StorageOptions {
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_virtual_hosted_style: bool,
+    pub s3_allow_http: bool,
+    pub s3_skip_verify: bool,
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<String>,
+    pub storj_access: Option<String>,
+    pub storj_auth_service: Option<String>,
+    pub storj_gateway: Option<String>,
+    /// Parts of one multipart upload in flight at once (default 4).
+    pub parts_in_flight: usize,
+}
+
+impl std::fmt::Debug for StorageOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StorageOptions")
+            .field("s3_endpoint", &self.s3_endpoint)
+            .field("s3_region", &self.s3_region)
+            .field("s3_virtual_hosted_style", &self.s3_virtual_hosted_style)
+            .field("s3_allow_http", &self.s3_allow_http)
+            .field(
+                "s3_access_key_id",
+                &self.s3_access_key_id.as_ref().map(|_| "<set>"),
+            )
+            .field("storj_access", &self.storj_access.as_ref().map(|_| "<set>"))
+            .field("storj_gateway", &self.storj_gateway)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Object sizes and checksums as the store reports them.
+#[derive(Debug, Clone)]
+pub struct ObjectInfo {
+    /// Key relative to the repository root.
+    pub key: String,
+    pub size: u64,
+    pub last_modified: std::time::SystemTime,
+}
+
+#[derive(Clone)]
+pub struct Repo {
+    store: Arc<dyn ObjectStore>,
+    prefix: String,
+    url: String,
+    parts_in_flight: usize,
+}
+
+impl std::fmt::Debug for Repo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Repo({})", self.url)
+    }
+}
+
+/// Part size for multipart uploads: large enough that S3's 10,000-part limit allows
+/// multi-terabyte archives when the size is known up front.
+pub fn part_size_for(size_hint: Option<u64>) -> usize {
+    const MIN: u64 = 16 << 20;
+    let wanted = size_hint.map(|s| s / 9_000).unwrap_or(0);
+    wanted.clamp(MIN, 512 << 20) as usize
+}
+
+impl Repo {
+    /// Opens the repository at `url`. Network access happens only for Storj access grants.
+    pub async fn open(url: &str, opts: &StorageOptions) -> Result<Repo> {
+        let location = Location::parse(url)?;
+        let cfg = |e: object_store::Error| StorageError::Config(e.to_string());
+        let (store, prefix): (Arc<dyn ObjectStore>, String) = match location {
+            Location::S3 { bucket, prefix } => (
+                Arc::new(s3_builder(&bucket, opts)?.build().map_err(cfg)?),
+                prefix,
+            ),
+            Location::Storj { bucket, prefix } => {
+                let mut b = s3_builder(&bucket, opts)?;
+                let gateway = match (&opts.storj_access, &opts.s3_access_key_id) {
+                    (Some(grant), _) => {
+                        let service =
+                            opts.storj_auth_service.as_deref().unwrap_or(storj::DEFAULT_AUTH_SERVICE);
+                        let creds = storj::exchange_access_grant(service, grant).await?;
+                        b = b
+                            .with_access_key_id(creds.access_key_id)
+                            .with_secret_access_key(creds.secret_access_key);
+                        opts.storj_gateway.clone().or(creds.endpoint)
+                    }
+                    (None, Some(_)) => opts.storj_gateway.clone().or(opts.s3_endpoint.clone()),
+                    (None, None) => {
+                        return Err(StorageError::Config(
+                            "storj:// needs --storj-access (an access grant) or S3 credentials for the gateway (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)".into(),
+                        ))
+                    }
+                };
+                let gateway = gateway.unwrap_or_else(|| storj::DEFAULT_GATEWAY.to_owned());
+                b = b
+                    .with_endpoint(gateway.clone())
+                    .with_allow_http(opts.s3_allow_http || gateway.starts_with("http://"));
+                (Arc::new(b.build().map_err(cfg)?), prefix)
+            }
+            Location::Gcs { bucket, prefix } => (
+                Arc::new(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(bucket)
+                        .build()
+                        .map_err(cfg)?,
+                ),
+                prefix,
+            ),
+            Location::Azure { container, prefix } => (
+                Arc::new(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_container_name(container)
+                        .build()
+                        .map_err(cfg)?,
+                ),
+                prefix,
+            ),
+            Location::File { path } => {
+                std::fs::create_dir_all(&path).map_err(|e| {
+                    StorageError::Config(format!(
+                        "cannot create repository directory {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                let fs = LocalFileSystem::new_with_prefix(&path).map_err(cfg)?;
+                (Arc::new(fs.with_automatic_cleanup(true)), String::new())
+            }
+            Location::Memory { prefix } => (Arc::new(InMemory::new()), prefix),
+        };
+        Ok(Repo {
+            store,
+            prefix,
+            url: url.to_owned(),
+            parts_in_flight: opts.parts_in_flight.max(1),
+        })
+    }
+
+    /// Wraps an existing store (tests, fault injection).
+    pub fn from_store(store: Arc<dyn ObjectStore>, prefix: &str, url: &str) -> Repo {
+        Repo {
+            store,
+            prefix: crate::location::normalize_prefix(prefix),
+            url: url.into(),
+            parts_in_flight: 4,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn path(&self, key: &str) -> Path {
+        Path::from(format!("{}{}", self.prefix, key.trim_start_matches('/')))
+    }
+
+    fn strip(&self, p: &Path) -> String {
+        let s = p.as_ref();
+        s.strip_prefix(self.prefix.as_str()).unwrap_or(s).to_owned()
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let r = self
+            .store
+            .get(&self.path(key))
+            .await
+            .map_err(|e| StorageError::from_store(key, e))?;
+        r.bytes()
+            .await
+            .map_err(|e| StorageError::from_store(key, e))
+    }
+
+    pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        match self.store.head(&self.path(key)).await {
+            Ok(m) => Ok(Some(ObjectInfo {
+                key: key.to_owned(),
+                size: m.size,
+                last_modified: m.last_modified.into(),
+            })),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(StorageError::from_store(key, e)),
+        }
+    }
+
+    /// Writes a small object only if no object has that key. Where the backend offers a
+    /// create-only conditional put it is used; the `head` before it covers stores that
+    /// ignore the condition.
+    pub async fn put_new(&self, key: &str, data: Bytes) -> Result<()> {
+        if self.head(key).await?.is_some() {
+            return Err(StorageError::AlreadyExists { key: key.into() });
+        }
+        let path = self.path(key);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&path, PutPayload::from_bytes(data.clone()), opts)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(object_store::Error::NotImplemented { .. }) => self
+                .store
+                .put(&path, PutPayload::from_bytes(data))
+                .await
+                .map(|_| ())
+                .map_err(|e| StorageError::from_store(key, e)),
+            Err(e) => Err(StorageError::from_store(key, e)),
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        match self.store.delete(&self.path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(StorageError::from_store(key, e)),
+        }
+    }
+
+    /// Every object below `dir` (recursively), keys relative to the repository root.
+    pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
+        let p = self.path(dir);
+        let prefix = if p.as_ref().is_empty() {
+            None
+        } else {
+            Some(&p)
+        };
+        let metas: Vec<_> = self
+            .store
+            .list(prefix)
+            .try_collect()
+            .await
+            .map_err(|e| StorageError::from_store(dir, e))?;
+        Ok(metas
+            .into_iter()
+            .map(|m| ObjectInfo {
+                key: self.strip(&m.location),
+                size: m.size,
+                last_modified: m.last_modified.into(),
+            })
+            .collect())
+    }
+
+    /// The immediate sub-folders of `dir` ("" for the root), as names without slashes.
+    pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
+        let p = self.path(dir);
+        let prefix = if p.as_ref().is_empty() {
+            None
+        } else {
+            Some(&p)
+        };
+        let r = self
+            .store
+            .list_with_delimiter(prefix)
+            .await
+            .map_err(|e| StorageError::from_store(dir, e))?;
+        Ok(r.common_prefixes
+            .iter()
+            .filter_map(|c| c.filename().map(str::to_owned))
+            .collect())
+    }
+
+    /// Streams an object. Objects larger than one range are read as ranges, `concurrency`
+    /// of them at a time, in order: restores are limited by the network, not one socket.
+    pub async fn read(
+        &self,
+        key: &str,
+        size: u64,
+        concurrency: usize,
+    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+        const RANGE: u64 = 16 << 20;
+        let owned_key = key.to_owned();
+        if concurrency <= 1 || size <= RANGE {
+            let r = self
+                .store
+                .get(&self.path(key))
+                .await
+                .map_err(|e| StorageError::from_store(key, e))?;
+            return Ok(r
+                .into_stream()
+                .map_err(move |e| StorageError::from_store(&owned_key, e))
+                .boxed());
+        }
+        let store = self.store.clone();
+        let path = self.path(key);
+        let ranges: Vec<Range<u64>> = (0..size)
+            .step_by(RANGE as usize)
+            .map(|s| s..(s + RANGE).min(size))
+            .collect();
+        Ok(futures::stream::iter(ranges)
+            .map(move |r| {
+                let store = store.clone();
+                let path = path.clone();
+                let key = owned_key.clone();
+                async move {
+                    store
+                        .get_range(&path, r)
+                        .await
+                        .map_err(|e| StorageError::from_store(&key, e))
+                }
+            })
+            .buffered(concurrency)
+            .boxed())
+    }
+
+    /// Starts a multipart upload. The object becomes visible only at [`Upload::finish`].
+    pub async fn upload(&self, key: &str, size_hint: Option<u64>) -> Result<Upload> {
+        let up = self
+            .store
+            .put_multipart(&self.path(key))
+            .await
+            .map_err(|e| StorageError::from_store(key, e))?;
+        Ok(Upload {
+            key: key.to_owned(),
+            writer: Some(WriteMultipart::new_with_chunk_size(
+                up,
+                part_size_for(size_hint),
+            )),
+            parts_in_flight: self.parts_in_flight,
+        })
+    }
+}
+
+fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
+    let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Some(ep) = &opts.s3_endpoint {
+        b = b.with_endpoint(ep.clone());
+        if ep.starts_with("http://") {
+            b = b.with_allow_http(true);
+        }
+    }
+    if opts.s3_allow_http {
+        b = b.with_allow_http(true);
+    }
+    match &opts.s3_region {
+        Some(r) => b = b.with_region(r.clone()),
+        None if std::env::var_os("AWS_REGION").is_none()
+            && std::env::var_os("AWS_DEFAULT_REGION").is_none() =>
+        {
+            b = b.with_region("us-east-1")
+        }
+        None => {}
+    }
+    if let Some(k) = &opts.s3_access_key_id {
+        b = b.with_access_key_id(k.clone());
+    }
+    if let Some(s) = &opts.s3_secret_access_key {
+        b = b.with_secret_access_key(s.clone());
+    }
+    b = b.with_virtual_hosted_style_request(opts.s3_virtual_hosted_style);
+    if opts.s3_skip_verify {
+        b = b.with_client_options(ClientOptions::new().with_allow_invalid_certificates(true));
+    }
+    Ok(b)
+}
+
+/// A multipart upload with a bounded number of parts in flight. Dropping it without
+/// `finish` leaves no visible object; call `abort` to also free the parts on the server.
+pub struct Upload {
+    key: String,
+    writer: Option<WriteMultipart>,
+    parts_in_flight: usize,
+}
+
+impl Upload {
+    pub async fn put(&mut self, data: Bytes) -> Result<()> {
+        let w = self
+            .writer
+            .as_mut()
+            .ok_or_else(|| StorageError::Abandoned {
+                key: self.key.clone(),
+            })?;
+        w.wait_for_capacity(self.parts_in_flight)
+            .await
+            .map_err(|e| StorageError::from_store(&self.key, e))?;
+        w.put(data);
+        Ok(())
+    }
+
+    pub async fn finish(mut self) -> Result<()> {
+        let w = self.writer.take().ok_or_else(|| StorageError::Abandoned {
+            key: self.key.clone(),
+        })?;
+        w.finish()
+            .await
+            .map(|_| ())
+            .map_err(|e| StorageError::from_store(&self.key, e))
+    }
+
+    pub async fn abort(mut self) -> Result<()> {
+        match self.writer.take() {
+            Some(w) => w
+                .abort()
+                .await
+                .map_err(|e| StorageError::from_store(&self.key, e)),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_new_refuses_to_overwrite_and_upload_is_invisible_until_finished() {
+        let repo = Repo::open("memory://t", &StorageOptions::default())
+            .await
+            .unwrap();
+        repo.put_new("a/manifest.json", Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let err = repo
+            .put_new("a/manifest.json", Bytes::from_static(b"2"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::AlreadyExists { .. }), "{err}");
+        assert_eq!(
+            repo.get("a/manifest.json").await.unwrap(),
+            Bytes::from_static(b"1")
+        );
+
+        let mut up = repo.upload("a/base.tar", None).await.unwrap();
+        up.put(Bytes::from(vec![7u8; 100])).await.unwrap();
+        assert!(repo.head("a/base.tar").await.unwrap().is_none());
+        up.finish().await.unwrap();
+        assert_eq!(repo.head("a/base.tar").await.unwrap().unwrap().size, 100);
+        assert_eq!(repo.list_dirs("").await.unwrap(), vec!["a".to_string()]);
+        let keys: Vec<_> = repo
+            .list("a/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.contains(&"a/base.tar".to_string()));
+    }
+
+    #[tokio::test]
+    async fn ranged_reads_reassemble_in_order() {
+        let repo = Repo::open("memory://", &StorageOptions::default())
+            .await
+            .unwrap();
+        let data: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let mut up = repo.upload("big", None).await.unwrap();
+        up.put(Bytes::from(data.clone())).await.unwrap();
+        up.finish().await.unwrap();
+        let chunks: Vec<Bytes> = repo
+            .read("big", data.len() as u64, 3)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert!(chunks.len() >= 3);
+        assert_eq!(chunks.concat(), data);
+    }
+
+    #[test]
+    fn part_size_grows_with_size() {
+        assert_eq!(part_size_for(None), 16 << 20);
+        assert!(part_size_for(Some(1 << 40)) as u64 * 10_000 > 1 << 40);
+    }
+}
