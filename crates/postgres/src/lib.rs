@@ -1,1 +1,26 @@
-pub fn x() {}
+//! PostgreSQL for cloud-dump: a pure-Rust replication client, physical base backups
+//! streamed to object storage, and restores.
+
+mod backup;
+mod catalog;
+mod client;
+mod conninfo;
+mod error;
+mod extract;
+pub mod lsn;
+pub mod manifest;
+pub mod progress;
+pub mod protocol;
+mod restore;
+mod tls;
+
+pub use backup::{run_backup, BackupRequest};
+pub use catalog::{list_backups, load_manifest};
+pub use client::{version_num, Connection, SystemInfo};
+pub use conninfo::{ConnConfig, SslMode};
+pub use error::{Error, Result};
+pub use extract::{extract, ExtractStats, ExtractTarget};
+pub use lsn::Lsn;
+pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
+pub use progress::{NoProgress, Progress};
+pub use restore::{check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};

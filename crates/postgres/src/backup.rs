@@ -1,0 +1,541 @@
+//! A physical base backup streamed from the replication connection into the repository:
+//! socket → (per archive) compress → encrypt → SHA-256 → multipart upload, and
+//! `manifest.json` last. Nothing touches the local disk.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cloud_dump_pipeline::{EncodeSpec, Sink, Stored};
+use cloud_dump_storage::{layout, Layout, Repo};
+use postgres_protocol::message::backend::Message;
+use tokio::task::JoinHandle;
+
+use crate::client::{data_row, server_error, Connection};
+use crate::conninfo::ConnConfig;
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry, FORMAT_VERSION};
+use crate::progress::Progress;
+use crate::protocol::{self, BaseBackupOptions, CopyEvent, PG15};
+
+pub struct BackupRequest {
+    pub name: String,
+    pub layout: Layout,
+    pub conn: ConnConfig,
+    pub spec: Arc<EncodeSpec>,
+    pub fast_checkpoint: bool,
+    pub max_rate_kb: Option<u32>,
+    /// Archives whose upload may still be finishing while the next one streams.
+    pub parallel: usize,
+    pub label: Option<String>,
+}
+
+/// One row of the tablespace header: `None` oid is the main data directory.
+#[derive(Debug, Clone)]
+struct TablespaceRow {
+    oid: Option<u32>,
+    location: String,
+    size: Option<u64>,
+}
+
+struct Current {
+    kind: ObjectKind,
+    oid: Option<u32>,
+    location: String,
+    sink: Sink,
+    /// First bytes of the base archive, to read `backup_label` from.
+    head: Option<Vec<u8>>,
+}
+
+struct Pending {
+    kind: ObjectKind,
+    oid: Option<u32>,
+    location: String,
+    label: Option<String>,
+    task: JoinHandle<cloud_dump_pipeline::Result<Stored>>,
+}
+
+const LABEL_SNIFF: usize = 64 << 10;
+
+pub async fn run_backup(
+    repo: &Repo,
+    req: &BackupRequest,
+    progress: &dyn Progress,
+) -> Result<BackupManifest> {
+    layout::validate_component("backup name", &req.name).map_err(Error::Config)?;
+    let dir = req.layout.backup_dir(&req.name);
+    if !repo.list(&dir).await?.is_empty() {
+        return Err(Error::BackupExists {
+            name: req.name.clone(),
+            repo: repo.url().to_owned(),
+        });
+    }
+
+    let mut conn = Connection::connect(&req.conn).await?;
+    let system = conn.identify_system().await?;
+    let version = conn.server_version().to_owned();
+    let version_num = conn.server_version_num();
+    if version_num < 100000 {
+        return Err(Error::Config(format!(
+            "PostgreSQL {version} is not supported; cloud-dump needs 10 or newer"
+        )));
+    }
+    tracing::info!(
+        "connected to PostgreSQL {} ({}), system {}, timeline {}",
+        version,
+        req.conn.describe(),
+        system.system_id,
+        system.timeline
+    );
+    let start_time = now_rfc3339();
+    let options = BaseBackupOptions {
+        label: req
+            .label
+            .clone()
+            .unwrap_or_else(|| format!("cloud-dump {}", req.name)),
+        fast_checkpoint: req.fast_checkpoint,
+        wal: true,
+        manifest: version_num >= 130000,
+        tablespace_map: true,
+        progress: true,
+        max_rate_kb: req.max_rate_kb,
+    };
+    conn.send_query(&protocol::base_backup_command(&options, version_num))
+        .await?;
+    tracing::info!(
+        "base backup started ({} checkpoint)",
+        if req.fast_checkpoint {
+            "fast"
+        } else {
+            "spread"
+        }
+    );
+
+    let mut state = Streamer {
+        repo,
+        dir: &dir,
+        spec: req.spec.clone(),
+        parallel: req.parallel.max(1),
+        version_num,
+        result_sets: Vec::new(),
+        tablespaces: Vec::new(),
+        copy_outs: 0,
+        current: None,
+        pending: VecDeque::new(),
+        done: Vec::new(),
+        progress,
+    };
+    let streamed = state.stream(&mut conn).await;
+    let finished = match streamed {
+        Ok(()) => state.drain().await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = finished {
+        state.abort().await;
+        cleanup(repo, &dir).await;
+        return Err(e);
+    }
+    progress.end();
+    conn.terminate().await;
+
+    let end = state
+        .result_sets
+        .last()
+        .and_then(|rs| rs.first())
+        .cloned()
+        .unwrap_or_default();
+    let end_lsn: Lsn = end
+        .first()
+        .cloned()
+        .flatten()
+        .ok_or_else(|| Error::Protocol("no end position after the base backup".into()))?
+        .parse()
+        .map_err(Error::Protocol)?;
+    let end_tli: u32 = end
+        .get(1)
+        .cloned()
+        .flatten()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(system.timeline);
+    let label_text = state
+        .done
+        .iter()
+        .find_map(|d| d.3.clone())
+        .ok_or_else(|| Error::Protocol("the base archive holds no backup_label".into()))?;
+    let label = protocol::parse_backup_label(&label_text).map_err(Error::Protocol)?;
+
+    let mut objects = Vec::new();
+    let mut tablespaces = Vec::new();
+    for (kind, oid, location, _) in &state.done_meta() {
+        let stored = state
+            .stored_for(*oid, kind)
+            .expect("stored object for meta");
+        let key = stored
+            .key
+            .strip_prefix(dir.as_str())
+            .unwrap_or(&stored.key)
+            .to_owned();
+        if *kind == ObjectKind::Tablespace {
+            tablespaces.push(TablespaceEntry {
+                oid: oid.unwrap_or(0),
+                location: location.clone(),
+                key: key.clone(),
+            });
+        }
+        objects.push(ObjectEntry {
+            key,
+            kind: kind.clone(),
+            size: stored.size,
+            sha256: stored.sha256.clone(),
+            raw_size: stored.raw_size,
+            tablespace_oid: *oid,
+        });
+    }
+    let stop_time = now_rfc3339();
+    let manifest = BackupManifest {
+        format_version: FORMAT_VERSION,
+        name: req.name.clone(),
+        cluster: req.layout.cluster().map(str::to_owned),
+        timestamp: stop_time.clone(),
+        start_time,
+        stop_time,
+        pg_version: version
+            .split_whitespace()
+            .next()
+            .unwrap_or(&version)
+            .to_owned(),
+        pg_version_num: version_num,
+        system_id: system.system_id.clone(),
+        timeline: if label.start_timeline > 0 {
+            label.start_timeline
+        } else {
+            end_tli
+        },
+        start_lsn: label.start_lsn,
+        end_lsn,
+        backup_label: label_text,
+        wal_included: true,
+        compression: req.spec.compression.name().to_owned(),
+        encrypted: req.spec.encryption.is_on(),
+        encryption: req.spec.encryption.mode().to_owned(),
+        tablespaces,
+        objects,
+    };
+    if let Err(e) = repo
+        .put_new(
+            &format!("{dir}{}", layout::MANIFEST_FILE),
+            Bytes::from(manifest.to_json()),
+        )
+        .await
+    {
+        cleanup(repo, &dir).await;
+        return Err(e.into());
+    }
+    tracing::info!(
+        "backup {} complete: {} objects, {} bytes stored, LSN {} → {}",
+        manifest.name,
+        manifest.objects.len(),
+        manifest.stored_size(),
+        manifest.start_lsn,
+        manifest.end_lsn
+    );
+    Ok(manifest)
+}
+
+/// Best effort: remove the objects of a backup that failed (it is already invisible
+/// without its manifest; this only saves the storage).
+async fn cleanup(repo: &Repo, dir: &str) {
+    if let Ok(objs) = repo.list(dir).await {
+        for o in objs {
+            let _ = repo.delete(&o.key).await;
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+struct Streamer<'a> {
+    repo: &'a Repo,
+    dir: &'a str,
+    spec: Arc<EncodeSpec>,
+    parallel: usize,
+    version_num: u32,
+    result_sets: Vec<Vec<Vec<Option<String>>>>,
+    tablespaces: Vec<TablespaceRow>,
+    copy_outs: usize,
+    current: Option<Current>,
+    pending: VecDeque<Pending>,
+    done: Vec<(ObjectKind, Option<u32>, String, Option<String>, Stored)>,
+    progress: &'a dyn Progress,
+}
+
+impl Streamer<'_> {
+    async fn stream(&mut self, conn: &mut Connection) -> Result<()> {
+        let mut failure = None;
+        loop {
+            match conn.read_message().await? {
+                Message::RowDescription(_) => self.result_sets.push(Vec::new()),
+                Message::DataRow(r) => {
+                    let row = data_row(&r)?;
+                    match self.result_sets.last_mut() {
+                        Some(rs) => rs.push(row),
+                        None => {
+                            return Err(Error::Protocol("data row outside a result set".into()))
+                        }
+                    }
+                    if self.result_sets.len() == 2 {
+                        self.on_tablespace_header();
+                    }
+                }
+                Message::CopyOutResponse(_) => {
+                    if self.copy_outs == 0 {
+                        let sizes: Vec<u64> =
+                            self.tablespaces.iter().filter_map(|t| t.size).collect();
+                        let total =
+                            (sizes.len() == self.tablespaces.len()).then(|| sizes.iter().sum());
+                        self.progress.begin("backup", total);
+                    }
+                    if self.version_num < PG15 {
+                        self.start_legacy_archive().await?;
+                    }
+                    self.copy_outs += 1;
+                }
+                Message::CopyData(body) => {
+                    let data = body.into_bytes();
+                    if self.version_num >= PG15 {
+                        self.on_copy_event(data).await?;
+                    } else {
+                        self.write(data).await?;
+                    }
+                }
+                Message::CopyDone => {
+                    if self.version_num < PG15 {
+                        self.finish_current(true).await?;
+                    } else {
+                        self.finish_current(false).await?;
+                    }
+                }
+                Message::ErrorResponse(body) => failure = Some(server_error(body.fields())),
+                Message::ReadyForQuery(_) => break,
+                Message::CommandComplete(_) => {}
+                _ => {}
+            }
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn on_tablespace_header(&mut self) {
+        let rows = &self.result_sets[1];
+        let row = rows.last().expect("just pushed");
+        let get = |i: usize| row.get(i).cloned().flatten();
+        self.tablespaces.push(TablespaceRow {
+            oid: get(0).and_then(|s| s.parse().ok()),
+            location: get(1).unwrap_or_default(),
+            size: get(2)
+                .and_then(|s| s.parse::<u64>().ok())
+                .map(|kb| kb * 1024),
+        });
+    }
+
+    async fn on_copy_event(&mut self, msg: Bytes) -> Result<()> {
+        match protocol::parse_copy_event(&msg).map_err(Error::Protocol)? {
+            CopyEvent::NewArchive { name, location } => {
+                self.finish_current(false).await?;
+                let row = self
+                    .tablespaces
+                    .iter()
+                    .find(|t| {
+                        if location.is_empty() {
+                            t.oid.is_none()
+                        } else {
+                            t.location == location
+                        }
+                    })
+                    .cloned();
+                let oid = row.as_ref().and_then(|r| r.oid);
+                let stem = if name.ends_with(".tar") {
+                    name.clone()
+                } else {
+                    format!("{name}.tar")
+                };
+                let kind = if oid.is_none() && location.is_empty() {
+                    ObjectKind::Base
+                } else {
+                    ObjectKind::Tablespace
+                };
+                self.start(kind, oid, location, &stem, row.and_then(|r| r.size))
+                    .await
+            }
+            CopyEvent::Data(_) => self.write(msg.slice(1..)).await,
+            CopyEvent::Progress(_) => Ok(()),
+            CopyEvent::Manifest => {
+                self.finish_current(false).await?;
+                self.start(
+                    ObjectKind::BackupManifest,
+                    None,
+                    String::new(),
+                    "backup_manifest",
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    async fn start_legacy_archive(&mut self) -> Result<()> {
+        let idx = self.copy_outs;
+        if let Some(row) = self.tablespaces.get(idx).cloned() {
+            let (kind, stem) = match row.oid {
+                None => (ObjectKind::Base, "base.tar".to_owned()),
+                Some(oid) => (ObjectKind::Tablespace, format!("{oid}.tar")),
+            };
+            self.start(kind, row.oid, row.location.clone(), &stem, row.size)
+                .await
+        } else {
+            self.start(
+                ObjectKind::BackupManifest,
+                None,
+                String::new(),
+                "backup_manifest",
+                None,
+            )
+            .await
+        }
+    }
+
+    async fn start(
+        &mut self,
+        kind: ObjectKind,
+        oid: Option<u32>,
+        location: String,
+        stem: &str,
+        size: Option<u64>,
+    ) -> Result<()> {
+        let key = format!("{}{}", self.dir, self.spec.object_name(stem));
+        tracing::debug!("streaming {key}");
+        let sink = Sink::start(self.repo, &key, size, self.spec.clone()).await?;
+        let head = (kind == ObjectKind::Base).then(Vec::new);
+        self.current = Some(Current {
+            kind,
+            oid,
+            location,
+            sink,
+            head,
+        });
+        Ok(())
+    }
+
+    async fn write(&mut self, data: Bytes) -> Result<()> {
+        let cur = self
+            .current
+            .as_mut()
+            .ok_or_else(|| Error::Protocol("archive data before any archive began".into()))?;
+        if let Some(head) = cur.head.as_mut() {
+            if head.len() < LABEL_SNIFF {
+                let n = (LABEL_SNIFF - head.len()).min(data.len());
+                head.extend_from_slice(&data[..n]);
+            }
+        }
+        if cur.kind != ObjectKind::BackupManifest {
+            self.progress.advance(data.len() as u64);
+        }
+        cur.sink.write(data).await?;
+        Ok(())
+    }
+
+    /// Ends the archive being streamed; its upload finishes in the background, with at
+    /// most `parallel` such uploads at once.
+    async fn finish_current(&mut self, legacy: bool) -> Result<()> {
+        let Some(mut cur) = self.current.take() else {
+            return Ok(());
+        };
+        if legacy && cur.kind != ObjectKind::BackupManifest {
+            // Servers before 15 leave the end-of-archive marker to the client.
+            cur.sink.write(Bytes::from(vec![0u8; 1024])).await?;
+        }
+        let label = cur
+            .head
+            .as_deref()
+            .and_then(|h| protocol::tar_find_file(h, "backup_label"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+        let task = cur.sink.finish().await?;
+        self.pending.push_back(Pending {
+            kind: cur.kind,
+            oid: cur.oid,
+            location: cur.location,
+            label,
+            task,
+        });
+        while self.pending.len() > self.parallel {
+            self.complete_oldest().await?;
+        }
+        Ok(())
+    }
+
+    async fn complete_oldest(&mut self) -> Result<()> {
+        if let Some(p) = self.pending.pop_front() {
+            let stored = p
+                .task
+                .await
+                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            tracing::info!("stored {} ({} bytes)", stored.key, stored.size);
+            self.done.push((p.kind, p.oid, p.location, p.label, stored));
+        }
+        Ok(())
+    }
+
+    async fn drain(&mut self) -> Result<()> {
+        self.finish_current(self.version_num < PG15).await?;
+        while !self.pending.is_empty() {
+            self.complete_oldest().await?;
+        }
+        if !self.done.iter().any(|d| d.0 == ObjectKind::Base) {
+            return Err(Error::Protocol("the server sent no base archive".into()));
+        }
+        Ok(())
+    }
+
+    async fn abort(&mut self) {
+        if let Some(cur) = self.current.take() {
+            cur.sink.abort().await;
+        }
+        for p in self.pending.drain(..) {
+            p.task.abort();
+            let _ = p.task.await;
+        }
+    }
+
+    fn done_meta(&self) -> Vec<(ObjectKind, Option<u32>, String, Option<String>)> {
+        let mut v: Vec<_> = self
+            .done
+            .iter()
+            .map(|d| (d.0.clone(), d.1, d.2.clone(), d.3.clone()))
+            .collect();
+        // Base first, then tablespaces by oid, then the server manifest.
+        v.sort_by_key(|d| {
+            (
+                matches!(d.0, ObjectKind::BackupManifest),
+                d.0 != ObjectKind::Base,
+                d.1,
+            )
+        });
+        v
+    }
+
+    fn stored_for(&self, oid: Option<u32>, kind: &ObjectKind) -> Option<&Stored> {
+        self.done
+            .iter()
+            .find(|d| d.1 == oid && &d.0 == kind)
+            .map(|d| &d.4)
+    }
+}
