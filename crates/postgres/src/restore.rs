@@ -160,7 +160,7 @@ pub async fn run_restore(
         let mut dirs = vec![plan.pgdata.display().to_string()];
         dirs.extend(plan.tablespaces.values().map(|p| p.display().to_string()));
         Error::Restore(format!(
-            "{e}\nrestore failed: {} may hold a partial restore; remove before retrying, never start PostgreSQL on it",
+            "{e}; restore failed: {} may hold a partial restore: remove it before retrying, never start PostgreSQL on it",
             dirs.join(", ")
         ))
     })

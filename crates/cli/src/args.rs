@@ -1,0 +1,260 @@
+//! Command-line flags. Every flag has an environment variable; the flag wins.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloud-dump",
+    version,
+    about = "Continuous, encrypted, verifiable PostgreSQL backups in object storage",
+    long_about = "Streams physical base backups of PostgreSQL over the replication protocol straight into object storage \
+                  (S3, GCS, Azure, Storj, local files), compressed, optionally age-encrypted, checksummed, with nothing \
+                  written on the database host. Restores stream back into an empty data directory.",
+    after_help = "Exit codes: 0 success, 1 failure (a one-line reason on stderr), 2 bad usage.\n\
+                  Secrets: prefer environment variables or files (CLOUD_DUMP_PASSPHRASE, --passphrase-file, STORJ_ACCESS, \
+                  AWS_SECRET_ACCESS_KEY) to flags, which other users can see in the process list."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stream a physical base backup of a PostgreSQL cluster into the repository.
+    Backup(BackupArgs),
+    /// List the complete backups in the repository, newest first.
+    List(ListArgs),
+    /// Restore a backup into an empty data directory.
+    Restore(RestoreArgs),
+    /// Create an age X25519 key pair for --recipient-key / --identity-key.
+    Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProgressMode {
+    Auto,
+    Bar,
+    Log,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum StorageKind {
+    Storj,
+    S3,
+    Gs,
+    Az,
+    File,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Repository URL: s3://bucket/prefix, gs://bucket/prefix, az://container/prefix,
+    /// storj://bucket/prefix, file:///path (or /path), memory:// (tests).
+    #[arg(long, env = "CLOUD_DUMP_REPO", global = true, value_name = "URL")]
+    pub repo: Option<String>,
+    /// Seed-compatible way to name the backend (with --storj-bucket); --repo is the general form.
+    #[arg(long, env = "CLOUD_DUMP_STORAGE", global = true, value_enum)]
+    pub storage: Option<StorageKind>,
+    /// Group backups under <cluster>/backup/<name>/ and WAL under <cluster>/wal_archive/.
+    #[arg(long, env = "CLOUD_DUMP_CLUSTER", global = true)]
+    pub cluster: Option<String>,
+    /// WAL folder in the flat layout.
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_WAL_PREFIX",
+        global = true,
+        default_value = "wal_archive"
+    )]
+    pub wal_prefix: String,
+    /// Archives transferred at once (tablespaces), and ranged reads per archive on restore.
+    #[arg(long, env = "CLOUD_DUMP_PARALLEL", global = true, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub parallel: u16,
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_LOG_LEVEL",
+        global = true,
+        value_enum,
+        default_value = "info"
+    )]
+    pub log_level: LogLevel,
+    /// Progress display: a bar on a terminal, periodic log lines otherwise.
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_PROGRESS",
+        global = true,
+        value_enum,
+        default_value = "auto"
+    )]
+    pub progress: ProgressMode,
+
+    /// S3 endpoint for S3-compatible stores (MinIO, Ceph, R2, …); http:// is allowed.
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_S3_ENDPOINT",
+        global = true,
+        value_name = "URL"
+    )]
+    pub s3_endpoint: Option<String>,
+    #[arg(long, env = "CLOUD_DUMP_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Address buckets as <bucket>.<endpoint> instead of <endpoint>/<bucket>.
+    #[arg(long, env = "CLOUD_DUMP_S3_VIRTUAL_HOSTED_STYLE", global = true)]
+    pub s3_virtual_hosted_style: bool,
+    /// Allow plain http:// to the endpoint (implied by an http:// endpoint).
+    #[arg(long, env = "CLOUD_DUMP_S3_ALLOW_HTTP", global = true)]
+    pub s3_allow_http: bool,
+    /// Do not verify the endpoint's TLS certificate.
+    #[arg(long, env = "CLOUD_DUMP_S3_SKIP_VERIFY", global = true)]
+    pub s3_skip_verify: bool,
+
+    /// Storj access grant, exchanged once for gateway credentials.
+    #[arg(
+        long,
+        env = "STORJ_ACCESS",
+        global = true,
+        hide_env_values = true,
+        value_name = "GRANT"
+    )]
+    pub storj_access: Option<String>,
+    /// Storj bucket, with --storage storj (the seed's flags).
+    #[arg(long, env = "STORJ_BUCKET", global = true)]
+    pub storj_bucket: Option<String>,
+    /// Storj auth service that turns an access grant into S3 credentials.
+    #[arg(long, env = "STORJ_AUTH_SERVICE", global = true, value_name = "URL")]
+    pub storj_auth_service: Option<String>,
+    /// Storj S3-compatible gateway.
+    #[arg(long, env = "STORJ_GATEWAY", global = true, value_name = "URL")]
+    pub storj_gateway: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Checkpoint {
+    Fast,
+    Spread,
+}
+
+#[derive(Debug, Args)]
+pub struct EncryptArgs {
+    /// Encrypt with age, to --passphrase / --passphrase-file or --recipient-key.
+    #[arg(long, env = "CLOUD_DUMP_ENCRYPT")]
+    pub encrypt: bool,
+    /// Encryption passphrase (prefer CLOUD_DUMP_PASSPHRASE or --passphrase-file).
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_PASSPHRASE",
+        hide_env_values = true,
+        conflicts_with = "passphrase_file"
+    )]
+    pub passphrase: Option<String>,
+    /// File whose first line is the passphrase.
+    #[arg(long, env = "CLOUD_DUMP_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// File with age X25519 recipients (age1…), one per line.
+    #[arg(long, env = "CLOUD_DUMP_RECIPIENT_KEY", value_name = "FILE", conflicts_with_all = ["passphrase", "passphrase_file"])]
+    pub recipient_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DecryptArgs {
+    /// Decryption passphrase (prefer CLOUD_DUMP_PASSPHRASE or --passphrase-file).
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_PASSPHRASE",
+        hide_env_values = true,
+        conflicts_with = "passphrase_file"
+    )]
+    pub passphrase: Option<String>,
+    /// File whose first line is the passphrase.
+    #[arg(long, env = "CLOUD_DUMP_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// age identity file (AGE-SECRET-KEY-…), as written by `cloud-dump keygen` or age-keygen.
+    #[arg(long, env = "CLOUD_DUMP_IDENTITY_KEY", value_name = "FILE", conflicts_with_all = ["passphrase", "passphrase_file"])]
+    pub identity_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackupArgs {
+    /// Unique name of this backup (letters, digits, - _ . : +).
+    #[arg(long, env = "CLOUD_DUMP_BACKUP_NAME")]
+    pub name: String,
+    /// postgres://user:password@host:port/db?replication=yes (or key=value pairs); the PG*
+    /// environment variables fill what it leaves out.
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_DB_URL",
+        hide_env_values = true,
+        value_name = "URL"
+    )]
+    pub db_url: Option<String>,
+    #[arg(long, env = "CLOUD_DUMP_COMPRESSION", default_value = "zstd", value_parser = ["zstd", "gzip", "lz4", "none"])]
+    pub compression: String,
+    /// Compression level (zstd 1-19, gzip 1-9); defaults favour speed (1).
+    #[arg(long, env = "CLOUD_DUMP_COMPRESSION_LEVEL")]
+    pub compression_level: Option<i32>,
+    /// Compression threads (zstd); default: the number of CPUs.
+    #[arg(long, env = "CLOUD_DUMP_COMPRESSION_THREADS")]
+    pub compression_threads: Option<u32>,
+    /// `fast` asks for an immediate checkpoint; `spread` waits for the next one.
+    #[arg(
+        long,
+        env = "CLOUD_DUMP_CHECKPOINT",
+        value_enum,
+        default_value = "fast"
+    )]
+    pub checkpoint: Checkpoint,
+    /// Limit the server's transfer rate, e.g. 50M or 800k (bytes per second, 32k to 1G).
+    #[arg(long, env = "CLOUD_DUMP_MAX_RATE", value_name = "RATE")]
+    pub max_rate: Option<String>,
+    /// Backup label recorded by PostgreSQL (default: "cloud-dump <name>").
+    #[arg(long)]
+    pub label: Option<String>,
+    #[command(flatten)]
+    pub encrypt: EncryptArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON (one array of manifests) for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Name of the backup to restore.
+    #[arg(long, env = "CLOUD_DUMP_BACKUP_NAME")]
+    pub name: String,
+    /// Target data directory; must not exist or be empty.
+    #[arg(long, env = "CLOUD_DUMP_PGDATA", value_name = "DIR")]
+    pub pgdata: PathBuf,
+    /// Restore the tablespace recorded at OLD into NEW instead (repeatable).
+    #[arg(long = "tablespace-mapping", value_name = "OLD=NEW")]
+    pub tablespace_mapping: Vec<String>,
+    /// Print what would be restored, where, and how many bytes; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub decrypt: DecryptArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct KeygenArgs {
+    /// Where to write the identity (private key) file; created with mode 0600, never overwritten.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: PathBuf,
+}

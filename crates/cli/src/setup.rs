@@ -1,0 +1,129 @@
+//! Turning flags into the library's settings: the repository, the layout, encryption.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use cloud_dump_pipeline::{
+    parse_identities, parse_recipients, Decryption, Encryption, SecretString,
+};
+use cloud_dump_storage::{Layout, Repo, StorageOptions};
+
+use crate::args::{DecryptArgs, EncryptArgs, GlobalArgs, StorageKind};
+
+pub fn repo_url(g: &GlobalArgs) -> Result<String> {
+    if let Some(r) = &g.repo {
+        return Ok(r.clone());
+    }
+    match (g.storage, &g.storj_bucket) {
+        (Some(StorageKind::Storj) | None, Some(b)) => Ok(format!("storj://{b}")),
+        (Some(StorageKind::Storj), None) => bail!("--storage storj needs --storj-bucket (or STORJ_BUCKET), or give --repo storj://bucket/prefix"),
+        _ => bail!("no repository: give --repo URL (or CLOUD_DUMP_REPO), e.g. --repo s3://bucket/pg or --repo file:///var/backups/pg"),
+    }
+}
+
+pub async fn open_repo(g: &GlobalArgs) -> Result<Repo> {
+    let url = repo_url(g)?;
+    let opts = StorageOptions {
+        s3_endpoint: g.s3_endpoint.clone(),
+        s3_region: g.s3_region.clone(),
+        s3_virtual_hosted_style: g.s3_virtual_hosted_style,
+        s3_allow_http: g.s3_allow_http,
+        s3_skip_verify: g.s3_skip_verify,
+        s3_access_key_id: None,
+        s3_secret_access_key: None,
+        storj_access: g.storj_access.clone(),
+        storj_auth_service: g.storj_auth_service.clone(),
+        storj_gateway: g.storj_gateway.clone(),
+        parts_in_flight: 4,
+    };
+    Ok(Repo::open(&url, &opts).await?)
+}
+
+pub fn layout(g: &GlobalArgs) -> Result<Layout> {
+    Layout::new(g.cluster.as_deref(), Some(&g.wal_prefix)).map_err(anyhow::Error::msg)
+}
+
+fn read_passphrase_file(p: &Path) -> Result<SecretString> {
+    let text = std::fs::read_to_string(p)
+        .with_context(|| format!("cannot read passphrase file {}", p.display()))?;
+    let line = text.lines().next().unwrap_or("").to_owned();
+    if line.is_empty() {
+        bail!("passphrase file {} is empty", p.display());
+    }
+    Ok(line.into())
+}
+
+fn passphrase(
+    flag: &Option<String>,
+    file: &Option<std::path::PathBuf>,
+) -> Result<Option<SecretString>> {
+    match (flag, file) {
+        (Some(p), _) if p.is_empty() => bail!("the passphrase is empty"),
+        (Some(p), _) => Ok(Some(p.clone().into())),
+        (None, Some(f)) => Ok(Some(read_passphrase_file(f)?)),
+        (None, None) => Ok(None),
+    }
+}
+
+pub fn encryption(a: &EncryptArgs) -> Result<Encryption> {
+    let pass = passphrase(&a.passphrase, &a.passphrase_file)?;
+    match (a.encrypt, pass, &a.recipient_key) {
+        (false, None, None) => Ok(Encryption::None),
+        (false, _, _) => bail!(
+            "a passphrase or recipient key was given without --encrypt: add --encrypt (or CLOUD_DUMP_ENCRYPT=true) to encrypt, or remove the key"
+        ),
+        (true, Some(p), None) => Ok(Encryption::Passphrase(p)),
+        (true, None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read recipient key file {}", f.display()))?;
+            Ok(Encryption::Recipients(parse_recipients(&text, &f.display().to_string())?))
+        }
+        (true, None, None) => bail!("--encrypt needs --passphrase, --passphrase-file or --recipient-key"),
+        (true, Some(_), Some(_)) => bail!("give either a passphrase or --recipient-key, not both"),
+    }
+}
+
+pub fn decryption(a: &DecryptArgs) -> Result<Decryption> {
+    if let Some(f) = &a.identity_key {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read identity file {}", f.display()))?;
+        return Ok(Decryption::Identities(parse_identities(
+            &text,
+            &f.display().to_string(),
+        )?));
+    }
+    Ok(match passphrase(&a.passphrase, &a.passphrase_file)? {
+        Some(p) => Decryption::Passphrase(p),
+        None => Decryption::None,
+    })
+}
+
+/// "50M" → kB/s for MAX_RATE.
+pub fn parse_rate(s: &str) -> Result<u32> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('k' | 'K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('m' | 'M') => (&s[..s.len() - 1], 1 << 20),
+        Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .with_context(|| format!("--max-rate {s:?}: expected a number like 50M or 800k"))?;
+    let kb = n * mult / 1024;
+    if !(32..=1_048_576).contains(&kb) {
+        bail!("--max-rate {s}: must be between 32k and 1G per second");
+    }
+    Ok(kb as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rates() {
+        assert_eq!(super::parse_rate("50M").unwrap(), 51200);
+        assert_eq!(super::parse_rate("32k").unwrap(), 32);
+        assert!(super::parse_rate("1k").is_err());
+        assert!(super::parse_rate("fast").is_err());
+    }
+}
