@@ -56,10 +56,17 @@ impl Progress for Bar {
     }
 }
 
+struct Phase {
+    name: String,
+    total: Option<u64>,
+    start: Instant,
+    last_line: Instant,
+}
+
 #[derive(Default)]
 struct LogLines {
     done: AtomicU64,
-    state: Mutex<Option<(String, Option<u64>, Instant, Instant)>>,
+    phase: Mutex<Option<Phase>>,
 }
 
 fn human(b: f64) -> String {
@@ -77,19 +84,21 @@ impl Progress for LogLines {
     fn begin(&self, phase: &str, total: Option<u64>) {
         self.done.store(0, Ordering::Relaxed);
         let now = Instant::now();
-        *self.state.lock().expect("progress lock") = Some((phase.to_owned(), total, now, now));
+        *self.phase.lock().expect("progress lock") =
+            Some(Phase { name: phase.to_owned(), total, start: now, last_line: now });
     }
     fn advance(&self, bytes: u64) {
         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        let mut st = self.state.lock().expect("progress lock");
-        let Some((phase, total, start, last)) = st.as_mut() else {
+        let mut guard = self.phase.lock().expect("progress lock");
+        let Some(p) = guard.as_mut() else {
             return;
         };
-        if last.elapsed() < Duration::from_secs(10) {
+        if p.last_line.elapsed() < Duration::from_secs(10) {
             return;
         }
-        *last = Instant::now();
-        let secs = start.elapsed().as_secs_f64().max(0.001);
+        p.last_line = Instant::now();
+        let (phase, total) = (&p.name, &p.total);
+        let secs = p.start.elapsed().as_secs_f64().max(0.001);
         let rate = done as f64 / secs;
         match total {
             Some(t) if *t > 0 => {

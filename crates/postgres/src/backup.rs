@@ -48,6 +48,15 @@ struct Current {
     head: Option<Vec<u8>>,
 }
 
+/// An archive that is stored.
+struct Done {
+    kind: ObjectKind,
+    oid: Option<u32>,
+    location: String,
+    label: Option<String>,
+    stored: Stored,
+}
+
 struct Pending {
     kind: ObjectKind,
     oid: Option<u32>,
@@ -161,35 +170,24 @@ pub async fn run_backup(
     let label_text = state
         .done
         .iter()
-        .find_map(|d| d.3.clone())
+        .find_map(|d| d.label.clone())
         .ok_or_else(|| Error::Protocol("the base archive holds no backup_label".into()))?;
     let label = protocol::parse_backup_label(&label_text).map_err(Error::Protocol)?;
 
     let mut objects = Vec::new();
     let mut tablespaces = Vec::new();
-    for (kind, oid, location, _) in &state.done_meta() {
-        let stored = state
-            .stored_for(*oid, kind)
-            .expect("stored object for meta");
-        let key = stored
-            .key
-            .strip_prefix(dir.as_str())
-            .unwrap_or(&stored.key)
-            .to_owned();
-        if *kind == ObjectKind::Tablespace {
-            tablespaces.push(TablespaceEntry {
-                oid: oid.unwrap_or(0),
-                location: location.clone(),
-                key: key.clone(),
-            });
+    for d in state.sorted_done() {
+        let key = d.stored.key.strip_prefix(dir.as_str()).unwrap_or(&d.stored.key).to_owned();
+        if d.kind == ObjectKind::Tablespace {
+            tablespaces.push(TablespaceEntry { oid: d.oid.unwrap_or(0), location: d.location.clone(), key: key.clone() });
         }
         objects.push(ObjectEntry {
             key,
-            kind: kind.clone(),
-            size: stored.size,
-            sha256: stored.sha256.clone(),
-            raw_size: stored.raw_size,
-            tablespace_oid: *oid,
+            kind: d.kind.clone(),
+            size: d.stored.size,
+            sha256: d.stored.sha256.clone(),
+            raw_size: d.stored.raw_size,
+            tablespace_oid: d.oid,
         });
     }
     let stop_time = now_rfc3339();
@@ -272,7 +270,7 @@ struct Streamer<'a> {
     copy_outs: usize,
     current: Option<Current>,
     pending: VecDeque<Pending>,
-    done: Vec<(ObjectKind, Option<u32>, String, Option<String>, Stored)>,
+    done: Vec<Done>,
     progress: &'a dyn Progress,
 }
 
@@ -489,7 +487,7 @@ impl Streamer<'_> {
                 .await
                 .map_err(|e| Error::Io(std::io::Error::other(e)))??;
             tracing::info!("stored {} ({} bytes)", stored.key, stored.size);
-            self.done.push((p.kind, p.oid, p.location, p.label, stored));
+            self.done.push(Done { kind: p.kind, oid: p.oid, location: p.location, label: p.label, stored });
         }
         Ok(())
     }
@@ -499,7 +497,7 @@ impl Streamer<'_> {
         while !self.pending.is_empty() {
             self.complete_oldest().await?;
         }
-        if !self.done.iter().any(|d| d.0 == ObjectKind::Base) {
+        if !self.done.iter().any(|d| d.kind == ObjectKind::Base) {
             return Err(Error::Protocol("the server sent no base archive".into()));
         }
         Ok(())
@@ -515,27 +513,10 @@ impl Streamer<'_> {
         }
     }
 
-    fn done_meta(&self) -> Vec<(ObjectKind, Option<u32>, String, Option<String>)> {
-        let mut v: Vec<_> = self
-            .done
-            .iter()
-            .map(|d| (d.0.clone(), d.1, d.2.clone(), d.3.clone()))
-            .collect();
-        // Base first, then tablespaces by oid, then the server manifest.
-        v.sort_by_key(|d| {
-            (
-                matches!(d.0, ObjectKind::BackupManifest),
-                d.0 != ObjectKind::Base,
-                d.1,
-            )
-        });
-        v
-    }
-
-    fn stored_for(&self, oid: Option<u32>, kind: &ObjectKind) -> Option<&Stored> {
+    /// Stored archives in manifest order: base, tablespaces by oid, the server manifest.
+    fn sorted_done(&mut self) -> &[Done] {
         self.done
-            .iter()
-            .find(|d| d.1 == oid && &d.0 == kind)
-            .map(|d| &d.4)
+            .sort_by_key(|d| (matches!(d.kind, ObjectKind::BackupManifest), d.kind != ObjectKind::Base, d.oid));
+        &self.done
     }
 }
