@@ -2,7 +2,7 @@
 //! S3-compatible server on loopback and real files. One test binary for the crate.
 
 mod integration {
-    pub mod common;
     mod backup_restore;
     mod bad_input;
+    pub mod common;
 }

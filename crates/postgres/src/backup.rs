@@ -177,9 +177,18 @@ pub async fn run_backup(
     let mut objects = Vec::new();
     let mut tablespaces = Vec::new();
     for d in state.sorted_done() {
-        let key = d.stored.key.strip_prefix(dir.as_str()).unwrap_or(&d.stored.key).to_owned();
+        let key = d
+            .stored
+            .key
+            .strip_prefix(dir.as_str())
+            .unwrap_or(&d.stored.key)
+            .to_owned();
         if d.kind == ObjectKind::Tablespace {
-            tablespaces.push(TablespaceEntry { oid: d.oid.unwrap_or(0), location: d.location.clone(), key: key.clone() });
+            tablespaces.push(TablespaceEntry {
+                oid: d.oid.unwrap_or(0),
+                location: d.location.clone(),
+                key: key.clone(),
+            });
         }
         objects.push(ObjectEntry {
             key,
@@ -487,7 +496,13 @@ impl Streamer<'_> {
                 .await
                 .map_err(|e| Error::Io(std::io::Error::other(e)))??;
             tracing::info!("stored {} ({} bytes)", stored.key, stored.size);
-            self.done.push(Done { kind: p.kind, oid: p.oid, location: p.location, label: p.label, stored });
+            self.done.push(Done {
+                kind: p.kind,
+                oid: p.oid,
+                location: p.location,
+                label: p.label,
+                stored,
+            });
         }
         Ok(())
     }
@@ -515,8 +530,13 @@ impl Streamer<'_> {
 
     /// Stored archives in manifest order: base, tablespaces by oid, the server manifest.
     fn sorted_done(&mut self) -> &[Done] {
-        self.done
-            .sort_by_key(|d| (matches!(d.kind, ObjectKind::BackupManifest), d.kind != ObjectKind::Base, d.oid));
+        self.done.sort_by_key(|d| {
+            (
+                matches!(d.kind, ObjectKind::BackupManifest),
+                d.kind != ObjectKind::Base,
+                d.oid,
+            )
+        });
         &self.done
     }
 }

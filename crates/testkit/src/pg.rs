@@ -21,7 +21,9 @@ pub fn pg_bin_dir(major: u32) -> Option<PathBuf> {
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 fn postgres_ids() -> Option<(u32, u32)> {
@@ -59,7 +61,11 @@ pub fn give_to_postgres(path: &Path) {
         return;
     }
     if let Some((uid, gid)) = postgres_ids() {
-        let _ = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(path).status();
+        let _ = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{uid}:{gid}"))
+            .arg(path)
+            .status();
     }
 }
 
@@ -85,11 +91,22 @@ impl PgServer {
         let out = run_as_postgres(&bin.join("initdb"))
             .args(["-D"])
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
-            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         let port = crate::free_port();
         let conf = format!(
@@ -105,9 +122,19 @@ impl PgServer {
         std::fs::write(data.join("pg_hba.conf"), hba).map_err(|e| e.to_string())?;
         give_to_postgres(dir.path());
         let log = dir.path().join("server.log");
-        let mut server = PgServer { bin, data, port, log, _dir: Some(dir), running: false };
+        let mut server = PgServer {
+            bin,
+            data,
+            port,
+            log,
+            _dir: Some(dir),
+            running: false,
+        };
         server.pg_ctl_start()?;
-        server.sql("postgres", "CREATE ROLE repl LOGIN REPLICATION PASSWORD 'repl-secret'");
+        server.sql(
+            "postgres",
+            "CREATE ROLE repl LOGIN REPLICATION PASSWORD 'repl-secret'",
+        );
         Ok(server)
     }
 
@@ -116,13 +143,23 @@ impl PgServer {
         let port = crate::free_port();
         append(
             &data.join("postgresql.auto.conf"),
-            &format!("port = {port}\nunix_socket_directories = '{}'\n", data.display()),
+            &format!(
+                "port = {port}\nunix_socket_directories = '{}'\n",
+                data.display()
+            ),
         );
         give_to_postgres(data);
         let log = data.with_extension("log");
         let _ = std::fs::File::create(&log);
         give_to_postgres(&log);
-        let mut s = PgServer { bin: bin.to_owned(), data: data.to_owned(), port, log, _dir: None, running: false };
+        let mut s = PgServer {
+            bin: bin.to_owned(),
+            data: data.to_owned(),
+            port,
+            log,
+            _dir: None,
+            running: false,
+        };
         s.pg_ctl_start()?;
         Ok(s)
     }
@@ -139,7 +176,10 @@ impl PgServer {
             .map_err(|e| format!("pg_ctl: {e}"))?;
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            return Err(format!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr)));
+            return Err(format!(
+                "pg_ctl start failed: {}\n{log}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
         }
         self.running = true;
         // Recovery may still be running after pg_ctl returns on a restore: wait for connections.
@@ -150,7 +190,10 @@ impl PgServer {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Err(format!("server on port {} did not accept connections", self.port))
+        Err(format!(
+            "server on port {} did not accept connections",
+            self.port
+        ))
     }
 
     pub fn major(&self) -> u32 {
@@ -162,13 +205,26 @@ impl PgServer {
 
     /// Replication URL for the `repl` role.
     pub fn repl_url(&self) -> String {
-        format!("postgres://repl:repl-secret@127.0.0.1:{}/postgres?replication=yes&sslmode=disable", self.port)
+        format!(
+            "postgres://repl:repl-secret@127.0.0.1:{}/postgres?replication=yes&sslmode=disable",
+            self.port
+        )
     }
 
     /// Runs SQL as the superuser with the machine's psql, returning unaligned tuples-only output.
     pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(psql())
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1", "-U", "postgres"])
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-At",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
             .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
             .env("PGCONNECT_TIMEOUT", "5")
             .output()
@@ -181,7 +237,8 @@ impl PgServer {
     }
 
     pub fn sql(&self, db: &str, sql: &str) -> String {
-        self.try_sql(db, sql).unwrap_or_else(|e| panic!("SQL failed on port {}: {sql}\n{e}", self.port))
+        self.try_sql(db, sql)
+            .unwrap_or_else(|e| panic!("SQL failed on port {}: {sql}\n{e}", self.port))
     }
 
     /// Counts and an MD5 over every row of every user table in every database, plus roles:
@@ -189,7 +246,10 @@ impl PgServer {
     pub fn fingerprint(&self) -> String {
         let mut out = String::new();
         out.push_str(&self.sql("postgres", "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname !~ '^pg_'"));
-        let dbs = self.sql("postgres", "SELECT string_agg(datname, ' ' ORDER BY datname) FROM pg_database WHERE datallowconn");
+        let dbs = self.sql(
+            "postgres",
+            "SELECT string_agg(datname, ' ' ORDER BY datname) FROM pg_database WHERE datallowconn",
+        );
         for db in dbs.split_whitespace() {
             let tables = self.sql(
                 db,
@@ -240,7 +300,11 @@ impl Drop for PgServer {
 
 fn append(path: &Path, text: &str) {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).expect("open config");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .expect("open config");
     f.write_all(text.as_bytes()).expect("write config");
 }
 
@@ -252,4 +316,3 @@ pub fn psql() -> PathBuf {
         .find(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("psql"))
 }
-
