@@ -74,41 +74,19 @@ pub struct GlobalArgs {
     #[arg(long, env = "CLOUD_DUMP_CLUSTER", global = true)]
     pub cluster: Option<String>,
     /// WAL folder in the flat layout.
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_WAL_PREFIX",
-        global = true,
-        default_value = "wal_archive"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_WAL_PREFIX", global = true, default_value = "wal_archive")]
     pub wal_prefix: String,
     /// Archives transferred at once (tablespaces), and ranged reads per archive on restore.
     #[arg(long, env = "CLOUD_DUMP_PARALLEL", global = true, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub parallel: u16,
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_LOG_LEVEL",
-        global = true,
-        value_enum,
-        default_value = "info"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_LOG_LEVEL", global = true, value_enum, default_value = "info")]
     pub log_level: LogLevel,
     /// Progress display: a bar on a terminal, periodic log lines otherwise.
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_PROGRESS",
-        global = true,
-        value_enum,
-        default_value = "auto"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_PROGRESS", global = true, value_enum, default_value = "auto")]
     pub progress: ProgressMode,
 
     /// S3 endpoint for S3-compatible stores (MinIO, Ceph, R2, …); http:// is allowed.
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_S3_ENDPOINT",
-        global = true,
-        value_name = "URL"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_S3_ENDPOINT", global = true, value_name = "URL")]
     pub s3_endpoint: Option<String>,
     #[arg(long, env = "CLOUD_DUMP_S3_REGION", global = true)]
     pub s3_region: Option<String>,
@@ -123,13 +101,7 @@ pub struct GlobalArgs {
     pub s3_skip_verify: bool,
 
     /// Storj access grant, exchanged once for gateway credentials.
-    #[arg(
-        long,
-        env = "STORJ_ACCESS",
-        global = true,
-        hide_env_values = true,
-        value_name = "GRANT"
-    )]
+    #[arg(long, env = "STORJ_ACCESS", global = true, hide_env_values = true, value_name = "GRANT")]
     pub storj_access: Option<String>,
     /// Storj bucket, with --storage storj (the seed's flags).
     #[arg(long, env = "STORJ_BUCKET", global = true)]
@@ -154,12 +126,7 @@ pub struct EncryptArgs {
     #[arg(long, env = "CLOUD_DUMP_ENCRYPT")]
     pub encrypt: bool,
     /// Encryption passphrase (prefer CLOUD_DUMP_PASSPHRASE or --passphrase-file).
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_PASSPHRASE",
-        hide_env_values = true,
-        conflicts_with = "passphrase_file"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_PASSPHRASE", hide_env_values = true, conflicts_with = "passphrase_file")]
     pub passphrase: Option<String>,
     /// File whose first line is the passphrase.
     #[arg(long, env = "CLOUD_DUMP_PASSPHRASE_FILE", value_name = "FILE")]
@@ -172,12 +139,7 @@ pub struct EncryptArgs {
 #[derive(Debug, Args)]
 pub struct DecryptArgs {
     /// Decryption passphrase (prefer CLOUD_DUMP_PASSPHRASE or --passphrase-file).
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_PASSPHRASE",
-        hide_env_values = true,
-        conflicts_with = "passphrase_file"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_PASSPHRASE", hide_env_values = true, conflicts_with = "passphrase_file")]
     pub passphrase: Option<String>,
     /// File whose first line is the passphrase.
     #[arg(long, env = "CLOUD_DUMP_PASSPHRASE_FILE", value_name = "FILE")]
@@ -194,12 +156,7 @@ pub struct BackupArgs {
     pub name: String,
     /// postgres://user:password@host:port/db?replication=yes (or key=value pairs); the PG*
     /// environment variables fill what it leaves out.
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_DB_URL",
-        hide_env_values = true,
-        value_name = "URL"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_DB_URL", hide_env_values = true, value_name = "URL")]
     pub db_url: Option<String>,
     #[arg(long, env = "CLOUD_DUMP_COMPRESSION", default_value = "zstd", value_parser = ["zstd", "gzip", "lz4", "none"])]
     pub compression: String,
@@ -210,12 +167,7 @@ pub struct BackupArgs {
     #[arg(long, env = "CLOUD_DUMP_COMPRESSION_THREADS")]
     pub compression_threads: Option<u32>,
     /// `fast` asks for an immediate checkpoint; `spread` waits for the next one.
-    #[arg(
-        long,
-        env = "CLOUD_DUMP_CHECKPOINT",
-        value_enum,
-        default_value = "fast"
-    )]
+    #[arg(long, env = "CLOUD_DUMP_CHECKPOINT", value_enum, default_value = "fast")]
     pub checkpoint: Checkpoint,
     /// Limit the server's transfer rate, e.g. 50M or 800k (bytes per second, 32k to 1G).
     #[arg(long, env = "CLOUD_DUMP_MAX_RATE", value_name = "RATE")]

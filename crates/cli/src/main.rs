@@ -11,21 +11,20 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cloud_dump_pipeline::{Compression, EncodeSpec};
 use cloud_dump_postgres::{
-    list_backups, plan_restore, run_backup, run_restore, BackupManifest, BackupRequest, ConnConfig,
-    RestoreRequest,
+    list_backups, plan_restore, run_backup, run_restore, BackupManifest, BackupRequest, ConnConfig, RestoreRequest,
 };
 
-use crate::args::{
-    BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogLevel, RestoreArgs,
-};
+/// glibc's malloc keeps freed multi-megabyte buffers per thread (our parts and ranges move
+/// between threads), which made peak RSS grow with the database; mimalloc returns them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogLevel, RestoreArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.global.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cloud-dump: error: cannot start the async runtime: {e}");
@@ -81,17 +80,10 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
         }
         _ => {}
     }
-    let threads = a.compression_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(2)
-    });
-    let spec = EncodeSpec {
-        compression,
-        level,
-        threads,
-        encryption: setup::encryption(&a.encrypt)?,
-    };
+    let threads = a
+        .compression_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(2));
+    let spec = EncodeSpec { compression, level, threads, encryption: setup::encryption(&a.encrypt)? };
     let conn = ConnConfig::parse(a.db_url.as_deref(), &|k| std::env::var(k).ok())?;
     let req = BackupRequest {
         name: a.name.clone(),
@@ -106,9 +98,7 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
     let repo = setup::open_repo(g).await?;
     let progress = progress::make(g.progress);
     let started = std::time::Instant::now();
-    let m = run_backup(&repo, &req, progress.as_ref())
-        .await
-        .context("backup failed")?;
+    let m = run_backup(&repo, &req, progress.as_ref()).await.context("backup failed")?;
     let secs = started.elapsed().as_secs_f64();
     println!(
         "backup {} stored in {}: {} of data as {} ({}, {}), {:.1} s, {:.0} MB/s, LSN {} to {}",
@@ -117,11 +107,7 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
         mb(m.raw_size()),
         mb(m.stored_size()),
         m.compression,
-        if m.encrypted {
-            format!("encrypted: {}", m.encryption)
-        } else {
-            "not encrypted".into()
-        },
+        if m.encrypted { format!("encrypted: {}", m.encryption) } else { "not encrypted".into() },
         secs,
         m.raw_size() as f64 / 1e6 / secs.max(0.001),
         m.start_lsn,
@@ -142,9 +128,7 @@ fn display_time(rfc3339: &str) -> String {
     match time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339) {
         Ok(t) => {
             let t = t.to_offset(time::UtcOffset::UTC);
-            let f = time::macros::format_description!(
-                "[year]-[month]-[day] [hour]:[minute]:[second] UTC"
-            );
+            let f = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
             t.format(&f).unwrap_or_else(|_| rfc3339.to_owned())
         }
         Err(_) => rfc3339.to_owned(),
@@ -154,9 +138,7 @@ fn display_time(rfc3339: &str) -> String {
 async fn list(g: &GlobalArgs, a: &ListArgs) -> Result<()> {
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    let backups: Vec<BackupManifest> = list_backups(&repo, &layout)
-        .await
-        .context("cannot list backups")?;
+    let backups: Vec<BackupManifest> = list_backups(&repo, &layout).await.context("cannot list backups")?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&backups)?);
         return Ok(());
@@ -189,16 +171,10 @@ async fn list(g: &GlobalArgs, a: &ListArgs) -> Result<()> {
 async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     let mut mapping = Vec::new();
     for m in &a.tablespace_mapping {
-        let (old, new) = m
-            .split_once('=')
-            .with_context(|| format!("--tablespace-mapping {m:?}: expected OLD=NEW"))?;
+        let (old, new) = m.split_once('=').with_context(|| format!("--tablespace-mapping {m:?}: expected OLD=NEW"))?;
         mapping.push((old.to_owned(), std::path::PathBuf::from(new)));
     }
-    let pgdata = if a.pgdata.is_absolute() {
-        a.pgdata.clone()
-    } else {
-        std::env::current_dir()?.join(&a.pgdata)
-    };
+    let pgdata = if a.pgdata.is_absolute() { a.pgdata.clone() } else { std::env::current_dir()?.join(&a.pgdata) };
     let req = RestoreRequest {
         name: a.name.clone(),
         layout: setup::layout(g)?,
@@ -232,14 +208,7 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
             };
-            println!(
-                "  {}{}  {} stored, {} unpacked  ->  {}",
-                plan.dir,
-                o.key,
-                mb(o.size),
-                mb(o.raw_size),
-                target
-            );
+            println!("  {}{}  {} stored, {} unpacked  ->  {}", plan.dir, o.key, mb(o.size), mb(o.raw_size), target);
         }
         println!(
             "total: {} to download, {} to write; nothing was written (dry run)",
@@ -285,17 +254,11 @@ fn keygen(a: &KeygenArgs) -> Result<()> {
         .create_new(true)
         .mode(0o600)
         .open(&a.output)
-        .with_context(|| {
-            format!(
-                "cannot create {} (it must not exist yet)",
-                a.output.display()
-            )
-        })?;
+        .with_context(|| format!("cannot create {} (it must not exist yet)", a.output.display()))?;
     f.write_all(file.as_bytes())?;
     f.sync_all()?;
     let pub_path = a.output.with_extension("pub");
-    std::fs::write(&pub_path, format!("{public}\n"))
-        .with_context(|| format!("cannot write {}", pub_path.display()))?;
+    std::fs::write(&pub_path, format!("{public}\n")).with_context(|| format!("cannot write {}", pub_path.display()))?;
     println!(
         "identity (private key): {}\nrecipient (public key): {} = {public}",
         a.output.display(),

@@ -84,12 +84,8 @@ impl Progress for LogLines {
     fn begin(&self, phase: &str, total: Option<u64>) {
         self.done.store(0, Ordering::Relaxed);
         let now = Instant::now();
-        *self.phase.lock().expect("progress lock") = Some(Phase {
-            name: phase.to_owned(),
-            total,
-            start: now,
-            last_line: now,
-        });
+        *self.phase.lock().expect("progress lock") =
+            Some(Phase { name: phase.to_owned(), total, start: now, last_line: now });
     }
     fn advance(&self, bytes: u64) {
         let done = self.done.fetch_add(bytes, Ordering::Relaxed) + bytes;

@@ -3,9 +3,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use cloud_dump_pipeline::{
-    parse_identities, parse_recipients, Decryption, Encryption, SecretString,
-};
+use cloud_dump_pipeline::{parse_identities, parse_recipients, Decryption, Encryption, SecretString};
 use cloud_dump_storage::{Layout, Repo, StorageOptions};
 
 use crate::args::{DecryptArgs, EncryptArgs, GlobalArgs, StorageKind};
@@ -44,8 +42,7 @@ pub fn layout(g: &GlobalArgs) -> Result<Layout> {
 }
 
 fn read_passphrase_file(p: &Path) -> Result<SecretString> {
-    let text = std::fs::read_to_string(p)
-        .with_context(|| format!("cannot read passphrase file {}", p.display()))?;
+    let text = std::fs::read_to_string(p).with_context(|| format!("cannot read passphrase file {}", p.display()))?;
     let line = text.lines().next().unwrap_or("").to_owned();
     if line.is_empty() {
         bail!("passphrase file {} is empty", p.display());
@@ -53,10 +50,7 @@ fn read_passphrase_file(p: &Path) -> Result<SecretString> {
     Ok(line.into())
 }
 
-fn passphrase(
-    flag: &Option<String>,
-    file: &Option<std::path::PathBuf>,
-) -> Result<Option<SecretString>> {
+fn passphrase(flag: &Option<String>, file: &Option<std::path::PathBuf>) -> Result<Option<SecretString>> {
     match (flag, file) {
         (Some(p), _) if p.is_empty() => bail!("the passphrase is empty"),
         (Some(p), _) => Ok(Some(p.clone().into())),
@@ -84,12 +78,8 @@ pub fn encryption(a: &EncryptArgs) -> Result<Encryption> {
 
 pub fn decryption(a: &DecryptArgs) -> Result<Decryption> {
     if let Some(f) = &a.identity_key {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read identity file {}", f.display()))?;
-        return Ok(Decryption::Identities(parse_identities(
-            &text,
-            &f.display().to_string(),
-        )?));
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read identity file {}", f.display()))?;
+        return Ok(Decryption::Identities(parse_identities(&text, &f.display().to_string())?));
     }
     Ok(match passphrase(&a.passphrase, &a.passphrase_file)? {
         Some(p) => Decryption::Passphrase(p),
@@ -106,10 +96,7 @@ pub fn parse_rate(s: &str) -> Result<u32> {
         Some('g' | 'G') => (&s[..s.len() - 1], 1 << 30),
         _ => (s, 1),
     };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .with_context(|| format!("--max-rate {s:?}: expected a number like 50M or 800k"))?;
+    let n: u64 = num.trim().parse().with_context(|| format!("--max-rate {s:?}: expected a number like 50M or 800k"))?;
     let kb = n * mult / 1024;
     if !(32..=1_048_576).contains(&kb) {
         bail!("--max-rate {s}: must be between 32k and 1G per second");

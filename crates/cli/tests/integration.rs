@@ -5,4 +5,5 @@ mod integration {
     mod backup_restore;
     mod bad_input;
     pub mod common;
+    mod connect;
 }

@@ -61,9 +61,7 @@ impl FromStr for Compression {
             "gzip" | "gz" | "true" => Ok(Compression::Gzip),
             "lz4" => Ok(Compression::Lz4),
             "zstd" | "zst" => Ok(Compression::Zstd),
-            other => Err(format!(
-                "unknown compression {other:?}: use zstd, gzip, lz4 or none"
-            )),
+            other => Err(format!("unknown compression {other:?}: use zstd, gzip, lz4 or none")),
         }
     }
 }
@@ -132,12 +130,7 @@ pub struct EncodeSpec {
 
 impl EncodeSpec {
     pub fn plain() -> EncodeSpec {
-        EncodeSpec {
-            compression: Compression::None,
-            level: 0,
-            threads: 0,
-            encryption: Encryption::None,
-        }
+        EncodeSpec { compression: Compression::None, level: 0, threads: 0, encryption: Encryption::None }
     }
 
     /// `base.tar` → `base.tar.zst.age`.
@@ -164,27 +157,18 @@ pub fn parse_recipients(text: &str, origin: &str) -> Result<Vec<age::x25519::Rec
             continue;
         }
         if line.starts_with("AGE-SECRET-KEY-") {
-            let id = age::x25519::Identity::from_str(line).map_err(|_| {
-                PipelineError::Config(format!(
-                    "{origin}: line {}: not a valid age secret key",
-                    n + 1
-                ))
-            })?;
+            let id = age::x25519::Identity::from_str(line)
+                .map_err(|_| PipelineError::Config(format!("{origin}: line {}: not a valid age secret key", n + 1)))?;
             out.push(id.to_public());
         } else {
             let r = age::x25519::Recipient::from_str(line).map_err(|e| {
-                PipelineError::Config(format!(
-                    "{origin}: line {}: not an age X25519 recipient: {e}",
-                    n + 1
-                ))
+                PipelineError::Config(format!("{origin}: line {}: not an age X25519 recipient: {e}", n + 1))
             })?;
             out.push(r);
         }
     }
     if out.is_empty() {
-        return Err(PipelineError::Config(format!(
-            "{origin}: no age recipient (age1…) found"
-        )));
+        return Err(PipelineError::Config(format!("{origin}: no age recipient (age1…) found")));
     }
     Ok(out)
 }
@@ -198,17 +182,12 @@ pub fn parse_identities(text: &str, origin: &str) -> Result<Vec<age::x25519::Ide
             continue;
         }
         let id = age::x25519::Identity::from_str(line).map_err(|_| {
-            PipelineError::Config(format!(
-                "{origin}: line {}: not an age X25519 secret key (AGE-SECRET-KEY-…)",
-                n + 1
-            ))
+            PipelineError::Config(format!("{origin}: line {}: not an age X25519 secret key (AGE-SECRET-KEY-…)", n + 1))
         })?;
         out.push(id);
     }
     if out.is_empty() {
-        return Err(PipelineError::Config(format!(
-            "{origin}: no age secret key found"
-        )));
+        return Err(PipelineError::Config(format!("{origin}: no age secret key found")));
     }
     Ok(out)
 }
@@ -218,10 +197,7 @@ pub fn generate_identity() -> (String, String) {
     use age::secrecy::ExposeSecret;
     let id = age::x25519::Identity::generate();
     let public = id.to_public().to_string();
-    let file = format!(
-        "# created by cloud-dump\n# public key: {public}\n{}\n",
-        id.to_string().expose_secret()
-    );
+    let file = format!("# created by cloud-dump\n# public key: {public}\n{}\n", id.to_string().expose_secret());
     (file, public)
 }
 
@@ -231,21 +207,13 @@ mod tests {
 
     #[test]
     fn compression_names_round_trip() {
-        for c in [
-            Compression::None,
-            Compression::Gzip,
-            Compression::Lz4,
-            Compression::Zstd,
-        ] {
+        for c in [Compression::None, Compression::Gzip, Compression::Lz4, Compression::Zstd] {
             assert_eq!(c.name().parse::<Compression>().unwrap(), c);
             if let Some(e) = c.ext() {
                 assert_eq!(Compression::from_ext(e), Some(c));
             }
         }
-        assert!("brotli"
-            .parse::<Compression>()
-            .unwrap_err()
-            .contains("brotli"));
+        assert!("brotli".parse::<Compression>().unwrap_err().contains("brotli"));
     }
 
     #[test]
@@ -257,14 +225,8 @@ mod tests {
         assert_eq!(from_secret[0].to_string(), public);
         let from_pub = parse_recipients(&format!("# c\n{public}\n"), "k").unwrap();
         assert_eq!(from_pub[0].to_string(), public);
-        let err = parse_identities("AGE-SECRET-KEY-1NOTAKEY", "file.key")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("file.key") && !err.contains("NOTAKEY"),
-            "{err}"
-        );
+        let err = parse_identities("AGE-SECRET-KEY-1NOTAKEY", "file.key").err().unwrap().to_string();
+        assert!(err.contains("file.key") && !err.contains("NOTAKEY"), "{err}");
         assert!(parse_recipients("", "empty").is_err());
     }
 

@@ -14,20 +14,10 @@ pub enum PipelineError {
     Config(String),
     #[error("cannot decrypt {key}: {reason}")]
     Decrypt { key: String, reason: String },
-    #[error(
-        "{key} is corrupt: SHA-256 of the stored bytes is {actual}, the manifest says {expected}"
-    )]
-    Checksum {
-        key: String,
-        expected: String,
-        actual: String,
-    },
+    #[error("{key} is corrupt: SHA-256 of the stored bytes is {actual}, the manifest says {expected}")]
+    Checksum { key: String, expected: String, actual: String },
     #[error("{key} is truncated or padded: {actual} bytes stored, the manifest says {expected}")]
-    Size {
-        key: String,
-        expected: u64,
-        actual: u64,
-    },
+    Size { key: String, expected: u64, actual: u64 },
     #[error("{key}: {source}")]
     Io {
         key: String,
@@ -42,10 +32,7 @@ pub enum PipelineError {
 
 impl PipelineError {
     pub fn io(key: &str, source: std::io::Error) -> Self {
-        PipelineError::Io {
-            key: key.into(),
-            source,
-        }
+        PipelineError::Io { key: key.into(), source }
     }
 
     /// True when retrying the same operation cannot succeed.

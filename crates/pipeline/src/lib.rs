@@ -3,13 +3,13 @@
 
 mod codec;
 mod error;
+pub mod repokey;
 mod stages;
 mod transfer;
 
 pub use age::secrecy::{ExposeSecret, SecretString};
 pub use codec::{
-    generate_identity, parse_identities, parse_recipients, Compression, Decryption, EncodeSpec,
-    Encryption,
+    generate_identity, parse_identities, parse_recipients, Compression, Decryption, EncodeSpec, Encryption,
 };
 pub use error::{PipelineError, Result};
 pub use stages::{decoder, Digest, Digesting, Encoder, Hasher};

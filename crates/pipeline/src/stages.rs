@@ -25,21 +25,11 @@ pub struct Digesting<W> {
 
 impl<W: Write> Digesting<W> {
     pub fn new(inner: W) -> Self {
-        Digesting {
-            inner,
-            hasher: Sha256::new(),
-            size: 0,
-        }
+        Digesting { inner, hasher: Sha256::new(), size: 0 }
     }
     pub fn finish(self) -> (W, Digest) {
         let sha256 = hex::encode(self.hasher.finalize());
-        (
-            self.inner,
-            Digest {
-                size: self.size,
-                sha256,
-            },
-        )
+        (self.inner, Digest { size: self.size, sha256 })
     }
 }
 
@@ -68,10 +58,7 @@ impl Hasher {
         self.size += b.len() as u64;
     }
     pub fn finish(self) -> Digest {
-        Digest {
-            size: self.size,
-            sha256: hex::encode(self.hasher.finalize()),
-        }
+        Digest { size: self.size, sha256: hex::encode(self.hasher.finalize()) }
     }
 }
 
@@ -136,19 +123,17 @@ impl<W: Write> Encoder<W> {
                 Crypt::Age(age::Encryptor::with_user_passphrase(p.clone()).wrap_output(digesting)?)
             }
             Encryption::Recipients(rs) => {
-                let enc =
-                    age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
-                        .map_err(|e| io::Error::other(e.to_string()))?;
+                let enc = age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
+                    .map_err(|e| io::Error::other(e.to_string()))?;
                 Crypt::Age(enc.wrap_output(digesting)?)
             }
         };
         let level = spec.level;
         let stage = match spec.compression {
             Compression::None => Compress::None(crypt),
-            Compression::Gzip => Compress::Gzip(flate2::write::GzEncoder::new(
-                crypt,
-                flate2::Compression::new(level.clamp(1, 9) as u32),
-            )),
+            Compression::Gzip => {
+                Compress::Gzip(flate2::write::GzEncoder::new(crypt, flate2::Compression::new(level.clamp(1, 9) as u32)))
+            }
             Compression::Lz4 => Compress::Lz4(lz4_flex::frame::FrameEncoder::new(crypt)),
             Compression::Zstd => {
                 let mut z = zstd::stream::write::Encoder::new(crypt, level)?;
@@ -215,9 +200,7 @@ pub fn decoder<'a, R: Read + Send + 'a>(
                 if !d.is_scrypt() {
                     return Err(PipelineError::Decrypt {
                         key: key.into(),
-                        reason:
-                            "it was encrypted to a key pair; give --identity-key, not a passphrase"
-                                .into(),
+                        reason: "it was encrypted to a key pair; give --identity-key, not a passphrase".into(),
                     });
                 }
                 let id = passphrase_identity(p);
@@ -227,8 +210,7 @@ pub fn decoder<'a, R: Read + Send + 'a>(
                 if d.is_scrypt() {
                     return Err(PipelineError::Decrypt {
                         key: key.into(),
-                        reason: "it was encrypted with a passphrase; give --passphrase, not a key"
-                            .into(),
+                        reason: "it was encrypted with a passphrase; give --passphrase, not a key".into(),
                     });
                 }
                 d.decrypt(ids.iter().map(|i| i as &dyn age::Identity))
@@ -242,10 +224,7 @@ pub fn decoder<'a, R: Read + Send + 'a>(
     let io = |e| PipelineError::io(key, e);
     Ok(match compression {
         Compression::None => plain,
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(
-            256 << 10,
-            plain,
-        ))),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::with_capacity(256 << 10, plain))),
         Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(plain)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(plain).map_err(io)?),
     })
@@ -260,17 +239,12 @@ fn passphrase_identity(p: &SecretString) -> age::scrypt::Identity {
 
 fn decrypt_err(key: &str, e: age::DecryptError) -> PipelineError {
     let reason = match e {
-        age::DecryptError::NoMatchingKeys => {
-            "wrong key: none of the given identities can open it".to_owned()
-        }
+        age::DecryptError::NoMatchingKeys => "wrong key: none of the given identities can open it".to_owned(),
         age::DecryptError::DecryptionFailed => "wrong passphrase or damaged file".to_owned(),
         age::DecryptError::InvalidHeader => "not an age file (damaged header)".to_owned(),
         other => other.to_string(),
     };
-    PipelineError::Decrypt {
-        key: key.into(),
-        reason,
-    }
+    PipelineError::Decrypt { key: key.into(), reason }
 }
 
 #[cfg(test)]
@@ -278,9 +252,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        (0..300_000u32)
-            .flat_map(|i| (i / 7).to_le_bytes())
-            .collect()
+        (0..300_000u32).flat_map(|i| (i / 7).to_le_bytes()).collect()
     }
 
     fn round_trip(spec: &EncodeSpec, dec: &Decryption) -> (Vec<u8>, Digest, Vec<u8>) {
@@ -289,33 +261,18 @@ mod tests {
         assert_eq!(enc.raw_size(), sample().len() as u64);
         let (stored, digest) = enc.finish().unwrap();
         let mut out = Vec::new();
-        decoder(
-            &stored[..],
-            spec.compression,
-            spec.encryption.is_on(),
-            dec,
-            "k",
-        )
-        .unwrap()
-        .read_to_end(&mut out)
-        .unwrap();
+        decoder(&stored[..], spec.compression, spec.encryption.is_on(), dec, "k")
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap();
         (stored, digest, out)
     }
 
     #[test]
     fn every_compression_round_trips_and_digest_covers_stored_bytes() {
-        for c in [
-            Compression::None,
-            Compression::Gzip,
-            Compression::Lz4,
-            Compression::Zstd,
-        ] {
-            let spec = EncodeSpec {
-                compression: c,
-                level: c.default_level(),
-                threads: 2,
-                encryption: Encryption::None,
-            };
+        for c in [Compression::None, Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            let spec =
+                EncodeSpec { compression: c, level: c.default_level(), threads: 2, encryption: Encryption::None };
             let (stored, digest, out) = round_trip(&spec, &Decryption::None);
             assert_eq!(out, sample(), "{c}");
             assert_eq!(digest.size, stored.len() as u64);
@@ -325,12 +282,7 @@ mod tests {
             }
         }
         let gz = round_trip(
-            &EncodeSpec {
-                compression: Compression::Gzip,
-                level: 1,
-                threads: 0,
-                encryption: Encryption::None,
-            },
+            &EncodeSpec { compression: Compression::Gzip, level: 1, threads: 0, encryption: Encryption::None },
             &Decryption::None,
         );
         assert_eq!(&gz.0[..2], &[0x1f, 0x8b]);
@@ -348,15 +300,10 @@ mod tests {
         let (stored, _, out) = round_trip(&spec, &Decryption::Passphrase(p));
         assert_eq!(out, sample());
         assert!(stored.starts_with(b"age-encryption.org/v1"));
-        let wrong = decoder(
-            &stored[..],
-            Compression::Zstd,
-            true,
-            &Decryption::Passphrase("nope".to_owned().into()),
-            "k",
-        )
-        .err()
-        .unwrap();
+        let wrong =
+            decoder(&stored[..], Compression::Zstd, true, &Decryption::Passphrase("nope".to_owned().into()), "k")
+                .err()
+                .unwrap();
         assert!(matches!(wrong, PipelineError::Decrypt { .. }), "{wrong}");
 
         let id = age::x25519::Identity::generate();
@@ -369,24 +316,12 @@ mod tests {
         let (stored, _, out) = round_trip(&spec, &Decryption::Identities(vec![id]));
         assert_eq!(out, sample());
         let other = age::x25519::Identity::generate();
-        let err = decoder(
-            &stored[..],
-            Compression::Gzip,
-            true,
-            &Decryption::Identities(vec![other]),
-            "k",
-        )
-        .err()
-        .unwrap()
-        .to_string();
-        assert!(err.contains("wrong key"), "{err}");
-        let err = decoder(&stored[..], Compression::Gzip, true, &Decryption::None, "k")
+        let err = decoder(&stored[..], Compression::Gzip, true, &Decryption::Identities(vec![other]), "k")
             .err()
             .unwrap()
             .to_string();
-        assert!(
-            err.contains("--identity-key") || err.contains("--passphrase"),
-            "{err}"
-        );
+        assert!(err.contains("wrong key"), "{err}");
+        let err = decoder(&stored[..], Compression::Gzip, true, &Decryption::None, "k").err().unwrap().to_string();
+        assert!(err.contains("--identity-key") || err.contains("--passphrase"), "{err}");
     }
 }

@@ -43,12 +43,7 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub async fn start(
-        repo: &Repo,
-        key: &str,
-        size_hint: Option<u64>,
-        spec: Arc<EncodeSpec>,
-    ) -> Result<Sink> {
+    pub async fn start(repo: &Repo, key: &str, size_hint: Option<u64>, spec: Arc<EncodeSpec>) -> Result<Sink> {
         let part = part_size_for(size_hint);
         let mut upload = repo.upload(key, size_hint).await?;
         let (tx, mut rx) = mpsc::channel::<Msg>(64);
@@ -79,18 +74,11 @@ impl Sink {
                 }
             }
             drop(part_rx);
-            let encoded = encoder
-                .await
-                .map_err(|e| PipelineError::io(&k, io::Error::other(e)));
+            let encoded = encoder.await.map_err(|e| PipelineError::io(&k, io::Error::other(e)));
             match (upload_err, encoded) {
                 (None, Ok(Ok((digest, raw_size)))) => {
                     upload.finish().await?;
-                    Ok(Stored {
-                        key: k,
-                        size: digest.size,
-                        sha256: digest.sha256,
-                        raw_size,
-                    })
+                    Ok(Stored { key: k, size: digest.size, sha256: digest.sha256, raw_size })
                 }
                 (Some(e), _) => {
                     let _ = upload.abort().await;
@@ -102,11 +90,7 @@ impl Sink {
                 }
             }
         });
-        Ok(Sink {
-            key: key.to_owned(),
-            tx: Some(tx),
-            task,
-        })
+        Ok(Sink { key: key.to_owned(), tx: Some(tx), task })
     }
 
     pub fn key(&self) -> &str {
@@ -114,9 +98,7 @@ impl Sink {
     }
 
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
-        let tx = self.tx.as_ref().ok_or_else(|| PipelineError::Cancelled {
-            key: self.key.clone(),
-        })?;
+        let tx = self.tx.as_ref().ok_or_else(|| PipelineError::Cancelled { key: self.key.clone() })?;
         if tx.send(Msg::Data(data)).await.is_err() {
             // The encoder or the upload stopped: its error is the one to report.
             self.tx = None;
@@ -128,9 +110,7 @@ impl Sink {
     async fn wait_error(&mut self) -> PipelineError {
         match (&mut self.task).await {
             Ok(Err(e)) => e,
-            Ok(Ok(_)) => PipelineError::Cancelled {
-                key: self.key.clone(),
-            },
+            Ok(Ok(_)) => PipelineError::Cancelled { key: self.key.clone() },
             Err(e) => PipelineError::io(&self.key, io::Error::other(e)),
         }
     }
@@ -138,9 +118,7 @@ impl Sink {
     /// Returns a future that completes when the object is stored; the caller may go on
     /// producing other objects meanwhile.
     pub async fn finish(mut self) -> Result<JoinHandle<Result<Stored>>> {
-        let tx = self.tx.take().ok_or_else(|| PipelineError::Cancelled {
-            key: self.key.clone(),
-        })?;
+        let tx = self.tx.take().ok_or_else(|| PipelineError::Cancelled { key: self.key.clone() })?;
         if tx.send(Msg::End).await.is_err() {
             return Err(self.wait_error().await);
         }
@@ -162,18 +140,12 @@ struct PartWriter {
 
 impl PartWriter {
     fn new(tx: mpsc::Sender<Bytes>, part: usize) -> Self {
-        PartWriter {
-            tx,
-            buf: BytesMut::with_capacity(part),
-            part,
-        }
+        PartWriter { tx, buf: BytesMut::with_capacity(part), part }
     }
 
     fn send(&mut self) -> io::Result<()> {
         let full = std::mem::replace(&mut self.buf, BytesMut::with_capacity(self.part)).freeze();
-        self.tx
-            .blocking_send(full)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
+        self.tx.blocking_send(full).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "upload stopped"))
     }
 
     fn flush_last(&mut self) -> io::Result<()> {
@@ -239,13 +211,7 @@ pub struct Source {
 /// Downloads `src`, decodes it and hands the plain stream to `consume` on a blocking
 /// thread. The stored bytes are verified against `src.sha256` and `src.size` at the end;
 /// when `consume` fails and the bytes do not match, the mismatch is the error reported.
-pub async fn read_decoded<T, F>(
-    repo: &Repo,
-    src: &Source,
-    concurrency: usize,
-    dec: Decryption,
-    consume: F,
-) -> Result<T>
+pub async fn read_decoded<T, F>(repo: &Repo, src: &Source, concurrency: usize, dec: Decryption, consume: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
@@ -265,18 +231,13 @@ where
     });
     let s = src.clone();
     let joined = tokio::task::spawn_blocking(move || -> (Result<T>, Digest) {
-        let mut reader = ChannelReader {
-            rx,
-            cur: Bytes::new(),
-            hasher: Hasher::default(),
-        };
-        let result =
-            decoder(&mut reader, s.compression, s.encrypted, &dec, &s.key).and_then(|mut plain| {
-                let value = consume(&mut plain)?;
-                // Read to the end so the decoder checks its own trailer (zstd checksum, age tag).
-                io::copy(&mut plain, &mut io::sink()).map_err(|e| PipelineError::io(&s.key, e))?;
-                Ok(value)
-            });
+        let mut reader = ChannelReader { rx, cur: Bytes::new(), hasher: Hasher::default() };
+        let result = decoder(&mut reader, s.compression, s.encrypted, &dec, &s.key).and_then(|mut plain| {
+            let value = consume(&mut plain)?;
+            // Read to the end so the decoder checks its own trailer (zstd checksum, age tag).
+            io::copy(&mut plain, &mut io::sink()).map_err(|e| PipelineError::io(&s.key, e))?;
+            Ok(value)
+        });
         // Hash everything that is left, so a failure can be told apart from corruption.
         let mut rest = [0u8; 64 << 10];
         while let Ok(n) = reader.read(&mut rest) {
@@ -291,11 +252,7 @@ where
     let _ = fetch.await;
     let (result, digest) = joined;
     let mismatch = if digest.size != src.size {
-        Some(PipelineError::Size {
-            key: src.key.clone(),
-            expected: src.size,
-            actual: digest.size,
-        })
+        Some(PipelineError::Size { key: src.key.clone(), expected: src.size, actual: digest.size })
     } else {
         match &src.sha256 {
             Some(want) if *want != digest.sha256 => Some(PipelineError::Checksum {
@@ -322,26 +279,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sink_then_read_round_trip_and_corruption_is_named() {
-        let repo = Repo::open("memory://", &StorageOptions::default())
-            .await
-            .unwrap();
-        let spec = Arc::new(EncodeSpec {
-            compression: Compression::Zstd,
-            level: 1,
-            threads: 2,
-            encryption: Encryption::None,
-        });
+        let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
+        let spec =
+            Arc::new(EncodeSpec { compression: Compression::Zstd, level: 1, threads: 2, encryption: Encryption::None });
         let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 97) as u8).collect();
-        let mut sink = Sink::start(&repo, "x/base.tar.zst", None, spec)
-            .await
-            .unwrap();
+        let mut sink = Sink::start(&repo, "x/base.tar.zst", None, spec).await.unwrap();
         for c in data.chunks(100_000) {
             sink.write(Bytes::copy_from_slice(c)).await.unwrap();
         }
-        assert!(
-            repo.head("x/base.tar.zst").await.unwrap().is_none(),
-            "visible before finish"
-        );
+        assert!(repo.head("x/base.tar.zst").await.unwrap().is_none(), "visible before finish");
         let stored = sink.finish().await.unwrap().await.unwrap().unwrap();
         assert_eq!(stored.raw_size, data.len() as u64);
         let src = Source {
@@ -353,8 +299,7 @@ mod tests {
         };
         let back = read_decoded(&repo, &src, 2, Decryption::None, |r| {
             let mut v = Vec::new();
-            r.read_to_end(&mut v)
-                .map_err(|e| PipelineError::io("x", e))?;
+            r.read_to_end(&mut v).map_err(|e| PipelineError::io("x", e))?;
             Ok(v)
         })
         .await
@@ -363,20 +308,14 @@ mod tests {
 
         let mut wrong = src.clone();
         wrong.sha256 = Some("00".repeat(32));
-        let err = read_decoded(&repo, &wrong, 1, Decryption::None, |_| Ok(()))
-            .await
-            .unwrap_err();
+        let err = read_decoded(&repo, &wrong, 1, Decryption::None, |_| Ok(())).await.unwrap_err();
         assert!(matches!(err, PipelineError::Checksum { .. }), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn abandoned_sink_leaves_nothing() {
-        let repo = Repo::open("memory://", &StorageOptions::default())
-            .await
-            .unwrap();
-        let mut sink = Sink::start(&repo, "y/base.tar", None, Arc::new(EncodeSpec::plain()))
-            .await
-            .unwrap();
+        let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
+        let mut sink = Sink::start(&repo, "y/base.tar", None, Arc::new(EncodeSpec::plain())).await.unwrap();
         sink.write(Bytes::from_static(b"partial")).await.unwrap();
         sink.abort().await;
         assert!(repo.list("").await.unwrap().is_empty());

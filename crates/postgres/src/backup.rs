@@ -67,18 +67,11 @@ struct Pending {
 
 const LABEL_SNIFF: usize = 64 << 10;
 
-pub async fn run_backup(
-    repo: &Repo,
-    req: &BackupRequest,
-    progress: &dyn Progress,
-) -> Result<BackupManifest> {
+pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progress) -> Result<BackupManifest> {
     layout::validate_component("backup name", &req.name).map_err(Error::Config)?;
     let dir = req.layout.backup_dir(&req.name);
     if !repo.list(&dir).await?.is_empty() {
-        return Err(Error::BackupExists {
-            name: req.name.clone(),
-            repo: repo.url().to_owned(),
-        });
+        return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() });
     }
 
     let mut conn = Connection::connect(&req.conn).await?;
@@ -86,9 +79,7 @@ pub async fn run_backup(
     let version = conn.server_version().to_owned();
     let version_num = conn.server_version_num();
     if version_num < 100000 {
-        return Err(Error::Config(format!(
-            "PostgreSQL {version} is not supported; cloud-dump needs 10 or newer"
-        )));
+        return Err(Error::Config(format!("PostgreSQL {version} is not supported; cloud-dump needs 10 or newer")));
     }
     tracing::info!(
         "connected to PostgreSQL {} ({}), system {}, timeline {}",
@@ -99,10 +90,7 @@ pub async fn run_backup(
     );
     let start_time = now_rfc3339();
     let options = BaseBackupOptions {
-        label: req
-            .label
-            .clone()
-            .unwrap_or_else(|| format!("cloud-dump {}", req.name)),
+        label: req.label.clone().unwrap_or_else(|| format!("cloud-dump {}", req.name)),
         fast_checkpoint: req.fast_checkpoint,
         wal: true,
         manifest: version_num >= 130000,
@@ -110,16 +98,8 @@ pub async fn run_backup(
         progress: true,
         max_rate_kb: req.max_rate_kb,
     };
-    conn.send_query(&protocol::base_backup_command(&options, version_num))
-        .await?;
-    tracing::info!(
-        "base backup started ({} checkpoint)",
-        if req.fast_checkpoint {
-            "fast"
-        } else {
-            "spread"
-        }
-    );
+    conn.send_query(&protocol::base_backup_command(&options, version_num)).await?;
+    tracing::info!("base backup started ({} checkpoint)", if req.fast_checkpoint { "fast" } else { "spread" });
 
     let mut state = Streamer {
         repo,
@@ -148,12 +128,7 @@ pub async fn run_backup(
     progress.end();
     conn.terminate().await;
 
-    let end = state
-        .result_sets
-        .last()
-        .and_then(|rs| rs.first())
-        .cloned()
-        .unwrap_or_default();
+    let end = state.result_sets.last().and_then(|rs| rs.first()).cloned().unwrap_or_default();
     let end_lsn: Lsn = end
         .first()
         .cloned()
@@ -161,12 +136,7 @@ pub async fn run_backup(
         .ok_or_else(|| Error::Protocol("no end position after the base backup".into()))?
         .parse()
         .map_err(Error::Protocol)?;
-    let end_tli: u32 = end
-        .get(1)
-        .cloned()
-        .flatten()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(system.timeline);
+    let end_tli: u32 = end.get(1).cloned().flatten().and_then(|t| t.parse().ok()).unwrap_or(system.timeline);
     let label_text = state
         .done
         .iter()
@@ -177,12 +147,7 @@ pub async fn run_backup(
     let mut objects = Vec::new();
     let mut tablespaces = Vec::new();
     for d in state.sorted_done() {
-        let key = d
-            .stored
-            .key
-            .strip_prefix(dir.as_str())
-            .unwrap_or(&d.stored.key)
-            .to_owned();
+        let key = d.stored.key.strip_prefix(dir.as_str()).unwrap_or(&d.stored.key).to_owned();
         if d.kind == ObjectKind::Tablespace {
             tablespaces.push(TablespaceEntry {
                 oid: d.oid.unwrap_or(0),
@@ -207,18 +172,10 @@ pub async fn run_backup(
         timestamp: stop_time.clone(),
         start_time,
         stop_time,
-        pg_version: version
-            .split_whitespace()
-            .next()
-            .unwrap_or(&version)
-            .to_owned(),
+        pg_version: version.split_whitespace().next().unwrap_or(&version).to_owned(),
         pg_version_num: version_num,
         system_id: system.system_id.clone(),
-        timeline: if label.start_timeline > 0 {
-            label.start_timeline
-        } else {
-            end_tli
-        },
+        timeline: if label.start_timeline > 0 { label.start_timeline } else { end_tli },
         start_lsn: label.start_lsn,
         end_lsn,
         backup_label: label_text,
@@ -229,13 +186,7 @@ pub async fn run_backup(
         tablespaces,
         objects,
     };
-    if let Err(e) = repo
-        .put_new(
-            &format!("{dir}{}", layout::MANIFEST_FILE),
-            Bytes::from(manifest.to_json()),
-        )
-        .await
-    {
+    if let Err(e) = repo.put_new(&format!("{dir}{}", layout::MANIFEST_FILE), Bytes::from(manifest.to_json())).await {
         cleanup(repo, &dir).await;
         return Err(e.into());
     }
@@ -293,9 +244,7 @@ impl Streamer<'_> {
                     let row = data_row(&r)?;
                     match self.result_sets.last_mut() {
                         Some(rs) => rs.push(row),
-                        None => {
-                            return Err(Error::Protocol("data row outside a result set".into()))
-                        }
+                        None => return Err(Error::Protocol("data row outside a result set".into())),
                     }
                     if self.result_sets.len() == 2 {
                         self.on_tablespace_header();
@@ -303,10 +252,8 @@ impl Streamer<'_> {
                 }
                 Message::CopyOutResponse(_) => {
                     if self.copy_outs == 0 {
-                        let sizes: Vec<u64> =
-                            self.tablespaces.iter().filter_map(|t| t.size).collect();
-                        let total =
-                            (sizes.len() == self.tablespaces.len()).then(|| sizes.iter().sum());
+                        let sizes: Vec<u64> = self.tablespaces.iter().filter_map(|t| t.size).collect();
+                        let total = (sizes.len() == self.tablespaces.len()).then(|| sizes.iter().sum());
                         self.progress.begin("backup", total);
                     }
                     if self.version_num < PG15 {
@@ -348,9 +295,7 @@ impl Streamer<'_> {
         self.tablespaces.push(TablespaceRow {
             oid: get(0).and_then(|s| s.parse().ok()),
             location: get(1).unwrap_or_default(),
-            size: get(2)
-                .and_then(|s| s.parse::<u64>().ok())
-                .map(|kb| kb * 1024),
+            size: get(2).and_then(|s| s.parse::<u64>().ok()).map(|kb| kb * 1024),
         });
     }
 
@@ -361,40 +306,18 @@ impl Streamer<'_> {
                 let row = self
                     .tablespaces
                     .iter()
-                    .find(|t| {
-                        if location.is_empty() {
-                            t.oid.is_none()
-                        } else {
-                            t.location == location
-                        }
-                    })
+                    .find(|t| if location.is_empty() { t.oid.is_none() } else { t.location == location })
                     .cloned();
                 let oid = row.as_ref().and_then(|r| r.oid);
-                let stem = if name.ends_with(".tar") {
-                    name.clone()
-                } else {
-                    format!("{name}.tar")
-                };
-                let kind = if oid.is_none() && location.is_empty() {
-                    ObjectKind::Base
-                } else {
-                    ObjectKind::Tablespace
-                };
-                self.start(kind, oid, location, &stem, row.and_then(|r| r.size))
-                    .await
+                let stem = if name.ends_with(".tar") { name.clone() } else { format!("{name}.tar") };
+                let kind = if oid.is_none() && location.is_empty() { ObjectKind::Base } else { ObjectKind::Tablespace };
+                self.start(kind, oid, location, &stem, row.and_then(|r| r.size)).await
             }
             CopyEvent::Data(_) => self.write(msg.slice(1..)).await,
             CopyEvent::Progress(_) => Ok(()),
             CopyEvent::Manifest => {
                 self.finish_current(false).await?;
-                self.start(
-                    ObjectKind::BackupManifest,
-                    None,
-                    String::new(),
-                    "backup_manifest",
-                    None,
-                )
-                .await
+                self.start(ObjectKind::BackupManifest, None, String::new(), "backup_manifest", None).await
             }
         }
     }
@@ -406,17 +329,9 @@ impl Streamer<'_> {
                 None => (ObjectKind::Base, "base.tar".to_owned()),
                 Some(oid) => (ObjectKind::Tablespace, format!("{oid}.tar")),
             };
-            self.start(kind, row.oid, row.location.clone(), &stem, row.size)
-                .await
+            self.start(kind, row.oid, row.location.clone(), &stem, row.size).await
         } else {
-            self.start(
-                ObjectKind::BackupManifest,
-                None,
-                String::new(),
-                "backup_manifest",
-                None,
-            )
-            .await
+            self.start(ObjectKind::BackupManifest, None, String::new(), "backup_manifest", None).await
         }
     }
 
@@ -432,21 +347,13 @@ impl Streamer<'_> {
         tracing::debug!("streaming {key}");
         let sink = Sink::start(self.repo, &key, size, self.spec.clone()).await?;
         let head = (kind == ObjectKind::Base).then(Vec::new);
-        self.current = Some(Current {
-            kind,
-            oid,
-            location,
-            sink,
-            head,
-        });
+        self.current = Some(Current { kind, oid, location, sink, head });
         Ok(())
     }
 
     async fn write(&mut self, data: Bytes) -> Result<()> {
-        let cur = self
-            .current
-            .as_mut()
-            .ok_or_else(|| Error::Protocol("archive data before any archive began".into()))?;
+        let cur =
+            self.current.as_mut().ok_or_else(|| Error::Protocol("archive data before any archive began".into()))?;
         if let Some(head) = cur.head.as_mut() {
             if head.len() < LABEL_SNIFF {
                 let n = (LABEL_SNIFF - head.len()).min(data.len());
@@ -476,13 +383,7 @@ impl Streamer<'_> {
             .and_then(|h| protocol::tar_find_file(h, "backup_label"))
             .map(|b| String::from_utf8_lossy(&b).into_owned());
         let task = cur.sink.finish().await?;
-        self.pending.push_back(Pending {
-            kind: cur.kind,
-            oid: cur.oid,
-            location: cur.location,
-            label,
-            task,
-        });
+        self.pending.push_back(Pending { kind: cur.kind, oid: cur.oid, location: cur.location, label, task });
         while self.pending.len() > self.parallel {
             self.complete_oldest().await?;
         }
@@ -491,18 +392,9 @@ impl Streamer<'_> {
 
     async fn complete_oldest(&mut self) -> Result<()> {
         if let Some(p) = self.pending.pop_front() {
-            let stored = p
-                .task
-                .await
-                .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let stored = p.task.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
             tracing::info!("stored {} ({} bytes)", stored.key, stored.size);
-            self.done.push(Done {
-                kind: p.kind,
-                oid: p.oid,
-                location: p.location,
-                label: p.label,
-                stored,
-            });
+            self.done.push(Done { kind: p.kind, oid: p.oid, location: p.location, label: p.label, stored });
         }
         Ok(())
     }
@@ -530,13 +422,7 @@ impl Streamer<'_> {
 
     /// Stored archives in manifest order: base, tablespaces by oid, the server manifest.
     fn sorted_done(&mut self) -> &[Done] {
-        self.done.sort_by_key(|d| {
-            (
-                matches!(d.kind, ObjectKind::BackupManifest),
-                d.kind != ObjectKind::Base,
-                d.oid,
-            )
-        });
+        self.done.sort_by_key(|d| (matches!(d.kind, ObjectKind::BackupManifest), d.kind != ObjectKind::Base, d.oid));
         &self.done
     }
 }

@@ -11,22 +11,12 @@ pub async fn load_manifest(repo: &Repo, layout: &Layout, name: &str) -> Result<B
     layout::validate_component("backup name", name).map_err(Error::Config)?;
     let key = format!("{}{}", layout.backup_dir(name), layout::MANIFEST_FILE);
     match repo.get(&key).await {
-        Ok(bytes) => {
-            BackupManifest::parse(&bytes).map_err(|reason| Error::BadManifest { key, reason })
-        }
+        Ok(bytes) => BackupManifest::parse(&bytes).map_err(|reason| Error::BadManifest { key, reason }),
         Err(StorageError::NotFound { .. }) => {
-            let mut available: Vec<String> = list_backups(repo, layout)
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .map(|m| m.name)
-                .collect();
+            let mut available: Vec<String> =
+                list_backups(repo, layout).await.unwrap_or_default().into_iter().map(|m| m.name).collect();
             available.truncate(10);
-            Err(Error::BackupNotFound {
-                name: name.to_owned(),
-                repo: repo.url().to_owned(),
-                available,
-            })
+            Err(Error::BackupNotFound { name: name.to_owned(), repo: repo.url().to_owned(), available })
         }
         Err(e) => Err(e.into()),
     }

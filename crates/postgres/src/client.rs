@@ -48,41 +48,25 @@ pub(crate) fn server_error(mut fields: ErrorFields<'_>) -> Error {
             _ => {}
         }
     }
-    Error::Server {
-        code,
-        message,
-        detail,
-        hint,
-    }
+    Error::Server { code, message, detail, hint }
 }
 
 impl Connection {
     pub async fn connect(cfg: &ConnConfig) -> Result<Connection> {
-        tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg))
-            .await
-            .map_err(|_| Error::Connect {
-                target: cfg.target(),
-                source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
-            })?
+        tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg)).await.map_err(|_| Error::Connect {
+            target: cfg.target(),
+            source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+        })?
     }
 
     async fn connect_inner(cfg: &ConnConfig) -> Result<Connection> {
         let target = cfg.target();
-        let conn_err = |source| Error::Connect {
-            target: target.clone(),
-            source,
-        };
+        let conn_err = |source| Error::Connect { target: target.clone(), source };
         let stream: Box<dyn Stream> = if cfg.is_unix_socket() {
             let path = format!("{}/.s.PGSQL.{}", cfg.host, cfg.port);
-            Box::new(
-                tokio::net::UnixStream::connect(&path)
-                    .await
-                    .map_err(conn_err)?,
-            )
+            Box::new(tokio::net::UnixStream::connect(&path).await.map_err(conn_err)?)
         } else {
-            let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port))
-                .await
-                .map_err(conn_err)?;
+            let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await.map_err(conn_err)?;
             tcp.set_nodelay(true).ok();
             match crate::tls::client_config(cfg)? {
                 None => Box::new(tcp),
@@ -105,10 +89,7 @@ impl Connection {
         cfg: &ConnConfig,
         tls: std::sync::Arc<rustls::ClientConfig>,
     ) -> Result<Box<dyn Stream>> {
-        let tls_err = |reason: String| Error::Tls {
-            target: cfg.target(),
-            reason,
-        };
+        let tls_err = |reason: String| Error::Tls { target: cfg.target(), reason };
         let mut buf = BytesMut::new();
         frontend::ssl_request(&mut buf);
         tcp.write_all(&buf).await?;
@@ -125,12 +106,8 @@ impl Connection {
                 Ok(Box::new(s))
             }
             b'N' if matches!(cfg.sslmode, SslMode::Prefer | SslMode::Allow) => Ok(Box::new(tcp)),
-            b'N' => Err(tls_err(
-                "the server does not accept TLS (sslmode requires it)".into(),
-            )),
-            other => Err(Error::Protocol(format!(
-                "unexpected answer {other:#x} to SSLRequest"
-            ))),
+            b'N' => Err(tls_err("the server does not accept TLS (sslmode requires it)".into())),
+            other => Err(Error::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
         }
     }
 
@@ -144,16 +121,11 @@ impl Connection {
         ];
         frontend::startup_message(params.iter().copied(), &mut self.wbuf)?;
         self.flush().await?;
-        let auth_err = |message: String| Error::Auth {
-            user: cfg.user.clone(),
-            message,
-        };
+        let auth_err = |message: String| Error::Auth { user: cfg.user.clone(), message };
         let need_password = || {
-            cfg.password.clone().ok_or_else(|| {
-                auth_err(
-                    "the server asks for a password and none was given (URL or PGPASSWORD)".into(),
-                )
-            })
+            cfg.password
+                .clone()
+                .ok_or_else(|| auth_err("the server asks for a password and none was given (URL or PGPASSWORD)".into()))
         };
         let mut scram: Option<ScramSha256> = None;
         loop {
@@ -179,54 +151,37 @@ impl Connection {
                         ok |= m == SCRAM_SHA_256;
                     }
                     if !ok {
-                        return Err(auth_err(
-                            "the server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
-                        ));
+                        return Err(auth_err("the server offers no SASL mechanism we support (SCRAM-SHA-256)".into()));
                     }
-                    let s = ScramSha256::new(
-                        need_password()?.as_bytes(),
-                        ChannelBinding::unsupported(),
-                    );
+                    let s = ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
                     frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                     scram = Some(s);
                 }
                 Message::AuthenticationSaslContinue(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| Error::Protocol("SASL continue without start".into()))?;
+                    let s = scram.as_mut().ok_or_else(|| Error::Protocol("SASL continue without start".into()))?;
                     s.update(body.data()).map_err(|e| auth_err(e.to_string()))?;
                     frontend::sasl_response(s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                 }
                 Message::AuthenticationSaslFinal(body) => {
-                    let s = scram
-                        .as_mut()
-                        .ok_or_else(|| Error::Protocol("SASL final without start".into()))?;
-                    s.finish(body.data())
-                        .map_err(|e| auth_err(format!("the server's SCRAM proof is wrong: {e}")))?;
+                    let s = scram.as_mut().ok_or_else(|| Error::Protocol("SASL final without start".into()))?;
+                    s.finish(body.data()).map_err(|e| auth_err(format!("the server's SCRAM proof is wrong: {e}")))?;
                 }
                 Message::ParameterStatus(p) => {
-                    self.params
-                        .insert(p.name()?.to_owned(), p.value()?.to_owned());
+                    self.params.insert(p.name()?.to_owned(), p.value()?.to_owned());
                 }
                 Message::BackendKeyData(_) | Message::NoticeResponse(_) => {}
                 Message::ReadyForQuery(_) => return Ok(()),
                 Message::ErrorResponse(body) => {
                     let e = server_error(body.fields());
                     return Err(match e {
-                        Error::Server { code, message, .. } if code.starts_with("28") => {
-                            auth_err(message)
-                        }
+                        Error::Server { code, message, .. } if code.starts_with("28") => auth_err(message),
                         other => other,
                     });
                 }
-                Message::AuthenticationGss
-                | Message::AuthenticationSspi
-                | Message::AuthenticationKerberosV5 => {
-                    return Err(auth_err(
-                        "GSSAPI/SSPI/Kerberos authentication is not supported".into(),
-                    ))
+                Message::AuthenticationGss | Message::AuthenticationSspi | Message::AuthenticationKerberosV5 => {
+                    return Err(auth_err("GSSAPI/SSPI/Kerberos authentication is not supported".into()))
                 }
                 _ => return Err(Error::Protocol("unexpected message during startup".into())),
             }
@@ -292,25 +247,18 @@ impl Connection {
 
     pub async fn identify_system(&mut self) -> Result<SystemInfo> {
         let rows = self.simple_query("IDENTIFY_SYSTEM").await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
+        let row = rows.first().ok_or_else(|| Error::Protocol("IDENTIFY_SYSTEM returned no row".into()))?;
         let get = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         Ok(SystemInfo {
             system_id: get(0),
-            timeline: get(1)
-                .parse()
-                .map_err(|_| Error::Protocol("bad timeline in IDENTIFY_SYSTEM".into()))?,
+            timeline: get(1).parse().map_err(|_| Error::Protocol("bad timeline in IDENTIFY_SYSTEM".into()))?,
             xlogpos: get(2).parse().map_err(Error::Protocol)?,
         })
     }
 
     /// `server_version` as reported at startup, e.g. "17.2" or "15.18 (Debian 15.18-0+deb12u1)".
     pub fn server_version(&self) -> &str {
-        self.params
-            .get("server_version")
-            .map(String::as_str)
-            .unwrap_or("")
+        self.params.get("server_version").map(String::as_str).unwrap_or("")
     }
 
     /// 150018 for "15.18", 100005 for "10.5", 90603 for "9.6.3".
@@ -324,9 +272,7 @@ impl Connection {
     }
 }
 
-pub(crate) fn data_row(
-    r: &postgres_protocol::message::backend::DataRowBody,
-) -> Result<Vec<Option<String>>> {
+pub(crate) fn data_row(r: &postgres_protocol::message::backend::DataRowBody) -> Result<Vec<Option<String>>> {
     let buf = r.buffer();
     let mut out = Vec::new();
     let mut ranges = r.ranges();
@@ -340,13 +286,7 @@ pub fn version_num(v: &str) -> u32 {
     let head = v.split_whitespace().next().unwrap_or("");
     let nums: Vec<u32> = head
         .split('.')
-        .map(|p| {
-            p.chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .unwrap_or(0)
-        })
+        .map(|p| p.chars().take_while(char::is_ascii_digit).collect::<String>().parse().unwrap_or(0))
         .collect();
     match nums.as_slice() {
         [major, minor, patch, ..] if *major < 10 => major * 10000 + minor * 100 + patch,

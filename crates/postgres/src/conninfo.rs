@@ -30,8 +30,8 @@ impl std::str::FromStr for SslMode {
             "verify-full" => SslMode::VerifyFull,
             other => {
                 return Err(format!(
-                "invalid sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
-            ))
+                    "invalid sslmode {other:?}: use disable, prefer, require, verify-ca or verify-full"
+                ))
             }
         })
     }
@@ -74,31 +74,22 @@ impl ConnConfig {
     }
 
     /// Parses `conninfo` (URL or `key=value` pairs, or nothing) and fills the gaps from `env`.
-    pub fn parse(
-        conninfo: Option<&str>,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<ConnConfig> {
+    pub fn parse(conninfo: Option<&str>, env: &dyn Fn(&str) -> Option<String>) -> Result<ConnConfig> {
         let mut kv = match conninfo.map(str::trim).filter(|s| !s.is_empty()) {
             None => HashMap::new(),
             Some(s) if s.starts_with("postgres://") || s.starts_with("postgresql://") => parse_url(s)?,
             Some(s) if s.contains('=') => parse_keyword_value(s)?,
-            Some(_) => {
-                return Err(Error::Config(
-                    "--db-url: expected postgres://user:password@host:port/dbname?replication=yes or host=… user=… pairs"
-                        .into(),
-                ))
-            }
+            Some(_) => return Err(Error::Config(
+                "--db-url: expected postgres://user:password@host:port/dbname?replication=yes or host=… user=… pairs"
+                    .into(),
+            )),
         };
-        let mut take = |key: &str, env_key: &str| {
-            kv.remove(key)
-                .or_else(|| env(env_key))
-                .filter(|v| !v.is_empty())
-        };
+        let mut take = |key: &str, env_key: &str| kv.remove(key).or_else(|| env(env_key)).filter(|v| !v.is_empty());
         let host = take("host", "PGHOST").unwrap_or_else(|| "localhost".into());
         let port = match take("port", "PGPORT") {
-            Some(p) => p.parse::<u16>().map_err(|_| {
-                Error::Config(format!("invalid port {p:?} in the connection settings"))
-            })?,
+            Some(p) => {
+                p.parse::<u16>().map_err(|_| Error::Config(format!("invalid port {p:?} in the connection settings")))?
+            }
             None => 5432,
         };
         let user = take("user", "PGUSER")
@@ -120,33 +111,22 @@ impl ConnConfig {
             None => SslMode::Prefer,
         };
         let sslrootcert = take("sslrootcert", "PGSSLROOTCERT").map(PathBuf::from);
-        let application_name =
-            take("application_name", "PGAPPNAME").unwrap_or_else(|| "cloud-dump".into());
+        let application_name = take("application_name", "PGAPPNAME").unwrap_or_else(|| "cloud-dump".into());
         let connect_timeout = match take("connect_timeout", "PGCONNECT_TIMEOUT") {
             Some(t) => Duration::from_secs(
-                t.parse::<u64>()
-                    .map_err(|_| Error::Config(format!("invalid connect_timeout {t:?}")))?
-                    .max(2),
+                t.parse::<u64>().map_err(|_| Error::Config(format!("invalid connect_timeout {t:?}")))?.max(2),
             ),
             None => Duration::from_secs(30),
         };
         // Anything left over is a typo or a setting we would silently ignore.
         let mut unknown: Vec<_> = kv
             .keys()
-            .filter(|k| {
-                !matches!(
-                    k.as_str(),
-                    "sslcert" | "sslkey" | "options" | "target_session_attrs" | "gssencmode"
-                )
-            })
+            .filter(|k| !matches!(k.as_str(), "sslcert" | "sslkey" | "options" | "target_session_attrs" | "gssencmode"))
             .cloned()
             .collect();
         if !unknown.is_empty() {
             unknown.sort();
-            return Err(Error::Config(format!(
-                "unknown connection parameter(s): {}",
-                unknown.join(", ")
-            )));
+            return Err(Error::Config(format!("unknown connection parameter(s): {}", unknown.join(", "))));
         }
         Ok(ConnConfig {
             host,
@@ -164,8 +144,7 @@ impl ConnConfig {
 }
 
 fn parse_url(s: &str) -> Result<HashMap<String, String>> {
-    let url = url::Url::parse(s)
-        .map_err(|e| Error::Config(format!("--db-url is not a valid URL: {e}")))?;
+    let url = url::Url::parse(s).map_err(|e| Error::Config(format!("--db-url is not a valid URL: {e}")))?;
     let dec = |v: &str| {
         url::form_urlencoded::parse(format!("x={}", v.replace('+', "%2B")).as_bytes())
             .next()
@@ -175,10 +154,7 @@ fn parse_url(s: &str) -> Result<HashMap<String, String>> {
     let mut kv = HashMap::new();
     if let Some(h) = url.host_str().filter(|h| !h.is_empty()) {
         let h = dec(h);
-        kv.insert(
-            "host".into(),
-            h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-        );
+        kv.insert("host".into(), h.trim_start_matches('[').trim_end_matches(']').to_owned());
     }
     if let Some(p) = url.port() {
         kv.insert("port".into(), p.to_string());
@@ -209,15 +185,12 @@ fn parse_keyword_value(s: &str) -> Result<HashMap<String, String>> {
         if chars.peek().is_none() {
             break;
         }
-        let key: String =
-            std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=' && !c.is_whitespace())).collect();
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(Error::Config(format!(
-                "connection string: missing '=' after {key:?}"
-            )));
+            return Err(Error::Config(format!("connection string: missing '=' after {key:?}")));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -230,11 +203,7 @@ fn parse_keyword_value(s: &str) -> Result<HashMap<String, String>> {
                     Some('\\') => value.extend(chars.next()),
                     Some('\'') => break,
                     Some(c) => value.push(c),
-                    None => {
-                        return Err(Error::Config(
-                            "connection string: unterminated quote".into(),
-                        ))
-                    }
+                    None => return Err(Error::Config("connection string: unterminated quote".into())),
                 }
             }
         } else {
@@ -266,10 +235,7 @@ mod tests {
             &no_env,
         )
         .unwrap();
-        assert_eq!(
-            (c.host.as_str(), c.port, c.user.as_str()),
-            ("db.example", 6543, "repl_user")
-        );
+        assert_eq!((c.host.as_str(), c.port, c.user.as_str()), ("db.example", 6543, "repl_user"));
         assert_eq!(c.password.as_deref(), Some("p@ss"));
         assert_eq!(c.replication, "true");
         assert_eq!(c.sslmode, SslMode::Require);
@@ -283,20 +249,14 @@ mod tests {
         };
         let c = ConnConfig::parse(None, &env).unwrap();
         assert!(c.is_unix_socket());
-        assert_eq!(
-            (c.user.as_str(), c.password.as_deref(), c.port),
-            ("u", Some("secret"), 5432)
-        );
+        assert_eq!((c.user.as_str(), c.password.as_deref(), c.port), ("u", Some("secret"), 5432));
         assert_eq!(c.replication, "true");
     }
 
     #[test]
     fn keyword_value_form() {
-        let c = ConnConfig::parse(
-            Some("host=127.0.0.1 port=5433 user=x password='a b\\'c' sslmode=disable"),
-            &no_env,
-        )
-        .unwrap();
+        let c = ConnConfig::parse(Some("host=127.0.0.1 port=5433 user=x password='a b\\'c' sslmode=disable"), &no_env)
+            .unwrap();
         assert_eq!(c.password.as_deref(), Some("a b'c"));
         assert_eq!(c.sslmode, SslMode::Disable);
     }

@@ -24,12 +24,7 @@ pub enum Error {
     #[error("PostgreSQL refused the login of {user:?}: {message}")]
     Auth { user: String, message: String },
     #[error("PostgreSQL: {message}{}{}", detail.as_deref().map(|d| format!(" ({d})")).unwrap_or_default(), hint.as_deref().map(|h| format!(" hint: {h}")).unwrap_or_default())]
-    Server {
-        code: String,
-        message: String,
-        detail: Option<String>,
-        hint: Option<String>,
-    },
+    Server { code: String, message: String, detail: Option<String>, hint: Option<String> },
     #[error("protocol error talking to PostgreSQL: {0}")]
     Protocol(String),
     #[error("connection to PostgreSQL lost: {0}")]
@@ -37,23 +32,17 @@ pub enum Error {
     #[error("backup {name:?} already exists in {repo}; backups are never overwritten, choose another --name")]
     BackupExists { name: String, repo: String },
     #[error("backup {name:?} not found in {repo}{}", if available.is_empty() { String::new() } else { format!(" (available: {})", available.join(", ")) })]
-    BackupNotFound {
-        name: String,
-        repo: String,
-        available: Vec<String>,
-    },
+    BackupNotFound { name: String, repo: String, available: Vec<String> },
     #[error("manifest {key} is unreadable: {reason}")]
     BadManifest { key: String, reason: String },
     #[error("{0}")]
     Restore(String),
-    #[error(
-        "unsafe entry {entry:?} in {archive}: {reason}; nothing outside the target is ever written"
-    )]
-    UnsafeEntry {
-        archive: String,
-        entry: String,
-        reason: String,
-    },
+    #[error("unsafe entry {entry:?} in {archive}: {reason}; nothing outside the target is ever written")]
+    UnsafeEntry { archive: String, entry: String, reason: String },
+    #[error("WAL file {name} is already archived as {key} with DIFFERENT content; refusing to overwrite archived WAL (is another server archiving to the same place?)")]
+    WalConflict { name: String, key: String },
+    #[error("WAL file {name} is already archived as {key} and cannot be compared ({reason}); give the identity (--identity-key) so wal-push can verify it")]
+    WalUnverifiable { name: String, key: String, reason: String },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

@@ -38,31 +38,23 @@ fn safe_relative(p: &Path, t: &ExtractTarget<'_>) -> Result<PathBuf> {
             Component::Normal(n) => out.push(n),
             Component::CurDir => {}
             Component::ParentDir => return Err(unsafe_entry("it climbs out with '..'")),
-            Component::RootDir | Component::Prefix(_) => {
-                return Err(unsafe_entry("it is an absolute path"))
-            }
+            Component::RootDir | Component::Prefix(_) => return Err(unsafe_entry("it is an absolute path")),
         }
     }
     Ok(out)
 }
 
 pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractStats> {
-    let io_err =
-        |what: &Path, e: io::Error| Error::Restore(format!("writing {}: {e}", what.display()));
+    let io_err = |what: &Path, e: io::Error| Error::Restore(format!("writing {}: {e}", what.display()));
     let mut archive = tar::Archive::new(reader);
     let mut stats = ExtractStats::default();
     let mut links: HashSet<PathBuf> = HashSet::new();
     let mut buf = vec![0u8; 1 << 20];
-    let entries = archive
-        .entries()
-        .map_err(|e| Error::Restore(format!("{}: not a tar archive: {e}", t.archive)))?;
+    let entries = archive.entries().map_err(|e| Error::Restore(format!("{}: not a tar archive: {e}", t.archive)))?;
     for entry in entries {
-        let mut entry =
-            entry.map_err(|e| Error::Restore(format!("{}: damaged tar stream: {e}", t.archive)))?;
-        let raw_path = entry
-            .path()
-            .map_err(|e| Error::Restore(format!("{}: bad entry name: {e}", t.archive)))?
-            .into_owned();
+        let mut entry = entry.map_err(|e| Error::Restore(format!("{}: damaged tar stream: {e}", t.archive)))?;
+        let raw_path =
+            entry.path().map_err(|e| Error::Restore(format!("{}: bad entry name: {e}", t.archive)))?.into_owned();
         let rel = safe_relative(&raw_path, t)?;
         if rel.as_os_str().is_empty() {
             continue;
@@ -81,15 +73,13 @@ pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractSt
         if let Some(parent) = dest.parent() {
             if !parent.exists() {
                 fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
-                fs::set_permissions(parent, fs::Permissions::from_mode(0o700))
-                    .map_err(|e| io_err(parent, e))?;
+                fs::set_permissions(parent, fs::Permissions::from_mode(0o700)).map_err(|e| io_err(parent, e))?;
             }
         }
         match kind {
             tar::EntryType::Directory => {
                 fs::create_dir_all(&dest).map_err(|e| io_err(&dest, e))?;
-                fs::set_permissions(&dest, fs::Permissions::from_mode(mode | 0o700))
-                    .map_err(|e| io_err(&dest, e))?;
+                fs::set_permissions(&dest, fs::Permissions::from_mode(mode | 0o700)).map_err(|e| io_err(&dest, e))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
                 let mut f = OpenOptions::new()
@@ -100,9 +90,9 @@ pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractSt
                     .open(&dest)
                     .map_err(|e| io_err(&dest, e))?;
                 loop {
-                    let n = entry.read(&mut buf).map_err(|e| {
-                        Error::Restore(format!("{}: reading {}: {e}", t.archive, rel.display()))
-                    })?;
+                    let n = entry
+                        .read(&mut buf)
+                        .map_err(|e| Error::Restore(format!("{}: reading {}: {e}", t.archive, rel.display())))?;
                     if n == 0 {
                         break;
                     }
@@ -148,19 +138,13 @@ pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractSt
 /// Links inside a data directory: `pg_tblspc/<oid>` pointing at a known tablespace (mapped
 /// to its restore location), or a relative link that stays inside the target.
 fn link_target(rel: &Path, target: &Path, t: &ExtractTarget<'_>, raw: &Path) -> Result<PathBuf> {
-    let refuse = |reason: String| Error::UnsafeEntry {
-        archive: t.archive.into(),
-        entry: raw.display().to_string(),
-        reason,
-    };
+    let refuse =
+        |reason: String| Error::UnsafeEntry { archive: t.archive.into(), entry: raw.display().to_string(), reason };
     if target.is_absolute() {
         let in_tblspc = rel.parent() == Some(Path::new("pg_tblspc"));
         return match t.tablespaces.get(&target.to_string_lossy().into_owned()) {
             Some(mapped) if in_tblspc => Ok(mapped.clone()),
-            _ => Err(refuse(format!(
-                "its link points out of the target, to {}",
-                target.display()
-            ))),
+            _ => Err(refuse(format!("its link points out of the target, to {}", target.display()))),
         };
     }
     let mut depth: i64 = rel.components().count() as i64 - 1;
@@ -171,10 +155,7 @@ fn link_target(rel: &Path, target: &Path, t: &ExtractTarget<'_>, raw: &Path) -> 
             _ => {}
         }
         if depth < 0 {
-            return Err(refuse(format!(
-                "its link {} points out of the target",
-                target.display()
-            )));
+            return Err(refuse(format!("its link {} points out of the target", target.display())));
         }
     }
     Ok(target.to_path_buf())
@@ -213,17 +194,9 @@ mod tests {
         b.append(&h, &[][..]).unwrap();
     }
 
-    fn run(
-        bytes: &[u8],
-        maps: &HashMap<String, PathBuf>,
-    ) -> (tempfile::TempDir, Result<ExtractStats>) {
+    fn run(bytes: &[u8], maps: &HashMap<String, PathBuf>) -> (tempfile::TempDir, Result<ExtractStats>) {
         let dir = tempfile::tempdir().unwrap();
-        let t = ExtractTarget {
-            root: dir.path(),
-            tablespaces: maps,
-            archive: "base.tar",
-            progress: &NoProgress,
-        };
+        let t = ExtractTarget { root: dir.path(), tablespaces: maps, archive: "base.tar", progress: &NoProgress };
         let r = extract(&mut &bytes[..], &t);
         (dir, r)
     }
@@ -238,10 +211,7 @@ mod tests {
         let s = r.unwrap();
         assert_eq!((s.files, s.bytes), (2, 10_003));
         assert_eq!(fs::read(dir.path().join("PG_VERSION")).unwrap(), b"17\n");
-        let mode = fs::metadata(dir.path().join("base/1/1259"))
-            .unwrap()
-            .permissions()
-            .mode();
+        let mode = fs::metadata(dir.path().join("base/1/1259")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
@@ -264,10 +234,7 @@ mod tests {
             file(b, "l/x", b"x");
         };
         let (_, r) = run(&tar_with(through), &HashMap::new());
-        assert!(r
-            .unwrap_err()
-            .to_string()
-            .contains("through a symbolic link"));
+        assert!(r.unwrap_err().to_string().contains("through a symbolic link"));
     }
 
     #[test]
@@ -277,9 +244,6 @@ mod tests {
         maps.insert("/srv/ts1".to_owned(), PathBuf::from("/restore/ts1"));
         let (dir, r) = run(&bytes, &maps);
         r.unwrap();
-        assert_eq!(
-            fs::read_link(dir.path().join("pg_tblspc/16384")).unwrap(),
-            PathBuf::from("/restore/ts1")
-        );
+        assert_eq!(fs::read_link(dir.path().join("pg_tblspc/16384")).unwrap(), PathBuf::from("/restore/ts1"));
     }
 }

@@ -13,6 +13,8 @@ pub mod progress;
 pub mod protocol;
 mod restore;
 mod tls;
+pub mod wal;
+mod wal_archive;
 
 pub use backup::{run_backup, BackupRequest};
 pub use catalog::{list_backups, load_manifest};
@@ -24,3 +26,4 @@ pub use lsn::Lsn;
 pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
 pub use progress::{NoProgress, Progress};
 pub use restore::{check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
+pub use wal_archive::{is_segment, write_atomically, PushOutcome, WalArchive, WalKeys, SHA_METADATA};

@@ -12,12 +12,7 @@ impl Lsn {
     pub fn segment_name(self, timeline: u32, segment_size: u64) -> String {
         let segno = self.0 / segment_size;
         let per_xlogid = 0x1_0000_0000u64 / segment_size;
-        format!(
-            "{:08X}{:08X}{:08X}",
-            timeline,
-            segno / per_xlogid,
-            segno % per_xlogid
-        )
+        format!("{:08X}{:08X}{:08X}", timeline, segno / per_xlogid, segno % per_xlogid)
     }
 }
 
@@ -64,10 +59,7 @@ mod tests {
         for s in ["0/0", "16/B374D848", "FFFFFFFF/FFFFFFFF", "0/2000028"] {
             assert_eq!(s.parse::<Lsn>().unwrap().to_string(), s);
         }
-        assert_eq!(
-            "0/02000028".parse::<Lsn>().unwrap(),
-            "0/2000028".parse::<Lsn>().unwrap()
-        );
+        assert_eq!("0/02000028".parse::<Lsn>().unwrap(), "0/2000028".parse::<Lsn>().unwrap());
         for bad in ["", "0", "x/1", "1/", "/1", "123456789/0"] {
             assert!(bad.parse::<Lsn>().is_err(), "{bad}");
         }

@@ -98,11 +98,7 @@ impl BackupManifest {
 
     /// Major.minor as `list` shows it ("17.2").
     pub fn short_version(&self) -> String {
-        self.pg_version
-            .split_whitespace()
-            .next()
-            .unwrap_or("")
-            .to_owned()
+        self.pg_version.split_whitespace().next().unwrap_or("").to_owned()
     }
 }
 
@@ -145,8 +141,6 @@ mod tests {
         let json = String::from_utf8(m.to_json()).unwrap();
         assert!(json.contains("\"end_lsn\": \"0/2000100\""), "{json}");
         let future = json.replace("\"format_version\": 1", "\"format_version\": 99");
-        assert!(BackupManifest::parse(future.as_bytes())
-            .unwrap_err()
-            .contains("upgrade"));
+        assert!(BackupManifest::parse(future.as_bytes()).unwrap_err().contains("upgrade"));
     }
 }

@@ -31,10 +31,7 @@ pub fn base_backup_command(o: &BaseBackupOptions, version_num: u32) -> String {
         if o.progress {
             opts.push("PROGRESS".into());
         }
-        opts.push(format!(
-            "CHECKPOINT '{}'",
-            if o.fast_checkpoint { "fast" } else { "spread" }
-        ));
+        opts.push(format!("CHECKPOINT '{}'", if o.fast_checkpoint { "fast" } else { "spread" }));
         if o.wal {
             opts.push("WAL".into());
             // The WAL is inside the backup: never hang on a slow or broken archive_command.
@@ -98,17 +95,11 @@ pub fn parse_copy_event(msg: &[u8]) -> Result<CopyEvent<'_>, String> {
         }
         b'd' => Ok(CopyEvent::Data(rest)),
         b'p' => {
-            let b: [u8; 8] = rest
-                .get(..8)
-                .and_then(|s| s.try_into().ok())
-                .ok_or("short progress message")?;
+            let b: [u8; 8] = rest.get(..8).and_then(|s| s.try_into().ok()).ok_or("short progress message")?;
             Ok(CopyEvent::Progress(u64::from_be_bytes(b)))
         }
         b'm' => Ok(CopyEvent::Manifest),
-        other => Err(format!(
-            "unknown base backup message type {:?}",
-            other as char
-        )),
+        other => Err(format!("unknown base backup message type {:?}", other as char)),
     }
 }
 
@@ -135,19 +126,14 @@ pub fn parse_backup_label(text: &str) -> Result<BackupLabel, String> {
                 // "0/2000028 (file 000000010000000000000002)"
                 let mut it = value.split_whitespace();
                 l.start_lsn = it.next().unwrap_or("").parse()?;
-                l.start_wal_file = value
-                    .split("(file ")
-                    .nth(1)
-                    .map(|s| s.trim_end_matches(')').to_owned())
-                    .unwrap_or_default();
+                l.start_wal_file =
+                    value.split("(file ").nth(1).map(|s| s.trim_end_matches(')').to_owned()).unwrap_or_default();
                 have_start = true;
             }
             "CHECKPOINT LOCATION" => l.checkpoint_lsn = value.trim().parse()?,
             "START TIME" => l.start_time = value.trim().to_owned(),
             "LABEL" => l.label = value.to_owned(),
-            "START TIMELINE" => {
-                l.start_timeline = value.trim().parse().map_err(|_| "bad START TIMELINE")?
-            }
+            "START TIMELINE" => l.start_timeline = value.trim().parse().map_err(|_| "bad START TIMELINE")?,
             _ => {}
         }
     }
@@ -169,9 +155,7 @@ pub fn tar_find_file(prefix: &[u8], name: &str) -> Option<Vec<u8>> {
         if h.iter().all(|b| *b == 0) {
             return None;
         }
-        let cstr = |b: &[u8]| {
-            String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or(b)).into_owned()
-        };
+        let cstr = |b: &[u8]| String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or(b)).into_owned();
         let mut entry = cstr(&h[0..100]);
         if &h[257..262] == b"ustar" {
             let pre = cstr(&h[345..500]);
@@ -226,10 +210,7 @@ mod tests {
     fn copy_events() {
         assert_eq!(
             parse_copy_event(b"nbase.tar\0\0").unwrap(),
-            CopyEvent::NewArchive {
-                name: "base.tar".into(),
-                location: "".into()
-            }
+            CopyEvent::NewArchive { name: "base.tar".into(), location: "".into() }
         );
         assert_eq!(parse_copy_event(b"dabc").unwrap(), CopyEvent::Data(b"abc"));
         let mut p = vec![b'p'];
@@ -266,10 +247,7 @@ mod tests {
         add("PG_VERSION", b"17\n");
         add("backup_label", b"START WAL LOCATION: 0/1 (file x)\n");
         let bytes = b.into_inner().unwrap();
-        assert_eq!(
-            tar_find_file(&bytes, "backup_label").unwrap(),
-            b"START WAL LOCATION: 0/1 (file x)\n"
-        );
+        assert_eq!(tar_find_file(&bytes, "backup_label").unwrap(), b"START WAL LOCATION: 0/1 (file x)\n");
         assert!(tar_find_file(&bytes, "nope").is_none());
         assert!(tar_find_file(&bytes[..700], "backup_label").is_none());
     }

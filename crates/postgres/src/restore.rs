@@ -44,11 +44,7 @@ impl RestorePlan {
         match o.kind {
             ObjectKind::Base => Some(self.pgdata.clone()),
             ObjectKind::Tablespace => {
-                let ts = self
-                    .manifest
-                    .tablespaces
-                    .iter()
-                    .find(|t| Some(t.oid) == o.tablespace_oid)?;
+                let ts = self.manifest.tablespaces.iter().find(|t| Some(t.oid) == o.tablespace_oid)?;
                 self.tablespaces.get(&ts.location).cloned()
             }
             ObjectKind::BackupManifest => None,
@@ -69,49 +65,31 @@ pub fn check_empty_target(path: &Path, what: &str) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => Err(Error::Restore(format!(
-            "{what} {} exists and is not a directory",
-            path.display()
-        ))),
-        Err(e) => Err(Error::Restore(format!(
-            "cannot inspect {what} {}: {e}",
-            path.display()
-        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotADirectory => {
+            Err(Error::Restore(format!("{what} {} exists and is not a directory", path.display())))
+        }
+        Err(e) => Err(Error::Restore(format!("cannot inspect {what} {}: {e}", path.display()))),
     }
 }
 
 pub async fn plan_restore(repo: &Repo, req: &RestoreRequest) -> Result<RestorePlan> {
     if !req.pgdata.is_absolute() {
-        return Err(Error::Config(format!(
-            "--pgdata must be an absolute path, not {}",
-            req.pgdata.display()
-        )));
+        return Err(Error::Config(format!("--pgdata must be an absolute path, not {}", req.pgdata.display())));
     }
     let manifest = load_manifest(repo, &req.layout, &req.name).await?;
     check_empty_target(&req.pgdata, "PGDATA")?;
     let mut tablespaces = HashMap::new();
     for (old, new) in &req.tablespace_mapping {
         if !manifest.tablespaces.iter().any(|t| &t.location == old) {
-            let known: Vec<_> = manifest
-                .tablespaces
-                .iter()
-                .map(|t| t.location.as_str())
-                .collect();
+            let known: Vec<_> = manifest.tablespaces.iter().map(|t| t.location.as_str()).collect();
             return Err(Error::Config(format!(
                 "--tablespace-mapping {old}=…: backup {} has no tablespace at {old} (it has: {})",
                 manifest.name,
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                }
+                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
             )));
         }
         if !new.is_absolute() {
-            return Err(Error::Config(format!(
-                "--tablespace-mapping target {} must be absolute",
-                new.display()
-            )));
+            return Err(Error::Config(format!("--tablespace-mapping target {} must be absolute", new.display())));
         }
     }
     for t in &manifest.tablespaces {
@@ -131,21 +109,13 @@ pub async fn plan_restore(repo: &Repo, req: &RestoreRequest) -> Result<RestorePl
         check_empty_target(&target, &format!("tablespace {} directory", t.oid))?;
         tablespaces.insert(t.location.clone(), target);
     }
-    Ok(RestorePlan {
-        dir: req.layout.backup_dir(&manifest.name),
-        manifest,
-        pgdata: req.pgdata.clone(),
-        tablespaces,
-    })
+    Ok(RestorePlan { dir: req.layout.backup_dir(&manifest.name), manifest, pgdata: req.pgdata.clone(), tablespaces })
 }
 
 fn compression_of(m: &BackupManifest) -> Result<Compression> {
     m.compression
         .parse()
-        .map_err(|e: String| Error::BadManifest {
-            key: format!("{}/manifest.json", m.name),
-            reason: e,
-        })
+        .map_err(|e: String| Error::BadManifest { key: format!("{}/manifest.json", m.name), reason: e })
 }
 
 /// Runs the plan. On failure the error says what was left on disk.
@@ -175,8 +145,7 @@ async fn restore_inner(
     let m = &plan.manifest;
     let compression = compression_of(m)?;
     let mk = |p: &Path| -> Result<()> {
-        fs::create_dir_all(p)
-            .map_err(|e| Error::Restore(format!("cannot create {}: {e}", p.display())))?;
+        fs::create_dir_all(p).map_err(|e| Error::Restore(format!("cannot create {}: {e}", p.display())))?;
         fs::set_permissions(p, fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::Restore(format!("cannot set mode 0700 on {}: {e}", p.display())))
     };
@@ -184,12 +153,7 @@ async fn restore_inner(
     for p in plan.tablespaces.values() {
         mk(p)?;
     }
-    let total: u64 = m
-        .objects
-        .iter()
-        .filter(|o| o.kind != ObjectKind::BackupManifest)
-        .map(|o| o.raw_size)
-        .sum();
+    let total: u64 = m.objects.iter().filter(|o| o.kind != ObjectKind::BackupManifest).map(|o| o.raw_size).sum();
     progress.begin("restore", Some(total));
     let parallel = req.parallel.max(1);
     let jobs = m.objects.iter().map(|o| {
@@ -212,22 +176,15 @@ async fn restore_inner(
                 (ObjectKind::BackupManifest, _) => {
                     let mut f = fs::File::create(pgdata.join("backup_manifest"))
                         .map_err(|e| PipelineError::io("backup_manifest", e))?;
-                    std::io::copy(r, &mut f)
-                        .map_err(|e| PipelineError::io("backup_manifest", e))?;
+                    std::io::copy(r, &mut f).map_err(|e| PipelineError::io("backup_manifest", e))?;
                     Ok(Ok(()))
                 }
                 (_, Some(root)) => {
-                    let t = ExtractTarget {
-                        root: &root,
-                        tablespaces: &maps,
-                        archive: &key,
-                        progress: progress.as_ref(),
-                    };
+                    let t =
+                        ExtractTarget { root: &root, tablespaces: &maps, archive: &key, progress: progress.as_ref() };
                     Ok(extract(r, &t).map(|_| ()))
                 }
-                (_, None) => Ok(Err(Error::Restore(format!(
-                    "{key}: no restore location for this tablespace"
-                )))),
+                (_, None) => Ok(Err(Error::Restore(format!("{key}: no restore location for this tablespace")))),
             })
             .await;
             match r {
@@ -236,10 +193,7 @@ async fn restore_inner(
             }
         }
     });
-    let results: Vec<Result<()>> = futures::stream::iter(jobs)
-        .buffer_unordered(parallel)
-        .collect()
-        .await;
+    let results: Vec<Result<()>> = futures::stream::iter(jobs).buffer_unordered(parallel).collect().await;
     for r in results {
         r?;
     }
@@ -281,11 +235,7 @@ fn finish_layout(plan: &RestorePlan) -> Result<()> {
         for line in text.lines() {
             match line.split_once(' ') {
                 Some((oid, loc)) => {
-                    let loc = plan
-                        .tablespaces
-                        .get(loc)
-                        .map(|p| p.display().to_string())
-                        .unwrap_or(loc.to_owned());
+                    let loc = plan.tablespaces.get(loc).map(|p| p.display().to_string()).unwrap_or(loc.to_owned());
                     out.push_str(&format!("{oid} {loc}\n"));
                 }
                 None if !line.is_empty() => out.push_str(&format!("{line}\n")),

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 
 use crate::conninfo::{ConnConfig, SslMode};
 use crate::error::{Error, Result};
@@ -21,15 +19,10 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn roots(cfg: &ConnConfig) -> Result<Option<RootCertStore>> {
-    let tls_err = |reason: String| Error::Tls {
-        target: cfg.target(),
-        reason,
-    };
+    let tls_err = |reason: String| Error::Tls { target: cfg.target(), reason };
     let path = match &cfg.sslrootcert {
         Some(p) => Some(p.clone()),
-        None => std::env::var_os("HOME")
-            .map(|h| Path::new(&h).join(".postgresql/root.crt"))
-            .filter(|p| p.exists()),
+        None => std::env::var_os("HOME").map(|h| Path::new(&h).join(".postgresql/root.crt")).filter(|p| p.exists()),
     };
     let mut store = RootCertStore::empty();
     match path {
@@ -39,21 +32,16 @@ fn roots(cfg: &ConnConfig) -> Result<Option<RootCertStore>> {
             }
         }
         Some(p) => {
-            let pem = std::fs::read(&p)
-                .map_err(|e| tls_err(format!("cannot read sslrootcert {}: {e}", p.display())))?;
+            let pem =
+                std::fs::read(&p).map_err(|e| tls_err(format!("cannot read sslrootcert {}: {e}", p.display())))?;
             let mut n = 0;
             for c in rustls_pemfile::certs(&mut &pem[..]) {
                 let c = c.map_err(|e| tls_err(format!("sslrootcert {}: {e}", p.display())))?;
-                store
-                    .add(c)
-                    .map_err(|e| tls_err(format!("sslrootcert {}: {e}", p.display())))?;
+                store.add(c).map_err(|e| tls_err(format!("sslrootcert {}: {e}", p.display())))?;
                 n += 1;
             }
             if n == 0 {
-                return Err(tls_err(format!(
-                    "sslrootcert {} holds no PEM certificate",
-                    p.display()
-                )));
+                return Err(tls_err(format!("sslrootcert {} holds no PEM certificate", p.display())));
             }
         }
         None => return Ok(None),
@@ -63,10 +51,7 @@ fn roots(cfg: &ConnConfig) -> Result<Option<RootCertStore>> {
 
 /// The rustls configuration for `cfg.sslmode`, or `None` for `disable`.
 pub fn client_config(cfg: &ConnConfig) -> Result<Option<Arc<ClientConfig>>> {
-    let tls_err = |reason: String| Error::Tls {
-        target: cfg.target(),
-        reason,
-    };
+    let tls_err = |reason: String| Error::Tls { target: cfg.target(), reason };
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_err(e.to_string()))?;
@@ -91,12 +76,7 @@ pub fn client_config(cfg: &ConnConfig) -> Result<Option<Arc<ClientConfig>>> {
         )),
         (_, _) => Arc::new(NoVerification(provider())),
     };
-    Ok(Some(Arc::new(
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth(),
-    )))
+    Ok(Some(Arc::new(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())))
 }
 
 /// verify-ca: the chain must lead to a trusted root; the name in it is not checked.
@@ -112,10 +92,7 @@ impl ServerCertVerifier for IgnoreHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),

@@ -33,14 +33,10 @@ impl StorageError {
     pub(crate) fn from_store(key: &str, source: object_store::Error) -> Self {
         match source {
             object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
-            object_store::Error::AlreadyExists { .. }
-            | object_store::Error::Precondition { .. } => {
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
                 StorageError::AlreadyExists { key: key.into() }
             }
-            source => StorageError::Backend {
-                key: key.into(),
-                source,
-            },
+            source => StorageError::Backend { key: key.into(), source },
         }
     }
 

@@ -19,13 +19,8 @@ impl Layout {
         if let Some(c) = &cluster {
             validate_component("cluster name", c)?;
         }
-        let wal_prefix = wal_prefix
-            .map(|p| p.trim_matches('/').to_owned())
-            .filter(|p| !p.is_empty());
-        Ok(Layout {
-            cluster,
-            wal_prefix,
-        })
+        let wal_prefix = wal_prefix.map(|p| p.trim_matches('/').to_owned()).filter(|p| !p.is_empty());
+        Ok(Layout { cluster, wal_prefix })
     }
 
     pub fn cluster(&self) -> Option<&str> {
@@ -67,13 +62,8 @@ pub fn validate_component(what: &str, name: &str) -> Result<(), String> {
     if name == "." || name == ".." || name.starts_with('.') {
         return Err(format!("{what} {name:?} must not start with a dot"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '+')))
-    {
-        return Err(format!(
-            "{what} {name:?} contains {c:?}; use letters, digits and - _ . : + only"
-        ));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '+'))) {
+        return Err(format!("{what} {name:?} contains {c:?}; use letters, digits and - _ . : + only"));
     }
     Ok(())
 }

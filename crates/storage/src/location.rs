@@ -15,16 +15,13 @@ pub enum Location {
 
 impl Location {
     pub fn parse(input: &str) -> Result<Location> {
-        let bad = |reason: &str| StorageError::BadUrl {
-            url: input.into(),
-            reason: reason.into(),
-        };
+        let bad = |reason: &str| StorageError::BadUrl { url: input.into(), reason: reason.into() };
         if input.starts_with('/') {
             return Ok(Location::File { path: input.into() });
         }
-        let (scheme, rest) = input.split_once("://").ok_or_else(|| {
-            bad("expected SCHEME://… (s3, gs, az, file, storj, memory) or an absolute path")
-        })?;
+        let (scheme, rest) = input
+            .split_once("://")
+            .ok_or_else(|| bad("expected SCHEME://… (s3, gs, az, file, storj, memory) or an absolute path"))?;
         let split = |rest: &str| -> (String, String) {
             let rest = rest.trim_end_matches('/');
             match rest.split_once('/') {
@@ -68,12 +65,10 @@ impl Location {
                 }
                 Ok(Location::File { path: path.into() })
             }
-            "memory" | "mem" => Ok(Location::Memory {
-                prefix: normalize_prefix(rest),
-            }),
-            other => Err(bad(&format!(
-                "unknown scheme {other:?}; use s3://, gs://, az://, file://, storj:// or memory://"
-            ))),
+            "memory" | "mem" => Ok(Location::Memory { prefix: normalize_prefix(rest) }),
+            other => {
+                Err(bad(&format!("unknown scheme {other:?}; use s3://, gs://, az://, file://, storj:// or memory://")))
+            }
         }
     }
 }
@@ -96,67 +91,26 @@ mod tests {
     fn parses_every_scheme() {
         assert_eq!(
             Location::parse("s3://bkt/pg/prod").unwrap(),
-            Location::S3 {
-                bucket: "bkt".into(),
-                prefix: "pg/prod/".into()
-            }
+            Location::S3 { bucket: "bkt".into(), prefix: "pg/prod/".into() }
         );
-        assert_eq!(
-            Location::parse("s3://bkt").unwrap(),
-            Location::S3 {
-                bucket: "bkt".into(),
-                prefix: "".into()
-            }
-        );
-        assert_eq!(
-            Location::parse("gs://b/x/").unwrap(),
-            Location::Gcs {
-                bucket: "b".into(),
-                prefix: "x/".into()
-            }
-        );
+        assert_eq!(Location::parse("s3://bkt").unwrap(), Location::S3 { bucket: "bkt".into(), prefix: "".into() });
+        assert_eq!(Location::parse("gs://b/x/").unwrap(), Location::Gcs { bucket: "b".into(), prefix: "x/".into() });
         assert_eq!(
             Location::parse("az://c/p").unwrap(),
-            Location::Azure {
-                container: "c".into(),
-                prefix: "p/".into()
-            }
+            Location::Azure { container: "c".into(), prefix: "p/".into() }
         );
         assert_eq!(
             Location::parse("storj://b/p").unwrap(),
-            Location::Storj {
-                bucket: "b".into(),
-                prefix: "p/".into()
-            }
+            Location::Storj { bucket: "b".into(), prefix: "p/".into() }
         );
-        assert_eq!(
-            Location::parse("file:///var/backups").unwrap(),
-            Location::File {
-                path: "/var/backups".into()
-            }
-        );
-        assert_eq!(
-            Location::parse("/var/backups").unwrap(),
-            Location::File {
-                path: "/var/backups".into()
-            }
-        );
-        assert_eq!(
-            Location::parse("memory://t").unwrap(),
-            Location::Memory {
-                prefix: "t/".into()
-            }
-        );
+        assert_eq!(Location::parse("file:///var/backups").unwrap(), Location::File { path: "/var/backups".into() });
+        assert_eq!(Location::parse("/var/backups").unwrap(), Location::File { path: "/var/backups".into() });
+        assert_eq!(Location::parse("memory://t").unwrap(), Location::Memory { prefix: "t/".into() });
     }
 
     #[test]
     fn rejects_bad_urls_with_a_reason() {
-        for bad in [
-            "ftp://x/y",
-            "s3://",
-            "file://relative/path",
-            "bucket/prefix",
-        ] {
+        for bad in ["ftp://x/y", "s3://", "file://relative/path", "bucket/prefix"] {
             let err = Location::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
         }

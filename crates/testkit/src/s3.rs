@@ -27,12 +27,9 @@ pub struct S3Server {
 impl S3Server {
     /// A server over a fresh temporary directory with the given buckets.
     pub fn start(buckets: &[&str]) -> S3Server {
-        let dir = tempfile::Builder::new()
-            .prefix("cloud-dump-s3-")
-            .tempdir()
-            .expect("temp dir");
-        let mut s = S3Server::serve(dir.path(), "127.0.0.1:0".parse().expect("addr"), buckets)
-            .expect("start S3 server");
+        let dir = tempfile::Builder::new().prefix("cloud-dump-s3-").tempdir().expect("temp dir");
+        let mut s =
+            S3Server::serve(dir.path(), "127.0.0.1:0".parse().expect("addr"), buckets).expect("start S3 server");
         s._dir = Some(dir);
         s
     }
@@ -45,17 +42,13 @@ impl S3Server {
         let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
-        let fs =
-            s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        let fs = s3s_fs::FileSystem::new(root).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
         let (tx, mut rx) = tokio::sync::oneshot::channel::<()>();
         let requests = Arc::new(AtomicU64::new(0));
         let counter = requests.clone();
         let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
+            let rt =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
             rt.block_on(async move {
                 let service = {
                     let mut b = S3ServiceBuilder::new(fs);

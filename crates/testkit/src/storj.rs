@@ -18,13 +18,8 @@ impl FakeStorjAuth {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let exchanges = Arc::new(AtomicU64::new(0));
-        let (grant, ak, sk, ep, count) = (
-            grant.to_owned(),
-            access_key.to_owned(),
-            secret_key.to_owned(),
-            endpoint.to_owned(),
-            exchanges.clone(),
-        );
+        let (grant, ak, sk, ep, count) =
+            (grant.to_owned(), access_key.to_owned(), secret_key.to_owned(), endpoint.to_owned(), exchanges.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let mut reader = BufReader::new(stream.try_clone().expect("clone"));
@@ -43,21 +38,11 @@ impl FakeStorjAuth {
                 let mut body = vec![0u8; len];
                 let _ = reader.read_exact(&mut body);
                 let body: serde_like::Value = serde_like::parse(&body);
-                let (status, reply) = if request_line.starts_with("POST /v1/access")
-                    && body.grant == grant
-                {
+                let (status, reply) = if request_line.starts_with("POST /v1/access") && body.grant == grant {
                     count.fetch_add(1, Ordering::Relaxed);
-                    (
-                        "200 OK",
-                        format!(
-                            r#"{{"access_key_id":"{ak}","secret_key":"{sk}","endpoint":"{ep}"}}"#
-                        ),
-                    )
+                    ("200 OK", format!(r#"{{"access_key_id":"{ak}","secret_key":"{sk}","endpoint":"{ep}"}}"#))
                 } else {
-                    (
-                        "401 Unauthorized",
-                        r#"{"error":"invalid access grant"}"#.to_owned(),
-                    )
+                    ("401 Unauthorized", r#"{"error":"invalid access grant"}"#.to_owned())
                 };
                 let mut s = stream;
                 let _ = write!(
@@ -78,12 +63,8 @@ mod serde_like {
     }
     pub fn parse(body: &[u8]) -> Value {
         let text = String::from_utf8_lossy(body);
-        let grant = text
-            .split("\"access_grant\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').nth(1))
-            .unwrap_or("")
-            .to_owned();
+        let grant =
+            text.split("\"access_grant\"").nth(1).and_then(|rest| rest.split('"').nth(1)).unwrap_or("").to_owned();
         Value { grant }
     }
 }

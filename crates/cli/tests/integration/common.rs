@@ -18,31 +18,19 @@ pub struct Run {
 impl Run {
     #[track_caller]
     pub fn ok(self) -> Run {
-        assert_eq!(
-            self.code, 0,
-            "cloud-dump failed:\nstdout: {}\nstderr: {}",
-            self.stdout, self.stderr
-        );
+        assert_eq!(self.code, 0, "cloud-dump failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
         self
     }
     #[track_caller]
     pub fn fails_with(self, needle: &str) -> Run {
-        assert_ne!(
-            self.code, 0,
-            "cloud-dump should have failed:\nstdout: {}\nstderr: {}",
-            self.stdout, self.stderr
-        );
+        assert_ne!(self.code, 0, "cloud-dump should have failed:\nstdout: {}\nstderr: {}", self.stdout, self.stderr);
         assert!(
             self.stderr.to_lowercase().contains(&needle.to_lowercase()),
             "stderr does not mention {needle:?}:\n{}",
             self.stderr
         );
         let last = self.stderr.lines().last().unwrap_or("");
-        assert!(
-            last.starts_with("cloud-dump: error: "),
-            "error is not one final line: {}",
-            self.stderr
-        );
+        assert!(last.starts_with("cloud-dump: error: "), "error is not one final line: {}", self.stderr);
         self
     }
 }
@@ -52,11 +40,7 @@ pub fn cloud_dump(args: &[&str], env: &[(String, String)]) -> Run {
     let mut c = Command::new(bin());
     c.args(args).arg("--progress").arg("log");
     for (k, _) in std::env::vars() {
-        if k.starts_with("CLOUD_DUMP_")
-            || k.starts_with("PG")
-            || k.starts_with("AWS_")
-            || k.starts_with("STORJ_")
-        {
+        if k.starts_with("CLOUD_DUMP_") || k.starts_with("PG") || k.starts_with("AWS_") || k.starts_with("STORJ_") {
             c.env_remove(&k);
         }
     }
@@ -74,19 +58,14 @@ pub fn cloud_dump(args: &[&str], env: &[(String, String)]) -> Run {
 /// A server of `major`, or a loud failure naming what to install.
 pub fn pg(major: u32) -> PgServer {
     PgServer::start(major).unwrap_or_else(|e| {
-        panic!(
-            "cannot start PostgreSQL {major}: {e}\n(scripts/test installs PostgreSQL 17 from npm)"
-        )
+        panic!("cannot start PostgreSQL {major}: {e}\n(scripts/test installs PostgreSQL 17 from npm)")
     })
 }
 
 /// Databases, roles, a sequence, a function, a trigger, and enough rows to span files.
 pub fn seed(s: &PgServer) {
     s.sql("postgres", "CREATE DATABASE app");
-    s.sql(
-        "postgres",
-        "CREATE ROLE app_owner LOGIN PASSWORD 'x'; CREATE ROLE app_reader NOLOGIN",
-    );
+    s.sql("postgres", "CREATE ROLE app_owner LOGIN PASSWORD 'x'; CREATE ROLE app_reader NOLOGIN");
     s.sql(
         "app",
         "CREATE TABLE accounts(id bigserial PRIMARY KEY, name text NOT NULL, balance numeric, note text);
@@ -100,10 +79,7 @@ pub fn seed(s: &PgServer) {
          GRANT SELECT ON accounts TO app_reader;
          CREATE INDEX accounts_name ON accounts(name);",
     );
-    s.sql(
-        "postgres",
-        "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 200000) g",
-    );
+    s.sql("postgres", "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS h FROM generate_series(1, 200000) g");
 }
 
 pub fn file_url(p: &Path) -> String {
@@ -111,32 +87,19 @@ pub fn file_url(p: &Path) -> String {
 }
 
 /// Restores `name`, hands the files to postgres, starts the copy.
-pub fn restore_and_start(
-    bin_dir: &Path,
-    pgdata: &Path,
-    args: &[&str],
-    env: &[(String, String)],
-) -> PgServer {
+pub fn restore_and_start(bin_dir: &Path, pgdata: &Path, args: &[&str], env: &[(String, String)]) -> PgServer {
     let mut a = vec!["restore", "--pgdata", pgdata.to_str().unwrap()];
     a.extend_from_slice(args);
     cloud_dump(&a, env).ok();
-    assert!(
-        !pgdata.join("recovery.signal").exists(),
-        "a plain restore must not write recovery.signal"
-    );
-    assert!(
-        pgdata.join("backup_label").exists(),
-        "backup_label must be restored"
-    );
+    assert!(!pgdata.join("recovery.signal").exists(), "a plain restore must not write recovery.signal");
+    assert!(pgdata.join("backup_label").exists(), "backup_label must be restored");
     for p in ["PG_VERSION", "global/pg_control", "base", "pg_wal"] {
         assert!(pgdata.join(p).exists(), "{p} missing from the restore");
     }
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pgdata).unwrap().permissions());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(pgdata).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700, "PGDATA must be 0700");
     give_to_postgres(pgdata);
-    PgServer::start_existing(bin_dir, pgdata)
-        .unwrap_or_else(|e| panic!("restored server does not start: {e}"))
+    PgServer::start_existing(bin_dir, pgdata).unwrap_or_else(|e| panic!("restored server does not start: {e}"))
 }
 
 pub fn sha256_file(p: &Path) -> String {

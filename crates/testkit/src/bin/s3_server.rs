@@ -8,12 +8,7 @@ fn main() {
     let mut buckets = Vec::new();
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--port" => {
-                port = args
-                    .next()
-                    .and_then(|p| p.parse().ok())
-                    .unwrap_or_else(|| usage())
-            }
+            "--port" => port = args.next().and_then(|p| p.parse().ok()).unwrap_or_else(|| usage()),
             "--bucket" => buckets.push(args.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             other if root.is_none() && !other.starts_with('-') => root = Some(other.to_owned()),
@@ -23,8 +18,7 @@ fn main() {
     let root = root.unwrap_or_else(|| usage());
     let refs: Vec<&str> = buckets.iter().map(String::as_str).collect();
     let addr = format!("127.0.0.1:{port}").parse().expect("address");
-    let server = match cloud_dump_testkit::S3Server::serve(std::path::Path::new(&root), addr, &refs)
-    {
+    let server = match cloud_dump_testkit::S3Server::serve(std::path::Path::new(&root), addr, &refs) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cloud-dump-s3-server: cannot serve {root} on port {port}: {e}");
