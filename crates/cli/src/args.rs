@@ -31,8 +31,64 @@ pub enum Command {
     List(ListArgs),
     /// Restore a backup into an empty data directory.
     Restore(RestoreArgs),
+    /// Archive one WAL file (PostgreSQL's archive_command: `cloud-dump wal-push %p %f`).
+    WalPush(WalPushArgs),
+    /// Fetch one WAL file (PostgreSQL's restore_command: `cloud-dump wal-fetch %f %p`).
+    WalFetch(WalFetchArgs),
+    /// Download the WAL files after NAME into the prefetch spool (started by wal-fetch).
+    #[command(hide = true)]
+    WalPrefetch(WalFetchArgs),
     /// Create an age X25519 key pair for --recipient-key / --identity-key.
     Keygen(KeygenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WalPushArgs {
+    /// Path of the WAL file (%p).
+    pub path: PathBuf,
+    /// Its name (%f).
+    pub name: String,
+    #[arg(long, env = "CLOUD_DUMP_WAL_COMPRESSION", default_value = "zstd", value_parser = ["zstd", "gzip", "lz4", "none"])]
+    pub compression: String,
+    /// The seed's switch: `--compress false` stores WAL uncompressed.
+    #[arg(long, env = "WAL_COMPRESS", value_name = "BOOL")]
+    pub compress: Option<bool>,
+    /// Encrypt with age (also WAL_ENCRYPT=true).
+    #[arg(long, env = "WAL_ENCRYPT")]
+    pub encrypt: bool,
+    /// Passphrase: WAL is encrypted to the repository key it protects (see README). Prefer
+    /// WAL_PASSPHRASE / CLOUD_DUMP_PASSPHRASE or --passphrase-file.
+    #[arg(long, env = "WAL_PASSPHRASE", hide_env_values = true, conflicts_with = "passphrase_file")]
+    pub passphrase: Option<String>,
+    #[arg(long, env = "CLOUD_DUMP_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// File of age X25519 recipients.
+    #[arg(long, env = "WAL_RECIPIENT_KEY", value_name = "FILE")]
+    pub recipient_key: Option<PathBuf>,
+    /// Identity that can open already-archived key-pair-encrypted WAL (to verify re-pushes).
+    #[arg(long, env = "WAL_IDENTITY_KEY", value_name = "FILE")]
+    pub identity_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct WalFetchArgs {
+    /// Name of the WAL file (%f).
+    pub name: String,
+    /// Where to put it (%p).
+    pub dest: PathBuf,
+    /// KEY=VALUE settings file written by `restore` (flags and environment win).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Segments to download ahead, in parallel, into pg_wal/.cloud-dump/prefetch (0: off).
+    #[arg(long, env = "CLOUD_DUMP_PREFETCH", default_value_t = 8)]
+    pub prefetch: usize,
+    #[arg(long, env = "WAL_PASSPHRASE", hide_env_values = true, conflicts_with = "passphrase_file")]
+    pub passphrase: Option<String>,
+    #[arg(long, env = "CLOUD_DUMP_PASSPHRASE_FILE", value_name = "FILE")]
+    pub passphrase_file: Option<PathBuf>,
+    /// age identity file for key-pair-encrypted WAL.
+    #[arg(long, env = "WAL_IDENTITY_KEY", value_name = "FILE")]
+    pub identity_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -186,11 +242,53 @@ pub struct ListArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TargetKind {
+    /// Stop as soon as the backup is consistent.
+    Immediate,
+    /// Replay all archived WAL.
+    Latest,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TargetAction {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
-    /// Name of the backup to restore.
+    /// Name of the backup to restore; with a recovery target, the default is the newest
+    /// backup that ends before the target.
     #[arg(long, env = "CLOUD_DUMP_BACKUP_NAME")]
-    pub name: String,
+    pub name: Option<String>,
+    /// PITR: replay archived WAL up to this time, e.g. "2026-03-22 14:30:00 UTC".
+    #[arg(long, value_name = "TIME", group = "target")]
+    pub recovery_target_time: Option<String>,
+    /// PITR: replay up to this LSN, e.g. 0/5200000.
+    #[arg(long, value_name = "LSN", group = "target")]
+    pub recovery_target_lsn: Option<String>,
+    /// PITR: replay up to this transaction id.
+    #[arg(long, value_name = "XID", group = "target")]
+    pub recovery_target_xid: Option<String>,
+    /// PITR: replay up to this named restore point (pg_create_restore_point).
+    #[arg(long, value_name = "NAME", group = "target")]
+    pub recovery_target_name: Option<String>,
+    /// `latest` replays all archived WAL; `immediate` stops at consistency.
+    #[arg(long, value_enum, group = "target")]
+    pub recovery_target: Option<TargetKind>,
+    #[arg(long, value_enum, default_value = "promote")]
+    pub recovery_target_action: TargetAction,
+    /// `latest` (follow promotions), `current`, or a timeline id.
+    #[arg(long, value_name = "TLI")]
+    pub recovery_target_timeline: Option<String>,
+    /// Passphrase for encrypted WAL when it differs from the backup's.
+    #[arg(long, env = "WAL_PASSPHRASE", hide_env_values = true)]
+    pub wal_passphrase: Option<String>,
+    /// age identity for key-pair-encrypted WAL when it differs from the backup's.
+    #[arg(long, env = "WAL_IDENTITY_KEY", value_name = "FILE")]
+    pub wal_identity_key: Option<PathBuf>,
     /// Target data directory; must not exist or be empty.
     #[arg(long, env = "CLOUD_DUMP_PGDATA", value_name = "DIR")]
     pub pgdata: PathBuf,

@@ -2,7 +2,9 @@
 
 mod args;
 mod progress;
+mod restore;
 mod setup;
+mod wal;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,18 +12,42 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use cloud_dump_pipeline::{Compression, EncodeSpec};
-use cloud_dump_postgres::{
-    list_backups, plan_restore, run_backup, run_restore, BackupManifest, BackupRequest, ConnConfig, RestoreRequest,
-};
+use cloud_dump_postgres::{list_backups, run_backup, BackupManifest, BackupRequest, ConnConfig};
 
 /// glibc's malloc keeps freed multi-megabyte buffers per thread (our parts and ranges move
 /// between threads), which made peak RSS grow with the database; mimalloc returns them.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogLevel, RestoreArgs};
+use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogLevel};
+
+/// `wal-fetch --config FILE`: KEY=VALUE lines become environment defaults before the flags
+/// are read (a variable already set wins).
+fn load_config_file() -> std::result::Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(pos) = args.iter().position(|a| a == "--config") else { return Ok(()) };
+    let Some(path) = args.get(pos + 1) else { return Ok(()) };
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --config {path}: {e}"))?;
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(format!("--config {path}: bad line (expected KEY=VALUE)"));
+        };
+        if std::env::var_os(k.trim()).is_none() {
+            std::env::set_var(k.trim(), v);
+        }
+    }
+    Ok(())
+}
 
 fn main() -> ExitCode {
+    if let Err(e) = load_config_file() {
+        eprintln!("cloud-dump: error: {e}");
+        return ExitCode::from(wal::FETCH_FATAL);
+    }
     let cli = Cli::parse();
     init_logging(cli.global.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -32,7 +58,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line: the chain of causes, outermost first.
             let msg = format!("{e:#}").replace('\n', "; ");
@@ -59,13 +85,18 @@ fn init_logging(level: LogLevel) {
         .init();
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let g = &cli.global;
     match &cli.command {
-        Command::Backup(a) => backup(&cli.global, a).await,
-        Command::List(a) => list(&cli.global, a).await,
-        Command::Restore(a) => restore(&cli.global, a).await,
-        Command::Keygen(a) => keygen(a),
+        Command::Backup(a) => backup(g, a).await?,
+        Command::List(a) => list(g, a).await?,
+        Command::Restore(a) => restore::run(g, a).await?,
+        Command::WalPush(a) => wal::push(g, a).await?,
+        Command::WalFetch(a) => return Ok(wal::fetch(g, a).await),
+        Command::WalPrefetch(a) => wal::prefetch(g, a).await?,
+        Command::Keygen(a) => keygen(a)?,
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
@@ -116,7 +147,7 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
     Ok(())
 }
 
-fn mb(b: u64) -> String {
+pub(crate) fn mb(b: u64) -> String {
     if b >= 1 << 30 {
         format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
     } else {
@@ -165,83 +196,6 @@ async fn list(g: &GlobalArgs, a: &ListArgs) -> Result<()> {
     if backups.is_empty() {
         eprintln!("no backups in {}", repo.url());
     }
-    Ok(())
-}
-
-async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
-    let mut mapping = Vec::new();
-    for m in &a.tablespace_mapping {
-        let (old, new) = m.split_once('=').with_context(|| format!("--tablespace-mapping {m:?}: expected OLD=NEW"))?;
-        mapping.push((old.to_owned(), std::path::PathBuf::from(new)));
-    }
-    let pgdata = if a.pgdata.is_absolute() { a.pgdata.clone() } else { std::env::current_dir()?.join(&a.pgdata) };
-    let req = RestoreRequest {
-        name: a.name.clone(),
-        layout: setup::layout(g)?,
-        pgdata,
-        tablespace_mapping: mapping,
-        decryption: setup::decryption(&a.decrypt)?,
-        parallel: g.parallel as usize,
-    };
-    let repo = setup::open_repo(g).await?;
-    let plan = plan_restore(&repo, &req).await?;
-    let m = &plan.manifest;
-    if a.dry_run {
-        println!(
-            "restore plan for backup {} (PostgreSQL {}, LSN {} to {}):",
-            m.name,
-            m.short_version(),
-            m.start_lsn,
-            m.end_lsn
-        );
-        for o in &m.objects {
-            let target = match o.kind {
-                cloud_dump_postgres::ObjectKind::Base => plan.pgdata.display().to_string(),
-                cloud_dump_postgres::ObjectKind::BackupManifest => {
-                    plan.pgdata.join("backup_manifest").display().to_string()
-                }
-                cloud_dump_postgres::ObjectKind::Tablespace => m
-                    .tablespaces
-                    .iter()
-                    .find(|t| Some(t.oid) == o.tablespace_oid)
-                    .and_then(|t| plan.tablespaces.get(&t.location))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            };
-            println!("  {}{}  {} stored, {} unpacked  ->  {}", plan.dir, o.key, mb(o.size), mb(o.raw_size), target);
-        }
-        println!(
-            "total: {} to download, {} to write; nothing was written (dry run)",
-            mb(m.stored_size()),
-            mb(m.raw_size())
-        );
-        return Ok(());
-    }
-    if m.encrypted && matches!(req.decryption, cloud_dump_pipeline::Decryption::None) {
-        bail!(
-            "backup {} is encrypted ({}): give {}",
-            m.name,
-            m.encryption,
-            if m.encryption == "x25519" {
-                "--identity-key FILE"
-            } else {
-                "--passphrase-file FILE or CLOUD_DUMP_PASSPHRASE"
-            }
-        );
-    }
-    let progress: Arc<dyn cloud_dump_postgres::Progress> = progress::make(g.progress).into();
-    let started = std::time::Instant::now();
-    run_restore(&repo, &plan, &req, progress).await?;
-    let secs = started.elapsed().as_secs_f64();
-    println!(
-        "restored backup {} into {} ({} in {:.1} s, {:.0} MB/s); start it with: pg_ctl start -D {}",
-        m.name,
-        plan.pgdata.display(),
-        mb(m.raw_size()),
-        secs,
-        m.raw_size() as f64 / 1e6 / secs.max(0.001),
-        plan.pgdata.display()
-    );
     Ok(())
 }
 

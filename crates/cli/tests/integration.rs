@@ -6,4 +6,6 @@ mod integration {
     mod bad_input;
     pub mod common;
     mod connect;
+    mod pitr;
+    mod wal;
 }

@@ -11,6 +11,7 @@ pub mod lsn;
 pub mod manifest;
 pub mod progress;
 pub mod protocol;
+pub mod recovery;
 mod restore;
 mod tls;
 pub mod wal;

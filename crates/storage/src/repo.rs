@@ -310,14 +310,10 @@ impl Repo {
 
 fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    let mut allow_http = opts.s3_allow_http;
     if let Some(ep) = &opts.s3_endpoint {
         b = b.with_endpoint(ep.clone());
-        if ep.starts_with("http://") {
-            b = b.with_allow_http(true);
-        }
-    }
-    if opts.s3_allow_http {
-        b = b.with_allow_http(true);
+        allow_http |= ep.starts_with("http://");
     }
     match &opts.s3_region {
         Some(r) => b = b.with_region(r.clone()),
@@ -333,9 +329,19 @@ fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
         b = b.with_secret_access_key(s.clone());
     }
     b = b.with_virtual_hosted_style_request(opts.s3_virtual_hosted_style);
+    // Fail within about a minute when the store is down (wal-fetch must not stall recovery
+    // for long before it reports the failure), retrying transient errors meanwhile.
+    b = b.with_retry(object_store::RetryConfig {
+        max_retries: 4,
+        retry_timeout: std::time::Duration::from_secs(60),
+        ..Default::default()
+    });
+    let mut client =
+        ClientOptions::new().with_connect_timeout(std::time::Duration::from_secs(10)).with_allow_http(allow_http);
     if opts.s3_skip_verify {
-        b = b.with_client_options(ClientOptions::new().with_allow_invalid_certificates(true));
+        client = client.with_allow_invalid_certificates(true);
     }
+    b = b.with_client_options(client);
     Ok(b)
 }
 

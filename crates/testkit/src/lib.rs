@@ -14,3 +14,20 @@ pub use storj::FakeStorjAuth;
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("addr").port()
 }
+
+/// A copy of `bin` that the `postgres` user can execute (archive_command and
+/// restore_command run as postgres, which cannot reach a build tree under /root).
+pub fn public_copy(bin: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::path::PathBuf::from(format!("/tmp/cloud-dump-bin-{}", std::process::id()));
+    let dest = dir.join("cloud-dump");
+    if !dest.exists() {
+        std::fs::create_dir_all(&dir).expect("bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let tmp = dir.join(format!("cloud-dump.{:?}", std::thread::current().id()));
+        std::fs::copy(bin, &tmp).expect("copy binary");
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&tmp, &dest).expect("rename binary");
+    }
+    dest
+}

@@ -112,10 +112,15 @@ impl PgServer {
 
     /// Starts a server on an existing data directory (a restore), on a free port.
     pub fn start_existing(bin: &Path, data: &Path) -> Result<PgServer, String> {
+        PgServer::start_existing_with(bin, data, "")
+    }
+
+    /// Like [`PgServer::start_existing`], with extra settings appended first.
+    pub fn start_existing_with(bin: &Path, data: &Path, extra_conf: &str) -> Result<PgServer, String> {
         let port = crate::free_port();
         append(
             &data.join("postgresql.auto.conf"),
-            &format!("port = {port}\nunix_socket_directories = '{}'\n", data.display()),
+            &format!("port = {port}\nunix_socket_directories = '{}'\n{extra_conf}\n", data.display()),
         );
         give_to_postgres(data);
         let log = data.with_extension("log");
@@ -214,6 +219,42 @@ impl PgServer {
             }
         }
         out
+    }
+
+    /// Appends settings to postgresql.conf and restarts.
+    pub fn reconfigure(&mut self, conf: &str) -> Result<(), String> {
+        append(&self.data.join("postgresql.conf"), &format!("\n{conf}\n"));
+        self.stop();
+        self.pg_ctl_start()
+    }
+
+    /// Waits until recovery has ended (the server was promoted).
+    pub fn wait_promoted(&self, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.try_sql("postgres", "SELECT pg_is_in_recovery()").as_deref() == Ok("f") {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(format!("server on port {} still in recovery:\n{}", self.port, self.log_text()))
+    }
+
+    /// Switches to a new WAL file and waits until the archiver has archived the old one.
+    pub fn switch_and_wait_archived(&self, timeout: Duration) -> Result<String, String> {
+        let seg = self.sql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+        self.sql("postgres", "SELECT pg_switch_wal()");
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let row = self
+                .sql("postgres", "SELECT coalesce(last_archived_wal, '') || ' ' || failed_count FROM pg_stat_archiver");
+            let last = row.split(' ').next().unwrap_or("");
+            if last.len() >= 24 && last[..24] >= *seg.as_str() {
+                return Ok(seg);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!("{seg} was not archived in time:\n{}", self.log_text()))
     }
 
     /// Turns TLS on with a test CA (made with openssl) and returns the CA certificate's

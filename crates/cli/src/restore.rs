@@ -1,0 +1,286 @@
+//! `restore`: plain, or point-in-time with archived WAL. Plan first (which backup, which
+//! WAL, what is refused), then do it; `--dry-run` prints the plan.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use cloud_dump_pipeline::{parse_identities, repokey, Decryption, ExposeSecret, SecretString};
+use cloud_dump_postgres::recovery::{
+    check_target, choose_backup, parse_time, restore_command, write_recovery, RecoverySettings, RecoveryTarget,
+};
+use cloud_dump_postgres::{list_backups, plan_restore, run_restore, Lsn, ObjectKind, RestoreRequest, WalArchive};
+
+use crate::args::{GlobalArgs, RestoreArgs, TargetAction, TargetKind};
+use crate::{mb, setup, wal};
+
+fn target(a: &RestoreArgs) -> Result<Option<RecoveryTarget>> {
+    Ok(if let Some(t) = &a.recovery_target_time {
+        Some(RecoveryTarget::Time(t.clone(), parse_time(t)?))
+    } else if let Some(l) = &a.recovery_target_lsn {
+        let lsn: Lsn = l.parse().map_err(|e| anyhow::anyhow!("--recovery-target-lsn: {e}"))?;
+        Some(RecoveryTarget::Lsn(lsn))
+    } else if let Some(x) = &a.recovery_target_xid {
+        if x.is_empty() || !x.bytes().all(|b| b.is_ascii_digit()) {
+            bail!("--recovery-target-xid {x:?}: expected a transaction id (digits)");
+        }
+        Some(RecoveryTarget::Xid(x.clone()))
+    } else if let Some(n) = &a.recovery_target_name {
+        Some(RecoveryTarget::Name(n.clone()))
+    } else {
+        a.recovery_target.map(|k| match k {
+            TargetKind::Immediate => RecoveryTarget::Immediate,
+            TargetKind::Latest => RecoveryTarget::Latest,
+        })
+    })
+}
+
+pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
+    let target = target(a)?;
+    if target.is_none() && (a.recovery_target_timeline.is_some()) {
+        bail!("--recovery-target-timeline needs a recovery target (e.g. --recovery-target latest)");
+    }
+    let mut mapping = Vec::new();
+    for m in &a.tablespace_mapping {
+        let (old, new) = m.split_once('=').with_context(|| format!("--tablespace-mapping {m:?}: expected OLD=NEW"))?;
+        mapping.push((old.to_owned(), PathBuf::from(new)));
+    }
+    let pgdata = if a.pgdata.is_absolute() { a.pgdata.clone() } else { std::env::current_dir()?.join(&a.pgdata) };
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let name = match (&a.name, &target) {
+        (Some(n), _) => n.clone(),
+        (None, Some(t)) => {
+            let backups = list_backups(&repo, &layout).await?;
+            match choose_backup(&backups, t) {
+                Some(m) => {
+                    tracing::info!("using backup {} (the newest that ends before {})", m.name, t.describe());
+                    m.name.clone()
+                }
+                None => bail!("no backup in {} ends before {}", repo.url(), t.describe()),
+            }
+        }
+        (None, None) => bail!("--name is required (or give a --recovery-target-… to use the newest backup before it)"),
+    };
+    let req = RestoreRequest {
+        name,
+        layout: layout.clone(),
+        pgdata,
+        tablespace_mapping: mapping,
+        decryption: setup::decryption(&a.decrypt)?,
+        parallel: g.parallel as usize,
+    };
+    let plan = plan_restore(&repo, &req).await?;
+    let m = &plan.manifest;
+
+    // WAL the target needs, and whether the archive can reach it.
+    let wal = WalArchive::new(&repo, &layout);
+    let mut wal_plan = None;
+    if let Some(t) = &target {
+        check_target(m, t)?;
+        let names = wal.list_names().await?;
+        let first = m.end_lsn.segment_name(m.timeline, 16 << 20);
+        let segments: Vec<_> = names.iter().filter(|(n, _)| n.len() == 24 && n[8..] >= first[8..]).collect();
+        let newest = segments.iter().map(|(n, _)| n[8..].to_owned()).max();
+        let newest_time = names.iter().map(|(_, t)| *t).max();
+        match t {
+            RecoveryTarget::Lsn(l) => {
+                let need = l.segment_name(m.timeline, 16 << 20);
+                if newest.as_deref().is_none_or(|n| n < &need[8..]) {
+                    bail!(
+                        "recovery target LSN {l} is after the newest archived WAL in {} ({}); nothing can replay to it",
+                        wal.dir(),
+                        newest.map(|n| format!("…{n}")).unwrap_or_else(|| "the archive is empty".into())
+                    );
+                }
+            }
+            RecoveryTarget::Time(text, when) => {
+                let newest_at = newest_time.map(time::OffsetDateTime::from);
+                if newest_at.is_none_or(|n| n < *when) {
+                    bail!(
+                        "recovery target time {text} is after the newest archived WAL in {} ({}); nothing can replay to it",
+                        wal.dir(),
+                        newest_at.map(|n| n.to_string()).unwrap_or_else(|| "the archive is empty".into())
+                    );
+                }
+            }
+            _ => {}
+        }
+        wal_plan = Some((first, segments.len()));
+    }
+
+    if a.dry_run {
+        println!(
+            "restore plan for backup {} (PostgreSQL {}, LSN {} to {}):",
+            m.name,
+            m.short_version(),
+            m.start_lsn,
+            m.end_lsn
+        );
+        for o in &m.objects {
+            let to = match o.kind {
+                ObjectKind::Base => plan.pgdata.display().to_string(),
+                ObjectKind::BackupManifest => plan.pgdata.join("backup_manifest").display().to_string(),
+                ObjectKind::Tablespace => m
+                    .tablespaces
+                    .iter()
+                    .find(|t| Some(t.oid) == o.tablespace_oid)
+                    .and_then(|t| plan.tablespaces.get(&t.location))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            };
+            println!("  {}{}  {} stored, {} unpacked  ->  {to}", plan.dir, o.key, mb(o.size), mb(o.raw_size));
+        }
+        if let (Some(t), Some((first, n))) = (&target, &wal_plan) {
+            println!(
+                "  then replay WAL from {first} ({n} archived segments from there) in {} up to {}",
+                wal.dir(),
+                t.describe()
+            );
+        }
+        println!(
+            "total: {} to download, {} to write; nothing was written (dry run)",
+            mb(m.stored_size()),
+            mb(m.raw_size())
+        );
+        return Ok(());
+    }
+    if m.encrypted && matches!(req.decryption, Decryption::None) {
+        bail!(
+            "backup {} is encrypted ({}): give {}",
+            m.name,
+            m.encryption,
+            if m.encryption == "x25519" {
+                "--identity-key FILE"
+            } else {
+                "--passphrase-file FILE or CLOUD_DUMP_PASSPHRASE"
+            }
+        );
+    }
+    // Open the WAL keys before writing anything: a wrong passphrase should stop us here.
+    let wal_config = match &target {
+        Some(_) => Some(wal_settings(g, a, &req, &repo, wal.dir()).await?),
+        None => None,
+    };
+
+    let progress: Arc<dyn cloud_dump_postgres::Progress> = crate::progress::make(g.progress).into();
+    let started = std::time::Instant::now();
+    run_restore(&repo, &plan, &req, progress).await?;
+    let secs = started.elapsed().as_secs_f64();
+
+    if let (Some(t), Some(config)) = (target, wal_config) {
+        let dir = plan.pgdata.join("pg_wal/.cloud-dump");
+        std::fs::create_dir_all(&dir)?;
+        let conf = dir.join("restore.conf");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&conf)
+            .with_context(|| format!("cannot create {}", conf.display()))?;
+        f.write_all(config.as_bytes())?;
+        let exe = std::env::current_exe().context("cannot find the cloud-dump binary for restore_command")?;
+        let settings = RecoverySettings {
+            target: t.clone(),
+            action: match a.recovery_target_action {
+                TargetAction::Promote => "promote",
+                TargetAction::Pause => "pause",
+                TargetAction::Shutdown => "shutdown",
+            }
+            .into(),
+            timeline: a.recovery_target_timeline.clone(),
+            restore_command: restore_command(&exe, &conf),
+        };
+        write_recovery(&plan.pgdata, m.pg_version_num, &settings)?;
+        println!(
+            "restored backup {} into {} ({} in {:.1} s); PostgreSQL will replay archived WAL from {} up to {}: pg_ctl start -D {}",
+            m.name,
+            plan.pgdata.display(),
+            mb(m.raw_size()),
+            secs,
+            wal.dir(),
+            t.describe(),
+            plan.pgdata.display()
+        );
+    } else {
+        println!(
+            "restored backup {} into {} ({} in {:.1} s, {:.0} MB/s); start it with: pg_ctl start -D {}",
+            m.name,
+            plan.pgdata.display(),
+            mb(m.raw_size()),
+            secs,
+            m.raw_size() as f64 / 1e6 / secs.max(0.001),
+            plan.pgdata.display()
+        );
+    }
+    Ok(())
+}
+
+/// The KEY=VALUE settings wal-fetch needs during recovery, written 0600 into
+/// pg_wal/.cloud-dump/ (pg_wal's contents are never part of a base backup).
+async fn wal_settings(
+    g: &GlobalArgs,
+    a: &RestoreArgs,
+    req: &RestoreRequest,
+    repo: &cloud_dump_storage::Repo,
+    wal_dir: &str,
+) -> Result<String> {
+    let mut out = String::from("# cloud-dump settings for restore_command (wal-fetch); secrets: keep 0600\n");
+    let mut put = |k: &str, v: &str| out.push_str(&format!("{k}={v}\n"));
+    put("CLOUD_DUMP_REPO", &setup::repo_url(g)?);
+    if let Some(c) = &g.cluster {
+        put("CLOUD_DUMP_CLUSTER", c);
+    }
+    put("CLOUD_DUMP_WAL_PREFIX", &g.wal_prefix);
+    put("CLOUD_DUMP_LOG_LEVEL", "warn");
+    for (k, v) in [
+        ("CLOUD_DUMP_S3_ENDPOINT", g.s3_endpoint.clone()),
+        ("CLOUD_DUMP_S3_REGION", g.s3_region.clone()),
+        ("STORJ_ACCESS", g.storj_access.clone()),
+        ("STORJ_AUTH_SERVICE", g.storj_auth_service.clone()),
+        ("STORJ_GATEWAY", g.storj_gateway.clone()),
+    ] {
+        if let Some(v) = v {
+            put(k, &v);
+        }
+    }
+    for (flag, k) in [
+        (g.s3_virtual_hosted_style, "CLOUD_DUMP_S3_VIRTUAL_HOSTED_STYLE"),
+        (g.s3_allow_http, "CLOUD_DUMP_S3_ALLOW_HTTP"),
+        (g.s3_skip_verify, "CLOUD_DUMP_S3_SKIP_VERIFY"),
+    ] {
+        if flag {
+            put(k, "true");
+        }
+    }
+    for (k, v) in std::env::vars() {
+        if k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_") {
+            put(&k, &v);
+        }
+    }
+    // WAL keys: the WAL passphrase (or the backup's) opens the repository key once, here.
+    let pass: Option<SecretString> = a.wal_passphrase.clone().map(Into::into).or(match &req.decryption {
+        Decryption::Passphrase(p) => Some(p.clone()),
+        _ => None,
+    });
+    let mut identities = Vec::new();
+    if let Some(p) = &pass {
+        if let Some(id) = repokey::identity(repo, wal_dir, p).await? {
+            identities.push(id.to_string().expose_secret().to_owned());
+        }
+        put("WAL_PASSPHRASE", p.expose_secret());
+    }
+    let id_file = a.wal_identity_key.clone().or_else(|| a.decrypt.identity_key.clone());
+    if let Some(f) = id_file {
+        let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read identity file {}", f.display()))?;
+        for id in parse_identities(&text, &f.display().to_string())? {
+            identities.push(id.to_string().expose_secret().to_owned());
+        }
+    }
+    if !identities.is_empty() {
+        put(wal::IDENTITY_ENV, &identities.join(","));
+    }
+    Ok(out)
+}

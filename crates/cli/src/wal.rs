@@ -1,0 +1,213 @@
+//! `wal-push`, `wal-fetch` and the background `wal-prefetch`: the archive_command and
+//! restore_command contracts, exit codes included.
+//!
+//! wal-push:  0 archived (or the identical file already was); 1 anything else.
+//! wal-fetch: 0 fetched and verified; 1 not in the archive; 126 any other failure (after
+//!            retries), which makes PostgreSQL abort recovery instead of promoting early.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use cloud_dump_pipeline::{parse_identities, parse_recipients, repokey, Compression, EncodeSpec, Encryption};
+use cloud_dump_postgres::wal::{next_segments, DEFAULT_SEGMENT_SIZE};
+use cloud_dump_postgres::{is_segment, write_atomically, PushOutcome, WalArchive, WalKeys};
+use futures::StreamExt;
+
+use crate::args::{GlobalArgs, WalFetchArgs, WalPushArgs};
+use crate::setup;
+
+/// Exit code that makes PostgreSQL treat a restore_command failure as fatal.
+pub const FETCH_FATAL: u8 = 126;
+/// Identities (AGE-SECRET-KEY-…, comma-separated) handed to wal-fetch by `restore`.
+pub const IDENTITY_ENV: &str = "CLOUD_DUMP_WAL_IDENTITY";
+
+fn passphrase(flag: &Option<String>, file: &Option<PathBuf>) -> Result<Option<cloud_dump_pipeline::SecretString>> {
+    if let Some(p) = flag.clone().or_else(|| std::env::var("CLOUD_DUMP_PASSPHRASE").ok()).filter(|p| !p.is_empty()) {
+        return Ok(Some(p.into()));
+    }
+    match file {
+        Some(f) => {
+            let text =
+                std::fs::read_to_string(f).with_context(|| format!("cannot read passphrase file {}", f.display()))?;
+            Ok(Some(text.lines().next().unwrap_or("").to_owned().into()))
+        }
+        None => Ok(None),
+    }
+}
+
+fn keys(pass: Option<cloud_dump_pipeline::SecretString>, identity_file: &Option<PathBuf>) -> Result<WalKeys> {
+    let mut identities = Vec::new();
+    if let Some(f) = identity_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read identity file {}", f.display()))?;
+        identities.extend(parse_identities(&text, &f.display().to_string())?);
+    }
+    if let Ok(list) = std::env::var(IDENTITY_ENV) {
+        for k in list.split(',').filter(|k| !k.trim().is_empty()) {
+            identities.push(
+                age::x25519::Identity::from_str(k.trim())
+                    .map_err(|_| anyhow::anyhow!("{IDENTITY_ENV} holds a damaged identity"))?,
+            );
+        }
+    }
+    Ok(WalKeys { passphrase: pass, identities })
+}
+
+pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
+    let compression = if a.compress == Some(false) {
+        Compression::None
+    } else {
+        Compression::from_str(&a.compression).map_err(anyhow::Error::msg)?
+    };
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let wal = WalArchive::new(&repo, &layout);
+    let pass = passphrase(&a.passphrase, &a.passphrase_file)?;
+    let encryption = match (a.encrypt, &pass, &a.recipient_key) {
+        (false, _, None) => Encryption::None,
+        (false, _, Some(_)) => bail!("--recipient-key given without --encrypt (or WAL_ENCRYPT=true)"),
+        (true, _, Some(f)) => {
+            let text = std::fs::read_to_string(f)
+                .with_context(|| format!("cannot read recipient key file {}", f.display()))?;
+            Encryption::Recipients(parse_recipients(&text, &f.display().to_string())?)
+        }
+        (true, Some(p), None) => Encryption::Recipients(vec![repokey::recipient(&repo, wal.dir(), p).await?]),
+        (true, None, None) => {
+            bail!("--encrypt needs --passphrase (WAL_PASSPHRASE), --passphrase-file or --recipient-key")
+        }
+    };
+    let spec = EncodeSpec { compression, level: compression.default_level(), threads: 0, encryption };
+    let keys = keys(pass, &a.identity_key)?;
+    match wal.push(&a.path, &a.name, &spec, &keys).await.with_context(|| format!("wal-push {} failed", a.name))? {
+        PushOutcome::Stored { key, size } => tracing::info!("archived {} as {key} ({size} bytes)", a.name),
+        PushOutcome::AlreadyArchived { key } => {
+            tracing::info!("{} is already archived as {key} with identical content; nothing to do", a.name)
+        }
+    }
+    Ok(())
+}
+
+fn spool_dir(dest: &Path) -> PathBuf {
+    let parent = dest.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    parent.join(".cloud-dump").join("prefetch")
+}
+
+pub async fn fetch(g: &GlobalArgs, a: &WalFetchArgs) -> ExitCode {
+    match fetch_inner(g, a).await {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            tracing::info!("{} is not in the archive", a.name);
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("cloud-dump: error: wal-fetch {}: {}", a.name, format!("{e:#}").replace('\n', "; "));
+            ExitCode::from(FETCH_FATAL)
+        }
+    }
+}
+
+async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
+    cloud_dump_postgres::wal::classify(&a.name).map_err(anyhow::Error::msg)?;
+    let spool = spool_dir(&a.dest);
+    let spooled = spool.join(&a.name);
+    if spooled.exists() {
+        std::fs::rename(&spooled, &a.dest)
+            .with_context(|| format!("cannot move {} to {}", spooled.display(), a.dest.display()))?;
+        tracing::debug!("{} served from the prefetch spool", a.name);
+        start_prefetch(a, &spool);
+        return Ok(true);
+    }
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let wal = WalArchive::new(&repo, &layout);
+    let keys = keys(passphrase(&a.passphrase, &a.passphrase_file)?, &a.identity_key)?;
+    match wal.fetch(&a.name, &keys).await? {
+        Some(data) => {
+            write_atomically(&a.dest, &data).with_context(|| format!("cannot write {}", a.dest.display()))?;
+            start_prefetch(a, &spool);
+            Ok(true)
+        }
+        None => {
+            // A missing segment with a later one archived is a hole, not the end of the archive.
+            if is_segment(&a.name) {
+                if let Some(next) = next_segments(&a.name, 1, DEFAULT_SEGMENT_SIZE).first() {
+                    if wal.find(next).await?.is_some() {
+                        bail!(
+                            "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
+                            a.name,
+                            wal.dir()
+                        );
+                    }
+                }
+            }
+            Ok(false)
+        }
+    }
+}
+
+fn start_prefetch(a: &WalFetchArgs, spool: &Path) {
+    if a.prefetch == 0 || !is_segment(&a.name) {
+        return;
+    }
+    let lock = spool.join(".lock");
+    if let Ok(pid) = std::fs::read_to_string(&lock) {
+        if Path::new(&format!("/proc/{}", pid.trim())).exists() {
+            return;
+        }
+    }
+    let Ok(exe) = std::env::current_exe() else { return };
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let Some(pos) = args.iter().position(|x| x == "wal-fetch") {
+        args[pos] = "wal-prefetch".into();
+    } else {
+        return;
+    }
+    let _ = std::process::Command::new(exe)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+}
+
+/// Downloads the `--prefetch` segments after NAME into the spool, in parallel.
+pub async fn prefetch(g: &GlobalArgs, a: &WalFetchArgs) -> Result<()> {
+    let spool = spool_dir(&a.dest);
+    std::fs::create_dir_all(&spool)?;
+    let lock = spool.join(".lock");
+    std::fs::write(&lock, std::process::id().to_string())?;
+    let result = async {
+        // Whatever is older than the file just requested will not be asked for again.
+        for e in std::fs::read_dir(&spool)?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') && n.as_str() <= a.name.as_str() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let layout = setup::layout(g)?;
+        let repo = setup::open_repo(g).await?;
+        let wal = WalArchive::new(&repo, &layout);
+        let keys = keys(passphrase(&a.passphrase, &a.passphrase_file)?, &a.identity_key)?;
+        let wanted: Vec<String> = next_segments(&a.name, a.prefetch, DEFAULT_SEGMENT_SIZE)
+            .into_iter()
+            .filter(|n| !spool.join(n).exists())
+            .collect();
+        let wal = &wal;
+        let keys = &keys;
+        let spool = &spool;
+        futures::stream::iter(wanted)
+            .map(|n| async move {
+                if let Ok(Some(data)) = wal.fetch(&n, keys).await {
+                    let _ = write_atomically(&spool.join(&n), &data);
+                }
+            })
+            .buffer_unordered(a.prefetch.max(1))
+            .collect::<Vec<_>>()
+            .await;
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_file(&lock);
+    result
+}

@@ -1,0 +1,186 @@
+//! The seed's point-in-time-recovery scenario end to end, with archive_command calling the
+//! built binary: 10 rows, a noted time, 5 more rows; restore to the time, to the LSN, to
+//! latest; then a promotion and a restore that follows the new timeline.
+
+use std::time::Duration;
+
+use super::common::*;
+
+const NO_ARCHIVE: &str = "archive_mode = off";
+
+fn count(s: &PgServer) -> String {
+    s.sql("postgres", "SELECT count(*) FROM pitr")
+}
+
+struct Archive {
+    url: String,
+    env: Vec<(String, String)>,
+    /// The archive_command's prefix: environment for the store.
+    cmd_env: String,
+    _dir: Option<tempfile::TempDir>,
+    _s3: Option<S3Server>,
+}
+
+fn file_archive() -> Archive {
+    let dir = scratch_dir("pitr-repo");
+    std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
+    give_to_postgres(dir.path());
+    Archive { url: file_url(dir.path()), env: vec![], cmd_env: String::new(), _dir: Some(dir), _s3: None }
+}
+
+fn s3_archive() -> Archive {
+    let s3 = S3Server::start(&["pitr"]);
+    let env = s3.env();
+    let cmd_env = env.iter().map(|(k, v)| format!("{k}={v} ")).collect();
+    Archive { url: "s3://pitr/pg".into(), env, cmd_env, _dir: None, _s3: Some(s3) }
+}
+
+fn restore(a: &Archive, src: &PgServer, pgdata: &std::path::Path, target: &[&str], conf: &str) -> PgServer {
+    let bin = cloud_dump_testkit::public_copy(&bin());
+    let mut args = vec!["restore", "--repo", &a.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()];
+    args.extend_from_slice(target);
+    let mut c = std::process::Command::new(&bin);
+    c.args(&args).env("CLOUD_DUMP_PROGRESS", "none");
+    for (k, v) in &a.env {
+        c.env(k, v);
+    }
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "restore {target:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(pgdata.join("recovery.signal").exists(), "PITR restore must write recovery.signal");
+    let conf_file = pgdata.join("pg_wal/.cloud-dump/restore.conf");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&conf_file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let auto = std::fs::read_to_string(pgdata.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("restore_command = '") && auto.contains("wal-fetch %f %p --config"), "{auto}");
+    for secret in ["repl-secret", "cloud-dump-test-secret"] {
+        assert!(!auto.contains(secret), "secret in postgresql.auto.conf");
+    }
+    give_to_postgres(pgdata);
+    let s = PgServer::start_existing_with(&src.bin, pgdata, conf).unwrap_or_else(|e| panic!("restored server: {e}"));
+    s.wait_promoted(Duration::from_secs(120)).unwrap();
+    s
+}
+
+fn scenario(major: u32, archive: Archive, timelines: bool) {
+    let mut src = pg(major);
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    src.reconfigure(&format!(
+        "archive_mode = on\narchive_command = '{}{} wal-push %p %f --repo {} --cluster c --log-level warn'",
+        archive.cmd_env,
+        exe.display(),
+        archive.url
+    ))
+    .unwrap();
+    let mut env = archive.env.clone();
+    env.push(("CLOUD_DUMP_DB_URL".into(), src.repl_url()));
+    cloud_dump(&["backup", "--repo", &archive.url, "--cluster", "c", "--name", "base1"], &env).ok();
+
+    src.sql("postgres", "CREATE TABLE pitr(id int PRIMARY KEY, phase text)");
+    src.sql("postgres", "INSERT INTO pitr SELECT g, 'before' FROM generate_series(1, 10) g");
+    src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    let noted = src.sql("postgres", "SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || ' UTC'");
+    std::thread::sleep(Duration::from_millis(1200));
+    src.sql("postgres", "INSERT INTO pitr SELECT g, 'after' FROM generate_series(11, 15) g");
+    let lsn = src.sql("postgres", "SELECT pg_current_wal_insert_lsn()");
+    src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+
+    let work = scratch_dir("pitr-restores");
+    let mut at_time =
+        restore(&archive, &src, &work.path().join("time"), &["--recovery-target-time", &noted], NO_ARCHIVE);
+    assert_eq!(count(&at_time), "10", "restore to {noted}");
+    at_time.stop();
+    let mut at_lsn = restore(&archive, &src, &work.path().join("lsn"), &["--recovery-target-lsn", &lsn], NO_ARCHIVE);
+    assert_eq!(count(&at_lsn), "15", "restore to {lsn}");
+    at_lsn.stop();
+    let mut latest = restore(&archive, &src, &work.path().join("latest"), &["--recovery-target", "latest"], NO_ARCHIVE);
+    assert_eq!(count(&latest), "15");
+    latest.stop();
+
+    if timelines {
+        // Promote a copy at the noted time (timeline 2), keep archiving from it, write more.
+        let mut fork = restore(&archive, &src, &work.path().join("fork"), &["--recovery-target-time", &noted], "");
+        assert_eq!(fork.sql("postgres", "SELECT timeline_id FROM pg_control_checkpoint()"), "2");
+        fork.sql("postgres", "INSERT INTO pitr SELECT g, 'timeline 2' FROM generate_series(100, 106) g");
+        fork.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+        fork.stop();
+        let mut follow = restore(
+            &archive,
+            &src,
+            &work.path().join("follow"),
+            &["--recovery-target", "latest", "--recovery-target-timeline", "latest"],
+            NO_ARCHIVE,
+        );
+        assert_eq!(count(&follow), "17", "timeline 2 not followed");
+        assert_eq!(follow.sql("postgres", "SELECT count(*) FROM pitr WHERE phase = 'after'"), "0");
+        follow.stop();
+    }
+}
+
+#[test]
+fn pitr_pg15_file_with_timelines() {
+    scenario(15, file_archive(), true);
+}
+
+#[test]
+fn pitr_pg17_s3() {
+    scenario(17, s3_archive(), false);
+}
+
+#[test]
+fn pitr_refusals_and_a_hole_in_the_archive() {
+    let mut src = pg(15);
+    let archive = file_archive();
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    src.reconfigure(&format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {} --cluster c --compression none'",
+        exe.display(),
+        archive.url
+    ))
+    .unwrap();
+    let env = vec![("CLOUD_DUMP_DB_URL".to_string(), src.repl_url())];
+    cloud_dump(&["backup", "--repo", &archive.url, "--cluster", "c", "--name", "b"], &env).ok();
+    src.sql("postgres", "CREATE TABLE pitr(id int)");
+    let mut segs = Vec::new();
+    for i in 0..3 {
+        src.sql("postgres", &format!("INSERT INTO pitr VALUES ({i})"));
+        segs.push(src.switch_and_wait_archived(Duration::from_secs(60)).unwrap());
+    }
+    let work = scratch_dir("pitr-bad");
+    let pgdata = work.path().join("d");
+    let base = ["restore", "--repo", &archive.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()];
+    let with = |extra: &[&str]| {
+        let mut a = base.to_vec();
+        a.extend_from_slice(extra);
+        cloud_dump(&a, &[])
+    };
+    with(&["--recovery-target-time", "next tuesday"]).fails_with("recovery-target-time");
+    with(&["--recovery-target-lsn", "banana"]).fails_with("invalid LSN");
+    with(&["--name", "b", "--recovery-target-lsn", "0/1"]).fails_with("before the end of backup");
+    with(&["--name", "b", "--recovery-target-time", "2001-01-01 00:00:00 UTC"]).fails_with("before backup b completed");
+    with(&["--recovery-target-time", "2001-01-01 00:00:00 UTC"]).fails_with("no backup");
+    with(&["--name", "b", "--recovery-target-lsn", "FF/0"]).fails_with("after the newest archived WAL");
+    with(&["--name", "b", "--recovery-target-time", "2999-01-01 00:00:00 UTC"])
+        .fails_with("after the newest archived WAL");
+    assert!(!pgdata.exists(), "a refused restore wrote something");
+    let dry = with(&["--recovery-target", "latest", "--dry-run"]).ok();
+    assert!(dry.stdout.contains("replay WAL from"), "{}", dry.stdout);
+
+    // Remove a segment in the middle: recovery must stop with an error, never promote.
+    let middle = archive._dir.as_ref().unwrap().path().join("c/wal_archive").join(&segs[1]);
+    std::fs::remove_file(&middle).unwrap();
+    let out = std::process::Command::new(&exe)
+        .args(["restore", "--repo", &archive.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()])
+        .args(["--recovery-target", "latest", "--progress", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    give_to_postgres(&pgdata);
+    match PgServer::start_existing_with(&src.bin, &pgdata, NO_ARCHIVE) {
+        Ok(s) => {
+            assert!(s.wait_promoted(Duration::from_secs(20)).is_err(), "promoted past a hole in the archive");
+            assert!(s.log_text().contains("hole"), "{}", s.log_text());
+        }
+        Err(e) => assert!(e.contains("hole"), "the server log should name the hole: {e}"),
+    }
+}

@@ -1,0 +1,200 @@
+//! Point-in-time recovery settings: targets, choosing the base backup, and what `restore`
+//! writes into the data directory (recovery.signal and postgresql.auto.conf, quoted the
+//! way PostgreSQL's configuration parser reads them).
+
+use std::io::Write;
+use std::path::Path;
+
+use time::OffsetDateTime;
+
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+use crate::manifest::BackupManifest;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// The original text (for PostgreSQL) and its parsed instant (for our checks).
+    Time(String, OffsetDateTime),
+    Lsn(Lsn),
+    Xid(String),
+    Name(String),
+    Immediate,
+    Latest,
+}
+
+impl RecoveryTarget {
+    pub fn describe(&self) -> String {
+        match self {
+            RecoveryTarget::Time(t, _) => format!("time {t}"),
+            RecoveryTarget::Lsn(l) => format!("LSN {l}"),
+            RecoveryTarget::Xid(x) => format!("transaction {x}"),
+            RecoveryTarget::Name(n) => format!("restore point {n:?}"),
+            RecoveryTarget::Immediate => "consistency (immediate)".into(),
+            RecoveryTarget::Latest => "the end of the archived WAL (latest)".into(),
+        }
+    }
+}
+
+/// Accepts `2026-03-22 14:30:00 UTC`, `2026-03-22T14:30:00Z`, `2026-03-22 14:30:00+02`,
+/// fractional seconds, and a bare date-time (taken as UTC).
+pub fn parse_time(s: &str) -> Result<OffsetDateTime> {
+    use time::format_description::well_known::Rfc3339;
+    let bad = || {
+        Error::Config(format!(
+            "--recovery-target-time {s:?}: expected a time like \"2026-03-22 14:30:00 UTC\" or 2026-03-22T14:30:00Z"
+        ))
+    };
+    let t = s.trim();
+    if let Ok(v) = OffsetDateTime::parse(t, &Rfc3339) {
+        return Ok(v);
+    }
+    let (body, offset) = if let Some(b) = t.strip_suffix(" UTC").or_else(|| t.strip_suffix("Z")) {
+        (b.trim(), "+00:00".to_owned())
+    } else if let Some(pos) = t.rfind(['+', '-']).filter(|p| *p > 10) {
+        let off = &t[pos..];
+        let off = match off.len() {
+            3 => format!("{off}:00"),
+            5 => format!("{}:{}", &off[..3], &off[3..]),
+            _ => off.to_owned(),
+        };
+        (t[..pos].trim(), off)
+    } else {
+        (t, "+00:00".to_owned())
+    };
+    let iso = format!("{}{offset}", body.replacen(' ', "T", 1));
+    OffsetDateTime::parse(&iso, &Rfc3339).map_err(|_| bad())
+}
+
+/// What PostgreSQL is told: always UTC with an explicit offset, so the server's TimeZone
+/// does not change its meaning.
+pub fn pg_time(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:06}+00",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+}
+
+fn stop_time(m: &BackupManifest) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(&m.stop_time, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// The newest backup whose end precedes the target (`backups` newest first).
+pub fn choose_backup<'a>(backups: &'a [BackupManifest], target: &RecoveryTarget) -> Option<&'a BackupManifest> {
+    backups.iter().find(|m| match target {
+        RecoveryTarget::Time(_, t) => stop_time(m).is_some_and(|s| s <= *t),
+        RecoveryTarget::Lsn(l) => m.end_lsn <= *l,
+        _ => true,
+    })
+}
+
+/// Refuses targets the backup cannot reach.
+pub fn check_target(m: &BackupManifest, target: &RecoveryTarget) -> Result<()> {
+    match target {
+        RecoveryTarget::Lsn(l) if *l < m.end_lsn => Err(Error::Config(format!(
+            "recovery target LSN {l} is before the end of backup {} ({}): a backup is consistent only from its end; choose an older backup",
+            m.name, m.end_lsn
+        ))),
+        RecoveryTarget::Time(text, t) if stop_time(m).is_some_and(|s| *t < s) => Err(Error::Config(format!(
+            "recovery target time {text} is before backup {} completed ({}); choose an older backup",
+            m.name, m.stop_time
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A value in postgresql.conf syntax: single quotes, quotes doubled, backslashes escaped.
+pub fn quote_guc(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+}
+
+/// A word for /bin/sh.
+pub fn shell_quote(v: &str) -> String {
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_alphanumeric() || b"/._-+=:,".contains(&b)) {
+        v.to_owned()
+    } else {
+        format!("'{}'", v.replace('\'', "'\\''"))
+    }
+}
+
+/// `restore_command` calling this binary with a settings file; `%` in paths is doubled
+/// because PostgreSQL expands `%f`/`%p` in it.
+pub fn restore_command(exe: &Path, config: &Path) -> String {
+    let q = |p: &Path| shell_quote(&p.to_string_lossy()).replace('%', "%%");
+    format!("{} wal-fetch %f %p --config {}", q(exe), q(config))
+}
+
+pub struct RecoverySettings {
+    pub target: RecoveryTarget,
+    pub action: String,
+    pub timeline: Option<String>,
+    pub restore_command: String,
+}
+
+/// Writes recovery.signal and the settings (PostgreSQL 12+), or recovery.conf (10, 11).
+pub fn write_recovery(pgdata: &Path, version_num: u32, s: &RecoverySettings) -> Result<()> {
+    let io = |p: &Path, e: std::io::Error| Error::Restore(format!("writing {}: {e}", p.display()));
+    let mut lines = vec![format!("restore_command = {}", quote_guc(&s.restore_command))];
+    match &s.target {
+        RecoveryTarget::Time(_, t) => lines.push(format!("recovery_target_time = {}", quote_guc(&pg_time(*t)))),
+        RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = {}", quote_guc(&l.to_string()))),
+        RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = {}", quote_guc(x))),
+        RecoveryTarget::Name(n) => lines.push(format!("recovery_target_name = {}", quote_guc(n))),
+        RecoveryTarget::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        RecoveryTarget::Latest => {}
+    }
+    if s.target != RecoveryTarget::Latest {
+        lines.push(format!("recovery_target_action = {}", quote_guc(&s.action)));
+    }
+    if let Some(t) = &s.timeline {
+        lines.push(format!("recovery_target_timeline = {}", quote_guc(t)));
+    }
+    let text = format!("\n# written by cloud-dump restore\n{}\n", lines.join("\n"));
+    if version_num >= 120000 {
+        let conf = pgdata.join("postgresql.auto.conf");
+        let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&conf).map_err(|e| io(&conf, e))?;
+        f.write_all(text.as_bytes()).map_err(|e| io(&conf, e))?;
+        let signal = pgdata.join("recovery.signal");
+        std::fs::write(&signal, b"").map_err(|e| io(&signal, e))?;
+    } else {
+        let conf = pgdata.join("recovery.conf");
+        std::fs::write(&conf, text).map_err(|e| io(&conf, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times() {
+        let a = parse_time("2026-03-22 14:30:00 UTC").unwrap();
+        assert_eq!(parse_time("2026-03-22T14:30:00Z").unwrap(), a);
+        assert_eq!(parse_time("2026-03-22 16:30:00+02").unwrap(), a);
+        assert_eq!(parse_time("2026-03-22 14:30:00").unwrap(), a);
+        assert_eq!(pg_time(a), "2026-03-22 14:30:00.000000+00");
+        let frac = parse_time("2026-03-22 14:30:00.123456 UTC").unwrap();
+        assert_eq!(pg_time(frac), "2026-03-22 14:30:00.123456+00");
+        for bad in ["yesterday", "2026-13-01 00:00:00", "14:30"] {
+            assert!(parse_time(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn quoting_postgres_accepts() {
+        assert_eq!(quote_guc("it's"), "'it''s'");
+        assert_eq!(quote_guc("a\\b"), "'a\\\\b'");
+        assert_eq!(shell_quote("/usr/bin/cloud-dump"), "/usr/bin/cloud-dump");
+        assert_eq!(shell_quote("/my dir/it's"), "'/my dir/it'\\''s'");
+        let cmd =
+            restore_command(Path::new("/opt/cd 100%/cloud-dump"), Path::new("/data/pg_wal/.cloud-dump/restore.conf"));
+        assert_eq!(cmd, "'/opt/cd 100%%/cloud-dump' wal-fetch %f %p --config /data/pg_wal/.cloud-dump/restore.conf");
+    }
+}
