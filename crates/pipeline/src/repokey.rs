@@ -16,6 +16,10 @@ use cloud_dump_storage::{Repo, StorageError};
 
 use crate::error::{PipelineError, Result};
 
+/// scrypt work factor (log2 N) for sealed keys: 256 MiB and about a second, once per
+/// backup, restore or archive.
+pub const SCRYPT_LOG_N: u8 = 18;
+
 /// Object name of the key, inside the WAL folder.
 pub const KEY_OBJECT: &str = "cloud-dump-wal.key";
 
@@ -42,6 +46,38 @@ fn parse(key: &str, text: &str) -> Result<(age::x25519::Recipient, Vec<u8>)> {
     }
 }
 
+/// A fresh X25519 identity and its sealed form: age-encrypted with `passphrase` (one
+/// scrypt), hex-encoded. Backups use one per backup so that each archive is encrypted to
+/// it (fast) instead of running scrypt per object.
+pub fn seal_new_identity(passphrase: &SecretString) -> std::io::Result<(age::x25519::Identity, String)> {
+    let identity = age::x25519::Identity::generate();
+    let mut sealed = Vec::new();
+    // age calibrates scrypt to ~1 s of this machine, which on fast CPUs means 2^19-2^20
+    // (0.5-1 GiB of memory). 2^18 is age's nominal strength at a quarter of that memory.
+    let mut recipient = age::scrypt::Recipient::new(passphrase.clone());
+    recipient.set_work_factor(SCRYPT_LOG_N);
+    let encryptor = age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut w = encryptor.wrap_output(&mut sealed)?;
+    w.write_all(identity.to_string().expose_secret().as_bytes())?;
+    w.finish()?;
+    Ok((identity, hex::encode(sealed)))
+}
+
+/// Opens what [`seal_new_identity`] sealed. `what` names it in errors.
+pub fn open_identity(sealed_hex: &str, passphrase: &SecretString, what: &str) -> Result<age::x25519::Identity> {
+    let sealed = hex::decode(sealed_hex.trim()).map_err(|_| bad(what, "damaged identity"))?;
+    let decryptor = age::Decryptor::new(&sealed[..]).map_err(|_| bad(what, "damaged identity"))?;
+    let mut id = age::scrypt::Identity::new(passphrase.clone());
+    id.set_max_work_factor(22);
+    let mut reader = decryptor
+        .decrypt(std::iter::once(&id as &dyn age::Identity))
+        .map_err(|_| PipelineError::Decrypt { key: what.to_owned(), reason: "wrong passphrase".into() })?;
+    let mut text = String::new();
+    reader.read_to_string(&mut text).map_err(|e| PipelineError::io(what, e))?;
+    age::x25519::Identity::from_str(text.trim()).map_err(|_| bad(what, "damaged identity"))
+}
+
 /// The public half, creating the key pair on first use (create-only: concurrent first
 /// pushes agree on one key).
 pub async fn recipient(repo: &Repo, wal_dir: &str, passphrase: &SecretString) -> Result<age::x25519::Recipient> {
@@ -52,14 +88,8 @@ pub async fn recipient(repo: &Repo, wal_dir: &str, passphrase: &SecretString) ->
             Err(StorageError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let identity = age::x25519::Identity::generate();
-        let mut sealed = Vec::new();
-        let mut w = age::Encryptor::with_user_passphrase(passphrase.clone())
-            .wrap_output(&mut sealed)
-            .map_err(|e| PipelineError::io(&key, e))?;
-        w.write_all(identity.to_string().expose_secret().as_bytes()).map_err(|e| PipelineError::io(&key, e))?;
-        w.finish().map_err(|e| PipelineError::io(&key, e))?;
-        let text = format!("{HEADER}recipient: {}\nidentity: {}\n", identity.to_public(), hex::encode(&sealed));
+        let (identity, sealed) = seal_new_identity(passphrase).map_err(|e| PipelineError::io(&key, e))?;
+        let text = format!("{HEADER}recipient: {}\nidentity: {sealed}\n", identity.to_public());
         match repo.put_new_durable(&key, Bytes::from(text), &[]).await {
             Ok(()) => {
                 tracing::info!("created the repository WAL key {key}");
@@ -82,15 +112,12 @@ pub async fn identity(repo: &Repo, wal_dir: &str, passphrase: &SecretString) -> 
         Err(e) => return Err(e.into()),
     };
     let (recipient, sealed) = parse(&key, &String::from_utf8_lossy(&bytes))?;
-    let decryptor = age::Decryptor::new(&sealed[..]).map_err(|_| bad(&key, "damaged identity"))?;
-    let mut id = age::scrypt::Identity::new(passphrase.clone());
-    id.set_max_work_factor(22);
-    let mut reader = decryptor.decrypt(std::iter::once(&id as &dyn age::Identity)).map_err(|_| {
-        PipelineError::Decrypt { key: key.clone(), reason: "wrong passphrase for the repository WAL key".into() }
+    let identity = open_identity(&hex::encode(sealed), passphrase, &key).map_err(|e| match e {
+        PipelineError::Decrypt { key, .. } => {
+            PipelineError::Decrypt { key, reason: "wrong passphrase for the repository WAL key".into() }
+        }
+        other => other,
     })?;
-    let mut text = String::new();
-    reader.read_to_string(&mut text).map_err(|e| PipelineError::io(&key, e))?;
-    let identity = age::x25519::Identity::from_str(text.trim()).map_err(|_| bad(&key, "damaged identity"))?;
     if identity.to_public().to_string() != recipient.to_string() {
         return Err(bad(&key, "its recipient does not match its identity: the key object was tampered with"));
     }

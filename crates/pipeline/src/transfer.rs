@@ -217,7 +217,7 @@ where
     F: FnOnce(&mut dyn Read) -> Result<T> + Send + 'static,
 {
     let mut stream = repo.read(&src.key, src.size, concurrency).await?;
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(8);
+    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(2);
     let fetch_key = src.key.clone();
     let fetch = tokio::spawn(async move {
         while let Some(item) = stream.next().await {

@@ -74,6 +74,22 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() });
     }
 
+    // A passphrase is stretched once (scrypt) to seal a per-backup key; archives are
+    // encrypted to that key.
+    let (spec, sealed_key) = match &req.spec.encryption {
+        cloud_dump_pipeline::Encryption::Passphrase(p) => {
+            let p = p.clone();
+            let (identity, sealed) =
+                tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::seal_new_identity(&p))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let mut spec = (*req.spec).clone();
+            spec.encryption = cloud_dump_pipeline::Encryption::Recipients(vec![identity.to_public()]);
+            (Arc::new(spec), Some(sealed))
+        }
+        _ => (req.spec.clone(), None),
+    };
+
     let mut conn = Connection::connect(&req.conn).await?;
     let system = conn.identify_system().await?;
     let version = conn.server_version().to_owned();
@@ -104,7 +120,7 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
     let mut state = Streamer {
         repo,
         dir: &dir,
-        spec: req.spec.clone(),
+        spec: spec.clone(),
         parallel: req.parallel.max(1),
         version_num,
         result_sets: Vec::new(),
@@ -183,6 +199,7 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         compression: req.spec.compression.name().to_owned(),
         encrypted: req.spec.encryption.is_on(),
         encryption: req.spec.encryption.mode().to_owned(),
+        sealed_key,
         tablespaces,
         objects,
     };

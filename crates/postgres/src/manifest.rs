@@ -64,6 +64,10 @@ pub struct BackupManifest {
     pub encrypted: bool,
     /// `none`, `passphrase` or `x25519`.
     pub encryption: String,
+    /// With `passphrase`: this backup's X25519 identity, age-encrypted with the passphrase
+    /// (hex). The archives are encrypted to it, so scrypt runs once per backup, not per object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_key: Option<String>,
     pub tablespaces: Vec<TablespaceEntry>,
     pub objects: Vec<ObjectEntry>,
 }
@@ -126,6 +130,7 @@ mod tests {
             compression: "zstd".into(),
             encrypted: false,
             encryption: "none".into(),
+            sealed_key: None,
             tablespaces: vec![],
             objects: vec![ObjectEntry {
                 key: "base.tar.zst".into(),

@@ -144,6 +144,17 @@ async fn restore_inner(
 ) -> Result<()> {
     let m = &plan.manifest;
     let compression = compression_of(m)?;
+    let decryption = match (&m.sealed_key, &req.decryption) {
+        (Some(sealed), Decryption::Passphrase(p)) => {
+            let (sealed, p, what) = (sealed.clone(), p.clone(), format!("{}manifest.json (backup key)", plan.dir));
+            let id =
+                tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::open_identity(&sealed, &p, &what))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            Decryption::Identities(vec![id])
+        }
+        (_, d) => d.clone(),
+    };
     let mk = |p: &Path| -> Result<()> {
         fs::create_dir_all(p).map_err(|e| Error::Restore(format!("cannot create {}: {e}", p.display())))?;
         fs::set_permissions(p, fs::Permissions::from_mode(0o700))
@@ -168,7 +179,7 @@ async fn restore_inner(
         let kind = o.kind.clone();
         let maps = plan.tablespaces.clone();
         let pgdata = plan.pgdata.clone();
-        let dec = req.decryption.clone();
+        let dec = decryption.clone();
         let progress = progress.clone();
         async move {
             let key = src.key.clone();

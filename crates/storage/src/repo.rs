@@ -277,7 +277,7 @@ impl Repo {
     /// Streams an object. Objects larger than one range are read as ranges, `concurrency`
     /// of them at a time, in order: restores are limited by the network, not one socket.
     pub async fn read(&self, key: &str, size: u64, concurrency: usize) -> Result<BoxStream<'static, Result<Bytes>>> {
-        const RANGE: u64 = 16 << 20;
+        const RANGE: u64 = 8 << 20;
         let owned_key = key.to_owned();
         if concurrency <= 1 || size <= RANGE {
             let r = self.store.get(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
@@ -400,7 +400,7 @@ mod tests {
     #[tokio::test]
     async fn ranged_reads_reassemble_in_order() {
         let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
-        let data: Vec<u8> = (0..(40u32 << 20)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 251) as u8).collect();
         let mut up = repo.upload("big", None).await.unwrap();
         up.put(Bytes::from(data.clone())).await.unwrap();
         up.finish().await.unwrap();
