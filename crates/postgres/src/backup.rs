@@ -74,20 +74,14 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() });
     }
 
-    // A passphrase is stretched once (scrypt) to seal a per-backup key; archives are
-    // encrypted to that key.
-    let (spec, sealed_key) = match &req.spec.encryption {
+    // A passphrase is stretched once (scrypt, about a second) to seal a per-backup key that
+    // the archives are encrypted to. It runs while the server checkpoints.
+    let seal = match &req.spec.encryption {
         cloud_dump_pipeline::Encryption::Passphrase(p) => {
             let p = p.clone();
-            let (identity, sealed) =
-                tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::seal_new_identity(&p))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-            let mut spec = (*req.spec).clone();
-            spec.encryption = cloud_dump_pipeline::Encryption::Recipients(vec![identity.to_public()]);
-            (Arc::new(spec), Some(sealed))
+            Some(tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::seal_new_identity(&p)))
         }
-        _ => (req.spec.clone(), None),
+        _ => None,
     };
 
     let mut conn = Connection::connect(&req.conn).await?;
@@ -120,7 +114,9 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
     let mut state = Streamer {
         repo,
         dir: &dir,
-        spec: spec.clone(),
+        spec: req.spec.clone(),
+        seal,
+        sealed_key: None,
         parallel: req.parallel.max(1),
         version_num,
         result_sets: Vec::new(),
@@ -199,7 +195,7 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         compression: req.spec.compression.name().to_owned(),
         encrypted: req.spec.encryption.is_on(),
         encryption: req.spec.encryption.mode().to_owned(),
-        sealed_key,
+        sealed_key: state.sealed_key.clone(),
         tablespaces,
         objects,
     };
@@ -236,10 +232,15 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+type Seal = JoinHandle<std::io::Result<(age::x25519::Identity, String)>>;
+
 struct Streamer<'a> {
     repo: &'a Repo,
     dir: &'a str,
     spec: Arc<EncodeSpec>,
+    /// The per-backup key being sealed with the passphrase; resolved before the first archive.
+    seal: Option<Seal>,
+    sealed_key: Option<String>,
     parallel: usize,
     version_num: u32,
     result_sets: Vec<Vec<Vec<Option<String>>>>,
@@ -360,6 +361,13 @@ impl Streamer<'_> {
         stem: &str,
         size: Option<u64>,
     ) -> Result<()> {
+        if let Some(seal) = self.seal.take() {
+            let (identity, sealed) = seal.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let mut spec = (*self.spec).clone();
+            spec.encryption = cloud_dump_pipeline::Encryption::Recipients(vec![identity.to_public()]);
+            self.spec = Arc::new(spec);
+            self.sealed_key = Some(sealed);
+        }
         let key = format!("{}{}", self.dir, self.spec.object_name(stem));
         tracing::debug!("streaming {key}");
         let sink = Sink::start(self.repo, &key, size, self.spec.clone()).await?;
