@@ -118,12 +118,15 @@ impl ConnConfig {
             ),
             None => Duration::from_secs(30),
         };
+        if kv.keys().any(|k| k == "sslcert" || k == "sslkey") {
+            return Err(Error::Config(
+                "TLS client certificates (sslcert/sslkey) are not supported yet; use password or SCRAM authentication"
+                    .into(),
+            ));
+        }
         // Anything left over is a typo or a setting we would silently ignore.
-        let mut unknown: Vec<_> = kv
-            .keys()
-            .filter(|k| !matches!(k.as_str(), "sslcert" | "sslkey" | "options" | "target_session_attrs" | "gssencmode"))
-            .cloned()
-            .collect();
+        let mut unknown: Vec<_> =
+            kv.keys().filter(|k| !matches!(k.as_str(), "target_session_attrs" | "gssencmode")).cloned().collect();
         if !unknown.is_empty() {
             unknown.sort();
             return Err(Error::Config(format!("unknown connection parameter(s): {}", unknown.join(", "))));
@@ -268,6 +271,7 @@ mod tests {
             ("postgres://u@h:99999/db", "valid URL"),
             ("postgres://u@h/db?replication=no", "replication"),
             ("postgres://u@h/db?colour=blue", "colour"),
+            ("postgres://u@h/db?sslcert=/c.pem", "not supported"),
             ("just-a-word", "expected"),
         ] {
             let e = ConnConfig::parse(Some(s), &no_env).unwrap_err().to_string();
