@@ -44,12 +44,75 @@ fn safe_relative(p: &Path, t: &ExtractTarget<'_>) -> Result<PathBuf> {
     Ok(out)
 }
 
+/// File writes handed from the decoding thread to the writing thread, in archive order.
+enum WriteOp {
+    Open(PathBuf, u32),
+    Data(Vec<u8>),
+    HardLink(PathBuf, PathBuf),
+}
+
+/// Unpacks `reader` into `t.root`. Decoding and tar parsing run on the calling thread;
+/// file contents are written by a second thread, so decompression and disk writes overlap.
 pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractStats> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<WriteOp>(16);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || write_files(rx, t.progress));
+        let parsed = parse_entries(reader, t, &tx);
+        drop(tx);
+        let written = writer.join().unwrap_or_else(|_| Err(Error::Restore("the file writer panicked".into())));
+        match (parsed, written) {
+            (Ok(mut stats), Ok(bytes)) => {
+                stats.bytes = bytes;
+                Ok(stats)
+            }
+            // A failed write stops the parser (its channel closes): report the write error.
+            (Err(_), Err(w)) | (Ok(_), Err(w)) => Err(w),
+            (Err(p), Ok(_)) => Err(p),
+        }
+    })
+}
+
+fn write_files(rx: std::sync::mpsc::Receiver<WriteOp>, progress: &dyn Progress) -> Result<u64> {
+    let io_err = |what: &Path, e: io::Error| Error::Restore(format!("writing {}: {e}", what.display()));
+    let mut current: Option<(PathBuf, fs::File)> = None;
+    let mut bytes = 0u64;
+    for op in rx {
+        match op {
+            WriteOp::Open(path, mode) => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(mode | 0o600)
+                    .open(&path)
+                    .map_err(|e| io_err(&path, e))?;
+                current = Some((path, f));
+            }
+            WriteOp::Data(d) => {
+                let (path, f) = current.as_mut().ok_or_else(|| Error::Restore("data before a file".into()))?;
+                f.write_all(&d).map_err(|e| io_err(path, e))?;
+                bytes += d.len() as u64;
+                progress.advance(d.len() as u64);
+            }
+            WriteOp::HardLink(src, dst) => {
+                current = None;
+                fs::hard_link(&src, &dst).map_err(|e| io_err(&dst, e))?;
+            }
+        }
+    }
+    Ok(bytes)
+}
+
+fn parse_entries(
+    reader: &mut dyn Read,
+    t: &ExtractTarget<'_>,
+    tx: &std::sync::mpsc::SyncSender<WriteOp>,
+) -> Result<ExtractStats> {
+    let stopped = || Error::Restore("the file writer stopped".into());
     let io_err = |what: &Path, e: io::Error| Error::Restore(format!("writing {}: {e}", what.display()));
     let mut archive = tar::Archive::new(reader);
     let mut stats = ExtractStats::default();
     let mut links: HashSet<PathBuf> = HashSet::new();
-    let mut buf = vec![0u8; 1 << 20];
     let entries = archive.entries().map_err(|e| Error::Restore(format!("{}: not a tar archive: {e}", t.archive)))?;
     for entry in entries {
         let mut entry = entry.map_err(|e| Error::Restore(format!("{}: damaged tar stream: {e}", t.archive)))?;
@@ -82,23 +145,16 @@ pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractSt
                 fs::set_permissions(&dest, fs::Permissions::from_mode(mode | 0o700)).map_err(|e| io_err(&dest, e))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(mode | 0o600)
-                    .open(&dest)
-                    .map_err(|e| io_err(&dest, e))?;
+                tx.send(WriteOp::Open(dest.clone(), mode)).map_err(|_| stopped())?;
                 loop {
-                    let n = entry
-                        .read(&mut buf)
+                    let mut chunk = vec![0u8; 1 << 20];
+                    let n = read_full(&mut entry, &mut chunk)
                         .map_err(|e| Error::Restore(format!("{}: reading {}: {e}", t.archive, rel.display())))?;
                     if n == 0 {
                         break;
                     }
-                    f.write_all(&buf[..n]).map_err(|e| io_err(&dest, e))?;
-                    stats.bytes += n as u64;
-                    t.progress.advance(n as u64);
+                    chunk.truncate(n);
+                    tx.send(WriteOp::Data(chunk)).map_err(|_| stopped())?;
                 }
                 stats.files += 1;
             }
@@ -119,7 +175,7 @@ pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractSt
                     .ok_or_else(|| Error::Restore(format!("{}: link without a target", t.archive)))?
                     .into_owned();
                 let target_rel = safe_relative(&target, t)?;
-                fs::hard_link(t.root.join(target_rel), &dest).map_err(|e| io_err(&dest, e))?;
+                tx.send(WriteOp::HardLink(t.root.join(target_rel), dest.clone())).map_err(|_| stopped())?;
                 stats.files += 1;
             }
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader => {}
@@ -133,6 +189,18 @@ pub fn extract(reader: &mut dyn Read, t: &ExtractTarget<'_>) -> Result<ExtractSt
         }
     }
     Ok(stats)
+}
+
+/// Fills `buf` as far as the reader allows (tar entries hand out short reads).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
 }
 
 /// Links inside a data directory: `pg_tblspc/<oid>` pointing at a known tablespace (mapped
