@@ -19,7 +19,10 @@ pub fn free_port() -> u16 {
 /// restore_command run as postgres, which cannot reach a build tree under /root).
 pub fn public_copy(bin: &std::path::Path) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
-    let dir = std::path::PathBuf::from(format!("/tmp/cloud-dump-bin-{}", std::process::id()));
+    // One copy per build of the binary (keyed by its size and mtime), shared by test runs.
+    let meta = std::fs::metadata(bin).expect("binary metadata");
+    let stamp = meta.modified().ok().and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos());
+    let dir = std::path::PathBuf::from(format!("/tmp/cloud-dump-bin-{}-{}", meta.len(), stamp.unwrap_or(0)));
     let dest = dir.join("cloud-dump");
     if !dest.exists() {
         std::fs::create_dir_all(&dir).expect("bin dir");
