@@ -159,21 +159,13 @@ fn parse_entries(
                 stats.files += 1;
             }
             tar::EntryType::Symlink => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| Error::Restore(format!("{}: bad link: {e}", t.archive)))?
-                    .ok_or_else(|| Error::Restore(format!("{}: link without a target", t.archive)))?
-                    .into_owned();
+                let target = link_name(&entry, t)?;
                 let target = link_target(&rel, &target, t, &raw_path)?;
                 std::os::unix::fs::symlink(&target, &dest).map_err(|e| io_err(&dest, e))?;
                 links.insert(rel);
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name()
-                    .map_err(|e| Error::Restore(format!("{}: bad link: {e}", t.archive)))?
-                    .ok_or_else(|| Error::Restore(format!("{}: link without a target", t.archive)))?
-                    .into_owned();
+                let target = link_name(&entry, t)?;
                 let target_rel = safe_relative(&target, t)?;
                 tx.send(WriteOp::HardLink(t.root.join(target_rel), dest.clone())).map_err(|_| stopped())?;
                 stats.files += 1;
@@ -189,6 +181,14 @@ fn parse_entries(
         }
     }
     Ok(stats)
+}
+
+fn link_name<R: Read>(entry: &tar::Entry<'_, R>, t: &ExtractTarget<'_>) -> Result<PathBuf> {
+    Ok(entry
+        .link_name()
+        .map_err(|e| Error::Restore(format!("{}: bad link: {e}", t.archive)))?
+        .ok_or_else(|| Error::Restore(format!("{}: link without a target", t.archive)))?
+        .into_owned())
 }
 
 /// Fills `buf` as far as the reader allows (tar entries hand out short reads).

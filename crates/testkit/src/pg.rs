@@ -333,11 +333,15 @@ impl PgServer {
     }
 
     pub fn stop(&mut self) {
+        self.pg_ctl_stop("fast");
+    }
+
+    fn pg_ctl_stop(&mut self, mode: &str) {
         if self.running {
             let _ = run_as_postgres(&self.bin.join("pg_ctl"))
                 .arg("-D")
                 .arg(&self.data)
-                .args(["-w", "-m", "fast", "stop"])
+                .args(["-w", "-m", mode, "stop"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status();
@@ -352,15 +356,7 @@ impl PgServer {
 
 impl Drop for PgServer {
     fn drop(&mut self) {
-        if self.running {
-            let _ = run_as_postgres(&self.bin.join("pg_ctl"))
-                .arg("-D")
-                .arg(&self.data)
-                .args(["-w", "-m", "immediate", "stop"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
-        }
+        self.pg_ctl_stop("immediate");
     }
 }
 
