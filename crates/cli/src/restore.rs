@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use cloud_dump_pipeline::{parse_identities, repokey, Decryption, ExposeSecret, SecretString};
+use cloud_dump_pipeline::{repokey, Decryption, ExposeSecret, SecretString};
 use cloud_dump_postgres::recovery::{
     check_target, choose_backup, parse_time, restore_command, write_recovery, RecoverySettings, RecoveryTarget,
 };
@@ -121,16 +121,11 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
         );
         for o in &m.objects {
             let to = match o.kind {
-                ObjectKind::Base => plan.pgdata.display().to_string(),
-                ObjectKind::BackupManifest => plan.pgdata.join("backup_manifest").display().to_string(),
-                ObjectKind::Tablespace => m
-                    .tablespaces
-                    .iter()
-                    .find(|t| Some(t.oid) == o.tablespace_oid)
-                    .and_then(|t| plan.tablespaces.get(&t.location))
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-            };
+                ObjectKind::BackupManifest => plan.pgdata.join("backup_manifest"),
+                _ => plan.target_of(o).unwrap_or_default(),
+            }
+            .display()
+            .to_string();
             println!("  {}{}  {} stored, {} unpacked  ->  {to}", plan.dir, o.key, mb(o.size), mb(o.raw_size));
         }
         if let (Some(t), Some((first, n))) = (&target, &wal_plan) {
@@ -274,8 +269,7 @@ async fn wal_settings(
     }
     let id_file = a.wal_identity_key.clone().or_else(|| a.decrypt.identity_key.clone());
     if let Some(f) = id_file {
-        let text = std::fs::read_to_string(&f).with_context(|| format!("cannot read identity file {}", f.display()))?;
-        for id in parse_identities(&text, &f.display().to_string())? {
+        for id in setup::read_identities(&f)? {
             identities.push(id.to_string().expose_secret().to_owned());
         }
     }

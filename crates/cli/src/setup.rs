@@ -50,7 +50,8 @@ fn read_passphrase_file(p: &Path) -> Result<SecretString> {
     Ok(line.into())
 }
 
-fn passphrase(flag: &Option<String>, file: &Option<std::path::PathBuf>) -> Result<Option<SecretString>> {
+/// The passphrase from a flag/environment value or the first line of a file.
+pub fn passphrase(flag: &Option<String>, file: &Option<std::path::PathBuf>) -> Result<Option<SecretString>> {
     match (flag, file) {
         (Some(p), _) if p.is_empty() => bail!("the passphrase is empty"),
         (Some(p), _) => Ok(Some(p.clone().into())),
@@ -76,10 +77,15 @@ pub fn encryption(a: &EncryptArgs) -> Result<Encryption> {
     }
 }
 
+/// The age identities in an identity file; errors name the file, never a key.
+pub fn read_identities(f: &Path) -> Result<Vec<age::x25519::Identity>> {
+    let text = std::fs::read_to_string(f).with_context(|| format!("cannot read identity file {}", f.display()))?;
+    Ok(parse_identities(&text, &f.display().to_string())?)
+}
+
 pub fn decryption(a: &DecryptArgs) -> Result<Decryption> {
     if let Some(f) = &a.identity_key {
-        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read identity file {}", f.display()))?;
-        return Ok(Decryption::Identities(parse_identities(&text, &f.display().to_string())?));
+        return Ok(Decryption::Identities(read_identities(f)?));
     }
     Ok(match passphrase(&a.passphrase, &a.passphrase_file)? {
         Some(p) => Decryption::Passphrase(p),

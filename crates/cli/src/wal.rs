@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
-use cloud_dump_pipeline::{parse_identities, parse_recipients, repokey, Compression, EncodeSpec, Encryption};
+use cloud_dump_pipeline::{parse_recipients, repokey, Compression, EncodeSpec, Encryption};
 use cloud_dump_postgres::wal::{next_segments, DEFAULT_SEGMENT_SIZE};
 use cloud_dump_postgres::{is_segment, write_atomically, PushOutcome, WalArchive, WalKeys};
 use futures::StreamExt;
@@ -23,25 +23,16 @@ pub const FETCH_FATAL: u8 = 126;
 /// Identities (AGE-SECRET-KEY-…, comma-separated) handed to wal-fetch by `restore`.
 pub const IDENTITY_ENV: &str = "CLOUD_DUMP_WAL_IDENTITY";
 
+/// WAL passphrase: --passphrase / WAL_PASSPHRASE, else CLOUD_DUMP_PASSPHRASE, else the file.
 fn passphrase(flag: &Option<String>, file: &Option<PathBuf>) -> Result<Option<cloud_dump_pipeline::SecretString>> {
-    if let Some(p) = flag.clone().or_else(|| std::env::var("CLOUD_DUMP_PASSPHRASE").ok()).filter(|p| !p.is_empty()) {
-        return Ok(Some(p.into()));
-    }
-    match file {
-        Some(f) => {
-            let text =
-                std::fs::read_to_string(f).with_context(|| format!("cannot read passphrase file {}", f.display()))?;
-            Ok(Some(text.lines().next().unwrap_or("").to_owned().into()))
-        }
-        None => Ok(None),
-    }
+    let value = flag.clone().or_else(|| std::env::var("CLOUD_DUMP_PASSPHRASE").ok()).filter(|p| !p.is_empty());
+    setup::passphrase(&value, file)
 }
 
 fn keys(pass: Option<cloud_dump_pipeline::SecretString>, identity_file: &Option<PathBuf>) -> Result<WalKeys> {
     let mut identities = Vec::new();
     if let Some(f) = identity_file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("cannot read identity file {}", f.display()))?;
-        identities.extend(parse_identities(&text, &f.display().to_string())?);
+        identities.extend(setup::read_identities(f)?);
     }
     if let Ok(list) = std::env::var(IDENTITY_ENV) {
         for k in list.split(',').filter(|k| !k.trim().is_empty()) {

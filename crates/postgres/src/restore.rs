@@ -39,8 +39,9 @@ pub struct RestorePlan {
 }
 
 impl RestorePlan {
-    /// Where one archive is unpacked.
-    fn target_of(&self, o: &ObjectEntry) -> Option<PathBuf> {
+    /// Where one archive is unpacked (`None` for the server's backup_manifest, which goes
+    /// into PGDATA as a file).
+    pub fn target_of(&self, o: &ObjectEntry) -> Option<PathBuf> {
         match o.kind {
             ObjectKind::Base => Some(self.pgdata.clone()),
             ObjectKind::Tablespace => {

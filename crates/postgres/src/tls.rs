@@ -69,21 +69,30 @@ pub fn client_config(cfg: &ConnConfig) -> Result<Option<Arc<ClientConfig>>> {
         (SslMode::VerifyFull, Some(r)) => WebPkiServerVerifier::builder_with_provider(Arc::new(r), provider())
             .build()
             .map_err(|e| tls_err(e.to_string()))?,
-        (SslMode::VerifyCa | SslMode::Require, Some(r)) => Arc::new(IgnoreHostName(
-            WebPkiServerVerifier::builder_with_provider(Arc::new(r), provider())
-                .build()
-                .map_err(|e| tls_err(e.to_string()))?,
-        )),
-        (_, _) => Arc::new(NoVerification(provider())),
+        (SslMode::VerifyCa | SslMode::Require, Some(r)) => Arc::new(Lenient {
+            chain: Some(
+                WebPkiServerVerifier::builder_with_provider(Arc::new(r), provider())
+                    .build()
+                    .map_err(|e| tls_err(e.to_string()))?,
+            ),
+            provider: provider(),
+        }),
+        (_, _) => Arc::new(Lenient { chain: None, provider: provider() }),
     };
     Ok(Some(Arc::new(builder.dangerous().with_custom_certificate_verifier(verifier).with_no_client_auth())))
 }
 
-/// verify-ca: the chain must lead to a trusted root; the name in it is not checked.
+/// What libpq checks below verify-full: with `chain`, the certificate must lead to a trusted
+/// root but its name is not checked (verify-ca, or require with a root certificate);
+/// without, any certificate is accepted (require/prefer: encrypted, not authenticated).
+/// Handshake signatures are always verified.
 #[derive(Debug)]
-struct IgnoreHostName(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
 
-impl ServerCertVerifier for IgnoreHostName {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -92,7 +101,8 @@ impl ServerCertVerifier for IgnoreHostName {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
+        let Some(chain) = &self.chain else { return Ok(ServerCertVerified::assertion()) };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -105,7 +115,7 @@ impl ServerCertVerifier for IgnoreHostName {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(m, c, d)
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn verify_tls13_signature(
         &self,
@@ -113,45 +123,9 @@ impl ServerCertVerifier for IgnoreHostName {
         c: &CertificateDer<'_>,
         d: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(m, c, d)
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.provider.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// require/prefer without a root certificate: encrypted, not authenticated (as libpq).
-#[derive(Debug)]
-struct NoVerification(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for NoVerification {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &CertificateDer<'_>,
-        d: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
