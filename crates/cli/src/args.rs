@@ -40,6 +40,132 @@ pub enum Command {
     WalPrefetch(WalFetchArgs),
     /// Create an age X25519 key pair for --recipient-key / --identity-key.
     Keygen(KeygenArgs),
+    /// SQLite: continuous WAL replication and point-in-time restore (Litestream-compatible).
+    Sqlite(SqliteArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteArgs {
+    #[command(subcommand)]
+    pub command: SqliteCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SqliteCommand {
+    /// Replicate databases until SIGINT/SIGTERM: `replicate DB URL…`, or every database of the config.
+    Replicate(SqliteReplicateArgs),
+    /// Restore a database from a replica: `restore -o OUT DB_PATH|URL`.
+    Restore(SqliteRestoreArgs),
+    /// List the generations of a database's replicas (or of one replica URL).
+    Generations(SqliteListArgs),
+    /// List the snapshots of a database's replicas (or of one replica URL).
+    Snapshots(SqliteListArgs),
+    /// List the WAL objects of a database's replicas (or of one replica URL).
+    Wal(SqliteListArgs),
+    /// List the databases and replicas in the config file.
+    Databases(SqliteDatabasesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteConfigArg {
+    /// YAML config (Litestream's format) [default: /etc/cloud-dump.yml].
+    #[arg(long, env = "CLOUD_DUMP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteAgeArgs {
+    /// age identity file (AGE-SECRET-KEY-… lines) for encrypted replicas; adds to the config's `age.identities`.
+    #[arg(long, env = "CLOUD_DUMP_AGE_IDENTITY_FILE", value_name = "FILE")]
+    pub age_identity_file: Vec<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteReplicateArgs {
+    #[command(flatten)]
+    pub config: SqliteConfigArg,
+    /// Run this command (through `sh -c`) and replicate while it runs; exit with its status.
+    #[arg(long, value_name = "CMD")]
+    pub exec: Option<String>,
+    /// Listen address for Prometheus metrics at /metrics (e.g. :9090); overrides the config's `addr`.
+    #[arg(long, value_name = "ADDR")]
+    pub addr: Option<String>,
+    /// For DB URL on the command line: how often to upload new WAL (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION")]
+    pub sync_interval: Option<String>,
+    /// For DB URL on the command line: compression (zstd, lz4, gzip, none).
+    #[arg(long, value_name = "ALGO")]
+    pub compression: Option<String>,
+    /// For DB URL on the command line: file of age recipients (age1… lines) to encrypt to.
+    #[arg(long, env = "CLOUD_DUMP_AGE_RECIPIENT_FILE", value_name = "FILE")]
+    pub age_recipient_file: Option<PathBuf>,
+    /// Database path, then one or more replica URLs (instead of a config file).
+    #[arg(value_name = "DB_PATH")]
+    pub db: Option<PathBuf>,
+    #[arg(value_name = "REPLICA_URL")]
+    pub replicas: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteRestoreArgs {
+    #[command(flatten)]
+    pub config: SqliteConfigArg,
+    #[command(flatten)]
+    pub age: SqliteAgeArgs,
+    /// Where to write the restored database (must not exist) [default: the database's own path].
+    #[arg(short = 'o', long = "output", value_name = "PATH")]
+    pub output: Option<PathBuf>,
+    /// Restore from this replica (its `name`, or its type when unnamed) of the database.
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Restore from this generation (16 hex digits).
+    #[arg(long)]
+    pub generation: Option<String>,
+    /// Replay WAL up to this index (inclusive): decimal, 0x… or the 8 hex digits `wal` lists.
+    #[arg(long)]
+    pub index: Option<String>,
+    /// Point in time (RFC 3339, e.g. 2026-11-20T10:00:00Z): the state as of the last sync at or before it.
+    #[arg(long)]
+    pub timestamp: Option<String>,
+    /// Objects downloaded at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+    /// Exit 0 without restoring when the output database already exists.
+    #[arg(long)]
+    pub if_db_not_exists: bool,
+    /// Exit 0 without restoring when no replica holds a backup.
+    #[arg(long)]
+    pub if_replica_exists: bool,
+    /// Print the plan (generation, snapshot, WAL objects, position) and stop.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Database path (looked up in the config) or replica URL.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub target: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteListArgs {
+    #[command(flatten)]
+    pub config: SqliteConfigArg,
+    /// Only this replica of the database.
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Database path (looked up in the config) or replica URL.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub target: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteDatabasesArgs {
+    #[command(flatten)]
+    pub config: SqliteConfigArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

@@ -4,6 +4,7 @@ mod args;
 mod progress;
 mod restore;
 mod setup;
+mod sqlite;
 mod wal;
 
 use std::process::ExitCode;
@@ -25,6 +26,10 @@ use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, 
 /// are read (a variable already set wins).
 fn load_config_file() -> std::result::Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
+    // `sqlite … --config` is a YAML file, read by the sqlite commands themselves.
+    if args.iter().any(|a| a == "sqlite") {
+        return Ok(());
+    }
     let Some(pos) = args.iter().position(|a| a == "--config") else { return Ok(()) };
     let Some(path) = args.get(pos + 1) else { return Ok(()) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --config {path}: {e}"))?;
@@ -48,7 +53,7 @@ fn main() -> ExitCode {
         eprintln!("cloud-dump: error: {e}");
         return ExitCode::from(wal::FETCH_FATAL);
     }
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(sqlite::litestream_flags(std::env::args().collect()));
     init_logging(cli.global.log_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
@@ -95,6 +100,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::WalFetch(a) => return Ok(wal::fetch(g, a).await),
         Command::WalPrefetch(a) => wal::prefetch(g, a).await?,
         Command::Keygen(a) => keygen(a)?,
+        Command::Sqlite(a) => return sqlite::run(g, &a.command).await,
     }
     Ok(ExitCode::SUCCESS)
 }

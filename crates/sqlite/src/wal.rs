@@ -130,13 +130,38 @@ pub struct Committed {
 /// written) are ignored, as SQLite itself ignores them.
 pub fn committed_prefix(wal: &[u8]) -> Result<Committed, WalError> {
     let header = parse_header(wal)?;
+    let s = scan(&header, &wal[HEADER_SIZE..], header.checksum);
+    Ok(Committed {
+        header,
+        end: HEADER_SIZE as u64 + s.len as u64,
+        frames: s.frames,
+        db_pages: s.db_pages,
+        checksum: s.checksum,
+    })
+}
+
+/// The committed part of `frames`: whole frames that continue the running checksum `sum`
+/// of a WAL with `header`, up to the last commit frame among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scan {
+    /// Bytes of `frames` that hold whole committed transactions.
+    pub len: usize,
+    pub frames: u64,
+    /// Database size in pages after the last commit (0 when there is none).
+    pub db_pages: u32,
+    /// Running checksum after `len` bytes.
+    pub checksum: (u32, u32),
+    /// Bytes of valid frames, committed or not: less than the whole frames given means
+    /// the chain of frames ended inside `frames`.
+    pub valid: usize,
+}
+
+pub fn scan(header: &WalHeader, frames: &[u8], mut sum: (u32, u32)) -> Scan {
     let frame_size = FRAME_HEADER_SIZE + header.page_size as usize;
-    let mut sum = header.checksum;
-    let mut out = Committed { header, end: HEADER_SIZE as u64, frames: 0, db_pages: 0, checksum: sum };
-    let mut off = HEADER_SIZE;
-    let mut frames = 0;
-    while off + frame_size <= wal.len() {
-        let frame = &wal[off..off + frame_size];
+    let mut out = Scan { len: 0, frames: 0, db_pages: 0, checksum: sum, valid: 0 };
+    let (mut off, mut n) = (0, 0);
+    while off + frame_size <= frames.len() {
+        let frame = &frames[off..off + frame_size];
         let fh = parse_frame_header(frame);
         if fh.salt1 != header.salt1 || fh.salt2 != header.salt2 {
             break;
@@ -146,16 +171,14 @@ pub fn committed_prefix(wal: &[u8]) -> Result<Committed, WalError> {
         if sum != fh.checksum {
             break;
         }
-        frames += 1;
+        n += 1;
         off += frame_size;
+        out.valid = off;
         if fh.commit_size != 0 {
-            out.end = off as u64;
-            out.frames = frames;
-            out.db_pages = fh.commit_size;
-            out.checksum = sum;
+            out = Scan { len: off, frames: n, db_pages: fh.commit_size, checksum: sum, valid: off };
         }
     }
-    Ok(out)
+    out
 }
 
 #[cfg(test)]

@@ -227,8 +227,24 @@ impl Repo {
             other => other,
         };
         result.map_err(|e| StorageError::from_store(key, e))?;
+        self.sync_local(key)
+    }
+
+    /// Writes (or replaces) a small object with one request. On a file:// repository the
+    /// file and its folder are fsynced: when this returns, the object is durable.
+    pub async fn put_durable(&self, key: &str, data: Bytes) -> Result<()> {
+        self.store
+            .put(&self.path(key), PutPayload::from_bytes(data))
+            .await
+            .map_err(|e| StorageError::from_store(key, e))?;
+        self.sync_local(key)
+    }
+
+    /// On a file:// repository, fsyncs an object and its folder; elsewhere nothing to do
+    /// (a completed PUT is durable).
+    pub fn sync_local(&self, key: &str) -> Result<()> {
         if let Some(root) = &self.local_root {
-            let file = root.join(path.as_ref());
+            let file = root.join(self.path(key).as_ref());
             let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
             sync(&file)
                 .and_then(|_| file.parent().map(sync).unwrap_or(Ok(())))

@@ -1,0 +1,529 @@
+//! `cloud-dump sqlite …`: turns flags and the YAML config into the sqlite crate's settings.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::str::FromStr;
+
+use anyhow::{bail, Context, Result};
+use cloud_dump_pipeline::{parse_recipients, Compression, Decryption};
+use cloud_dump_sqlite::config::{parse_duration, Config, DbSpec, ReplicaSpec};
+use cloud_dump_sqlite::layout::{Entry, Kind};
+use cloud_dump_sqlite::replica::list_entries;
+use cloud_dump_sqlite::restore::{self, format_ms, Target};
+use cloud_dump_storage::{Repo, StorageOptions};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::args::{
+    GlobalArgs, SqliteCommand, SqliteConfigArg, SqliteDatabasesArgs, SqliteListArgs, SqliteReplicateArgs,
+    SqliteRestoreArgs,
+};
+use crate::setup;
+
+const DEFAULT_CONFIG: &str = "/etc/cloud-dump.yml";
+
+/// Litestream's Go-style single-dash long flags (`-config`, `-timestamp=…`) become
+/// `--config`, `--timestamp=…` after `sqlite`; `-o` and other one-letter flags stay.
+pub fn litestream_flags(args: Vec<String>) -> Vec<String> {
+    let Some(at) = args.iter().position(|a| a == "sqlite") else { return args };
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let name = a.strip_prefix('-').filter(|r| !r.starts_with('-'));
+            match name {
+                Some(n)
+                    if i > at
+                        && n.split('=')
+                            .next()
+                            .is_some_and(|f| f.len() > 1 && f.chars().all(|c| c.is_ascii_lowercase() || c == '-')) =>
+                {
+                    format!("-{a}")
+                }
+                _ => a,
+            }
+        })
+        .collect()
+}
+
+pub async fn run(g: &GlobalArgs, cmd: &SqliteCommand) -> Result<ExitCode> {
+    match cmd {
+        SqliteCommand::Replicate(a) => replicate(g, a).await,
+        SqliteCommand::Restore(a) => restore(g, a).await,
+        SqliteCommand::Generations(a) => list(g, a, Listing::Generations).await,
+        SqliteCommand::Snapshots(a) => list(g, a, Listing::Snapshots).await,
+        SqliteCommand::Wal(a) => list(g, a, Listing::Wal).await,
+        SqliteCommand::Databases(a) => databases(a),
+    }
+}
+
+fn storage_options(g: &GlobalArgs) -> StorageOptions {
+    StorageOptions {
+        s3_endpoint: g.s3_endpoint.clone(),
+        s3_region: g.s3_region.clone(),
+        s3_virtual_hosted_style: g.s3_virtual_hosted_style,
+        s3_allow_http: g.s3_allow_http,
+        s3_skip_verify: g.s3_skip_verify,
+        storj_access: g.storj_access.clone(),
+        storj_auth_service: g.storj_auth_service.clone(),
+        storj_gateway: g.storj_gateway.clone(),
+        parts_in_flight: 4,
+        ..Default::default()
+    }
+}
+
+fn config_path(c: &SqliteConfigArg) -> PathBuf {
+    c.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+}
+
+fn load_config(c: &SqliteConfigArg) -> Result<Config> {
+    let path = config_path(c);
+    if c.config.is_none() && !path.exists() {
+        bail!("no config file at {DEFAULT_CONFIG}: give --config FILE (or CLOUD_DUMP_CONFIG), or a database path and replica URL");
+    }
+    let cfg = Config::load(&path)?;
+    for k in &cfg.ignored {
+        tracing::warn!(config = %path.display(), key = %k, "unknown config key ignored");
+    }
+    Ok(cfg)
+}
+
+async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> {
+    let mut cfg = match &a.db {
+        Some(db) => {
+            if a.config.config.is_some() {
+                bail!("give either --config or a database path and replica URL, not both");
+            }
+            if a.replicas.is_empty() {
+                bail!("replicate {}: give at least one replica URL after the database path", db.display());
+            }
+            let mut replicas = Vec::new();
+            for url in &a.replicas {
+                let mut r = ReplicaSpec::from_url(url, storage_options(g))?;
+                if let Some(s) = &a.sync_interval {
+                    r.sync_interval = parse_duration(s).map_err(anyhow::Error::msg).context("--sync-interval")?;
+                    if r.sync_interval.is_zero() {
+                        bail!("--sync-interval must be more than 0");
+                    }
+                }
+                if let Some(c) = &a.compression {
+                    r.compression = Compression::from_str(c).map_err(anyhow::Error::msg).context("--compression")?;
+                }
+                if let Some(f) = &a.age_recipient_file {
+                    let text = std::fs::read_to_string(f)
+                        .with_context(|| format!("cannot read recipient file {}", f.display()))?;
+                    r.recipients = parse_recipients(&text, &f.display().to_string())?;
+                }
+                replicas.push(r);
+            }
+            if replicas.len() > 1 {
+                for (i, r) in replicas.iter_mut().enumerate() {
+                    r.name = format!("{}{}", r.name, i + 1);
+                }
+            }
+            let path = std::path::absolute(db).unwrap_or_else(|_| db.clone());
+            Config { addr: None, dbs: vec![DbSpec::new(path, replicas)], ignored: Vec::new() }
+        }
+        None => load_config(&a.config)?,
+    };
+    if let Some(addr) = &a.addr {
+        cfg.addr = Some(addr.clone());
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut child = match &a.exec {
+        Some(cmd) => Some(
+            tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .spawn()
+                .with_context(|| format!("cannot start --exec command {cmd:?}"))?,
+        ),
+        None => None,
+    };
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let replication = tokio::spawn({
+        let cfg = cfg.clone();
+        async move { cloud_dump_sqlite::replicate::run(&cfg, stop_rx).await }
+    });
+    tokio::pin!(replication);
+    let mut exit = ExitCode::SUCCESS;
+    let child_wait = async {
+        match child.as_mut() {
+            Some(c) => c.wait().await.ok(),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = &mut replication => {
+            // Replication ended by itself: only a startup error does that.
+            if let Some(c) = child.as_mut() {
+                let _ = c.start_kill();
+            }
+            r.context("replication task")??;
+            return Ok(ExitCode::from(1));
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("SIGINT received");
+            forward_term(&child);
+        }
+        _ = sigterm.recv() => {
+            tracing::info!("SIGTERM received");
+            forward_term(&child);
+        }
+        status = child_wait => {
+            let code = status.and_then(|s| s.code()).unwrap_or(1);
+            tracing::info!(code, "the --exec command exited; stopping replication after a final sync");
+            exit = ExitCode::from(code.clamp(0, 255) as u8);
+        }
+    }
+    let _ = stop_tx.send(true);
+    replication.await.context("replication task")??;
+    if let Some(c) = child.as_mut() {
+        let _ = c.wait().await;
+    }
+    Ok(exit)
+}
+
+fn forward_term(child: &Option<tokio::process::Child>) {
+    if let Some(pid) = child.as_ref().and_then(|c| c.id()) {
+        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+    }
+}
+
+/// The replicas to read from: those of a configured database, or one URL.
+fn resolve(
+    g: &GlobalArgs,
+    config: &SqliteConfigArg,
+    target: &str,
+    replica: Option<&str>,
+) -> Result<(Option<PathBuf>, Vec<ReplicaSpec>)> {
+    if target.contains("://") {
+        if replica.is_some() {
+            bail!("--replica picks among a database's configured replicas; with a replica URL it is not needed");
+        }
+        return Ok((None, vec![ReplicaSpec::from_url(target, storage_options(g))?]));
+    }
+    let cfg = load_config(config)?;
+    let path = Path::new(target);
+    let Some(db) = cfg.db(path) else {
+        let known: Vec<String> = cfg.dbs.iter().map(|d| d.path.display().to_string()).collect();
+        bail!(
+            "database {target} is not in {} (it has: {}); give a replica URL instead",
+            config_path(config).display(),
+            if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+        );
+    };
+    let reps: Vec<ReplicaSpec> = db.replicas.iter().filter(|r| replica.is_none_or(|n| r.name == n)).cloned().collect();
+    if reps.is_empty() {
+        let names: Vec<&str> = db.replicas.iter().map(|r| r.name.as_str()).collect();
+        bail!("database {target} has no replica named {:?} (it has: {})", replica.unwrap_or(""), names.join(", "));
+    }
+    Ok((Some(db.path.clone()), reps))
+}
+
+fn decryption_for(r: &ReplicaSpec, files: &[PathBuf]) -> Result<Decryption> {
+    let mut ids = r.identities.clone();
+    for f in files {
+        ids.extend(setup::read_identities(f)?);
+    }
+    Ok(if ids.is_empty() { Decryption::None } else { Decryption::Identities(ids) })
+}
+
+/// A WAL index: decimal, `0x…` hex, or the 8 hex digits the listings print.
+fn parse_index(s: &str) -> Result<u64> {
+    let bad = || anyhow::anyhow!("invalid --index {s:?}: a WAL index, decimal or 8 hex digits as `wal` lists it");
+    if let Some(h) = s.strip_prefix("0x") {
+        return u64::from_str_radix(h, 16).map_err(|_| bad());
+    }
+    if s.len() == 8 {
+        return u64::from_str_radix(s, 16).map_err(|_| bad());
+    }
+    s.parse().map_err(|_| bad())
+}
+
+pub fn parse_timestamp(s: &str) -> Result<i64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| anyhow::anyhow!("invalid --timestamp {s:?}: use RFC 3339, e.g. 2026-11-20T10:00:00Z"))?;
+    Ok((t.unix_timestamp_nanos() / 1_000_000) as i64)
+}
+
+async fn restore(g: &GlobalArgs, a: &SqliteRestoreArgs) -> Result<ExitCode> {
+    let (db_path, replicas) = resolve(g, &a.config, &a.target, a.replica.as_deref())?;
+    let out = match (&a.output, &db_path) {
+        (Some(o), _) => o.clone(),
+        (None, Some(p)) => p.clone(),
+        (None, None) => bail!("restoring from a replica URL needs -o PATH for the restored database"),
+    };
+    if out.exists() {
+        if a.if_db_not_exists {
+            println!("{} already exists; nothing to do (--if-db-not-exists)", out.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!("{} already exists; restore never overwrites (remove it or give another -o)", out.display());
+    }
+    let index = match &a.index {
+        Some(s) => Some(parse_index(s)?),
+        None => None,
+    };
+    if let Some(gen) = &a.generation {
+        if !cloud_dump_sqlite::layout::is_generation(gen) {
+            bail!("invalid --generation {gen:?}: 16 lowercase hex digits, as `generations` shows");
+        }
+    }
+    let target = Target {
+        generation: a.generation.clone(),
+        index,
+        timestamp_ms: a.timestamp.as_deref().map(parse_timestamp).transpose()?,
+    };
+    // Plan on every candidate replica (one LIST each); restore from the newest.
+    let mut best: Option<(ReplicaSpec, Repo, restore::Plan)> = None;
+    let mut errors = Vec::new();
+    for r in replicas {
+        let repo = Repo::open(&r.url, &r.storage).await?;
+        match restore::plan_from(&repo, &target).await {
+            Ok(p) => {
+                if best.as_ref().is_none_or(|(_, _, b)| p.time_ms > b.time_ms) {
+                    best = Some((r, repo, p));
+                }
+            }
+            Err(e) => errors.push(format!("{}: {e}", r.url)),
+        }
+    }
+    let Some((spec, repo, plan)) = best else {
+        if a.if_replica_exists {
+            println!("no backup found; nothing to do (--if-replica-exists): {}", errors.join("; "));
+            return Ok(ExitCode::SUCCESS);
+        }
+        bail!("nothing to restore: {}", errors.join("; "));
+    };
+    let wal_bytes: u64 = plan.wal.iter().map(|w| w.size).sum();
+    println!(
+        "restore plan: replica {} ({}), generation {}, snapshot {} ({} bytes), {} WAL objects ({} bytes), up to index {:08x} offset {:08x}, data as of {}",
+        spec.name,
+        spec.url,
+        plan.generation,
+        plan.snapshot.key,
+        plan.snapshot.size,
+        plan.wal.len(),
+        wal_bytes,
+        plan.index,
+        plan.offset,
+        format_ms(plan.time_ms)
+    );
+    if a.dry_run {
+        for w in &plan.wal {
+            println!("  wal {} ({} bytes)", w.key, w.size);
+        }
+        println!("dry run: nothing written");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let dec = decryption_for(&spec, &a.age.age_identity_file)?;
+    let started = std::time::Instant::now();
+    let done = restore::execute(&repo, &plan, dec, &out, a.parallelism as usize).await?;
+    println!(
+        "restored {} ({} bytes, {} WAL frames replayed, integrity_check ok) in {:.1} s",
+        done.path.display(),
+        done.bytes,
+        done.frames,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Listing {
+    Generations,
+    Snapshots,
+    Wal,
+}
+
+#[derive(Serialize)]
+struct GenerationRow {
+    replica: String,
+    generation: String,
+    snapshots: usize,
+    wal_objects: usize,
+    bytes: u64,
+    start: String,
+    end: String,
+    lag_seconds: f64,
+}
+
+#[derive(Serialize)]
+struct ObjectRow {
+    replica: String,
+    generation: String,
+    index: String,
+    offset: Option<String>,
+    start: Option<String>,
+    end: Option<String>,
+    size: u64,
+    created: String,
+    key: String,
+}
+
+async fn list(g: &GlobalArgs, a: &SqliteListArgs, what: Listing) -> Result<ExitCode> {
+    let (_, replicas) = resolve(g, &a.config, &a.target, a.replica.as_deref())?;
+    let mut gens = Vec::new();
+    let mut objects = Vec::new();
+    for r in &replicas {
+        let repo = Repo::open(&r.url, &r.storage).await?;
+        let entries = list_entries(&repo, None).await?;
+        let mut by_gen: std::collections::BTreeMap<&str, Vec<&Entry>> = Default::default();
+        for e in &entries {
+            by_gen.entry(e.generation.as_str()).or_default().push(e);
+        }
+        let now = cloud_dump_sqlite::db::now_ms();
+        for (gname, es) in &by_gen {
+            let start = es.iter().map(|e| e.time_ms).min().unwrap_or(0);
+            let end = es.iter().map(|e| e.time_ms).max().unwrap_or(0);
+            gens.push(GenerationRow {
+                replica: r.name.clone(),
+                generation: gname.to_string(),
+                snapshots: es.iter().filter(|e| e.is_snapshot()).count(),
+                wal_objects: es.iter().filter(|e| !e.is_snapshot()).count(),
+                bytes: es.iter().map(|e| e.size).sum(),
+                start: format_ms(start),
+                end: format_ms(end),
+                lag_seconds: (now - end) as f64 / 1000.0,
+            });
+        }
+        for e in &entries {
+            let keep = match what {
+                Listing::Snapshots => e.is_snapshot(),
+                Listing::Wal => !e.is_snapshot(),
+                Listing::Generations => false,
+            };
+            if !keep {
+                continue;
+            }
+            let (offset, start, end) = match e.kind {
+                Kind::Snapshot { offset } => (Some(format!("{offset:08x}")), None, None),
+                Kind::Wal { start, end } => (None, Some(format!("{start:08x}")), Some(format!("{end:08x}"))),
+            };
+            objects.push(ObjectRow {
+                replica: r.name.clone(),
+                generation: e.generation.clone(),
+                index: format!("{:08x}", e.index),
+                offset,
+                start,
+                end,
+                size: e.size,
+                created: format_ms(e.time_ms),
+                key: e.key.clone(),
+            });
+        }
+    }
+    if what == Listing::Generations {
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&gens)?);
+        } else {
+            println!(
+                "{:<10} {:<16} {:>9} {:>6} {:>12} {:<24} {:<24} {:>10}",
+                "replica", "generation", "snapshots", "wal", "bytes", "start", "end", "lag"
+            );
+            for r in &gens {
+                println!(
+                    "{:<10} {:<16} {:>9} {:>6} {:>12} {:<24} {:<24} {:>9.1}s",
+                    r.replica, r.generation, r.snapshots, r.wal_objects, r.bytes, r.start, r.end, r.lag_seconds
+                );
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&objects)?);
+    } else if what == Listing::Snapshots {
+        println!(
+            "{:<10} {:<16} {:<8} {:<8} {:>12} {:<24}",
+            "replica", "generation", "index", "offset", "size", "created"
+        );
+        for o in &objects {
+            println!(
+                "{:<10} {:<16} {:<8} {:<8} {:>12} {:<24}",
+                o.replica,
+                o.generation,
+                o.index,
+                o.offset.as_deref().unwrap_or(""),
+                o.size,
+                o.created
+            );
+        }
+    } else {
+        println!(
+            "{:<10} {:<16} {:<8} {:<8} {:<8} {:>10} {:<24}",
+            "replica", "generation", "index", "start", "end", "size", "created"
+        );
+        for o in &objects {
+            println!(
+                "{:<10} {:<16} {:<8} {:<8} {:<8} {:>10} {:<24}",
+                o.replica,
+                o.generation,
+                o.index,
+                o.start.as_deref().unwrap_or(""),
+                o.end.as_deref().unwrap_or(""),
+                o.size,
+                o.created
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct DatabaseRow {
+    path: String,
+    replicas: Vec<ReplicaRow>,
+}
+
+#[derive(Serialize)]
+struct ReplicaRow {
+    name: String,
+    url: String,
+    sync_interval: String,
+    retention: String,
+    compression: String,
+    encrypted: bool,
+}
+
+fn databases(a: &SqliteDatabasesArgs) -> Result<ExitCode> {
+    let cfg = load_config(&a.config)?;
+    let rows: Vec<DatabaseRow> = cfg
+        .dbs
+        .iter()
+        .map(|d| DatabaseRow {
+            path: d.path.display().to_string(),
+            replicas: d
+                .replicas
+                .iter()
+                .map(|r| ReplicaRow {
+                    name: r.name.clone(),
+                    url: r.url.clone(),
+                    sync_interval: format!("{:?}", r.sync_interval),
+                    retention: format!("{:?}", r.retention),
+                    compression: r.compression.to_string(),
+                    encrypted: !r.recipients.is_empty(),
+                })
+                .collect(),
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<40} {:<10} {:<40} {:>8} {:>10} {:<6} age", "path", "replica", "url", "sync", "retention", "codec");
+    for d in &rows {
+        for r in &d.replicas {
+            println!(
+                "{:<40} {:<10} {:<40} {:>8} {:>10} {:<6} {}",
+                d.path,
+                r.name,
+                r.url,
+                r.sync_interval,
+                r.retention,
+                r.compression,
+                if r.encrypted { "yes" } else { "no" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,710 @@
+//! One replicated database: the two connections we hold on it, the shadow WAL beside it,
+//! and the procedures that keep the shadow a continuous copy of everything committed.
+//!
+//! Connections: `reader` holds a read transaction at all times (except inside our own
+//! checkpoint), so no other connection can checkpoint past it or restart the WAL under
+//! frames we have not copied; `locker` takes the write lock (`BEGIN IMMEDIATE`) when the
+//! WAL must stand still: at start, at a new generation, and around our checkpoints.
+//!
+//! Continuity: the shadow WAL of generation G, index i, is a byte copy of the database's WAL
+//! (header + committed frames, each frame's salts and running checksum verified). Each time
+//! `reader` begins its read transaction we hold the write lock and have just copied the WAL
+//! to its end: that WAL is *closed*. While `reader` reads, SQLite can restart the WAL only if
+//! it was fully checkpointed when `reader` began, and then nothing new can be checkpointed
+//! until `reader` ends; so a restarted WAL whose header follows the closed one (checkpoint
+//! sequence + 1, salt-1 + 1) continues it as index i+1. Any other change of the WAL header,
+//! a shadow that does not match the WAL, or a replaced database file starts a new generation.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::watch;
+
+use crate::config::DbSpec;
+use crate::error::{Result, SqliteError};
+use crate::layout;
+use crate::wal::{self, WalHeader, FRAME_HEADER_SIZE, HEADER_SIZE};
+
+/// How long we wait for the write lock before trying again at the next tick.
+const LOCK_WAIT: Duration = Duration::from_secs(1);
+/// How long a forced checkpoint holds writers back waiting for readers to move on.
+const FORCE_WAIT: Duration = Duration::from_secs(5);
+const READ_CHUNK: usize = 4 << 20;
+
+/// Where the shadow WAL stands: what replicas upload from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ShadowPos {
+    pub generation: String,
+    pub index: u64,
+    /// Length of the shadow WAL file `index` (a WAL offset).
+    pub end: u64,
+    /// When the WAL was last read: every commit in the shadow happened before it.
+    pub time_ms: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct DbMetrics {
+    pub wal_bytes: AtomicU64,
+    pub wal_size: AtomicU64,
+    pub checkpoints: AtomicU64,
+    pub checkpoint_errors: AtomicU64,
+    pub generations: AtomicU64,
+    pub errors: AtomicU64,
+}
+
+/// What the database thread shares with the replica tasks.
+#[derive(Debug)]
+pub struct Shared {
+    pub path: PathBuf,
+    pub meta_dir: PathBuf,
+    pub pos: watch::Sender<ShadowPos>,
+    /// Held (read) while a snapshot reads the database file: the reader's transaction must
+    /// not be cycled meanwhile. Our checkpoint takes it for writing.
+    pub gate: RwLock<()>,
+    /// Each replica's upload position `(generation, index)`; shadow files behind all of
+    /// them are removed.
+    pub replica_pos: Mutex<Vec<Option<(String, u64)>>>,
+    /// The database file, opened once and never closed while SQLite has it open: closing
+    /// any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
+    /// included (the application would then delete the WAL under us). Snapshots read it.
+    pub db_file: Mutex<Option<Arc<File>>>,
+    pub metrics: DbMetrics,
+}
+
+impl Shared {
+    pub fn new(path: &Path, replicas: usize) -> Arc<Shared> {
+        Arc::new(Shared {
+            path: path.to_owned(),
+            meta_dir: meta_dir(path),
+            pos: watch::Sender::new(ShadowPos::default()),
+            gate: RwLock::new(()),
+            replica_pos: Mutex::new(vec![None; replicas]),
+            db_file: Mutex::new(None),
+            metrics: DbMetrics::default(),
+        })
+    }
+
+    pub fn shadow_path(&self, generation: &str, index: u64) -> PathBuf {
+        shadow_path(&self.meta_dir, generation, index)
+    }
+}
+
+/// `/var/lib/app.db` → `/var/lib/.app.db-cloud-dump`.
+pub fn meta_dir(db: &Path) -> PathBuf {
+    let name = db.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    db.with_file_name(format!(".{name}-cloud-dump"))
+}
+
+pub fn shadow_path(meta: &Path, generation: &str, index: u64) -> PathBuf {
+    meta.join("generations").join(generation).join("wal").join(format!("{index:08x}.wal"))
+}
+
+pub fn now_ms() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
+}
+
+struct Shadow {
+    generation: String,
+    index: u64,
+    raw_header: [u8; HEADER_SIZE],
+    header: WalHeader,
+    end: u64,
+    checksum: (u32, u32),
+    file: File,
+}
+
+enum Copied {
+    Bytes(u64),
+    Discontinuity(String),
+}
+
+pub struct Db {
+    shared: Arc<Shared>,
+    wal_path: PathBuf,
+    reader: Connection,
+    locker: Connection,
+    ino: u64,
+    shadow: Option<Shadow>,
+    min_checkpoint_pages: u64,
+    max_wal_bytes: u64,
+}
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e.sqlite_error_code(), Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
+/// Opens the database file for our own reads and checks its first bytes: a database, not
+/// something else with the same name. Keep the handle (see [`Shared::db_file`]).
+pub fn open_sqlite_file(path: &Path) -> Result<File> {
+    use std::os::unix::fs::FileExt;
+    let f = File::open(path).map_err(|e| SqliteError::io(path.display(), e))?;
+    let mut head = [0u8; 16];
+    let n = f.read_at(&mut head, 0).map_err(|e| SqliteError::io(path.display(), e))?;
+    if n > 0 && (n < 16 || &head != b"SQLite format 3\0") {
+        return Err(SqliteError::db(
+            path.display(),
+            "not a SQLite database (its first bytes are not \"SQLite format 3\")",
+        ));
+    }
+    Ok(f)
+}
+
+fn open_connection(path: &Path) -> Result<Connection> {
+    let p = path.display();
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .map_err(|e| SqliteError::db(&p, format!("cannot open: {e}")))?;
+    c.busy_timeout(LOCK_WAIT).map_err(|e| SqliteError::sql(&p, e))?;
+    // Closing our connections must not checkpoint: the WAL is the application's and ours.
+    c.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true).map_err(|e| SqliteError::sql(&p, e))?;
+    c.execute_batch("PRAGMA wal_autocheckpoint = 0").map_err(|e| SqliteError::sql(&p, e))?;
+    Ok(c)
+}
+
+impl Db {
+    /// Opens the database, switches it to WAL mode and resumes or starts a generation.
+    pub fn open(spec: &DbSpec, shared: Arc<Shared>) -> Result<Db> {
+        let path = &spec.path;
+        let p = path.display().to_string();
+        let file = open_sqlite_file(path)?;
+        let ino = file.metadata().map_err(|e| SqliteError::io(&p, e))?.ino();
+        *shared.db_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(file));
+        let reader = open_connection(path)?;
+        let mode: String = reader
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .map_err(|e| SqliteError::db(&p, format!("cannot read it as a SQLite database: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            let switched: std::result::Result<String, _> =
+                reader.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0));
+            match switched {
+                Ok(m) if m.eq_ignore_ascii_case("wal") => {
+                    tracing::info!(db = %p, from = %mode, "switched the database to WAL mode")
+                }
+                Ok(m) => {
+                    return Err(SqliteError::db(
+                        &p,
+                        format!("cannot switch from journal_mode={mode} to WAL (SQLite answered {m}); replication needs WAL mode"),
+                    ))
+                }
+                Err(e) => {
+                    return Err(SqliteError::db(
+                        &p,
+                        format!("cannot switch from journal_mode={mode} to WAL: {e} (is another process holding it open in rollback-journal mode, or is its directory read-only?)"),
+                    ))
+                }
+            }
+        }
+        let locker = open_connection(path)?;
+        fs::create_dir_all(&shared.meta_dir).map_err(|e| {
+            SqliteError::db(&p, format!("cannot create the shadow directory {}: {e}", shared.meta_dir.display()))
+        })?;
+        let mut db = Db {
+            wal_path: PathBuf::from(format!("{p}-wal")),
+            shared,
+            reader,
+            locker,
+            ino,
+            shadow: None,
+            min_checkpoint_pages: spec.min_checkpoint_pages,
+            max_wal_bytes: spec.max_wal_bytes,
+        };
+        db.start()?;
+        Ok(db)
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    fn p(&self) -> String {
+        self.shared.path.display().to_string()
+    }
+
+    fn sql<T>(&self, r: rusqlite::Result<T>) -> Result<T> {
+        r.map_err(|e| SqliteError::sql(self.p(), e))
+    }
+
+    /// `BEGIN IMMEDIATE` on the locker: false when the application held the lock too long.
+    /// SQLite's busy handler sleeps for growing intervals and loses to a writer in a tight
+    /// loop; trying again every 100 µs takes the lock in the gap between two transactions.
+    fn lock(&self, wait: Duration) -> Result<bool> {
+        self.sql(self.locker.busy_timeout(Duration::ZERO))?;
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.locker.execute_batch("BEGIN IMMEDIATE") {
+                Ok(()) => return Ok(true),
+                Err(e) if is_busy(&e) => {
+                    if !self.locker.is_autocommit() {
+                        let _ = self.locker.execute_batch("ROLLBACK");
+                    }
+                    if Instant::now() >= deadline {
+                        return Ok(false);
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(e) => return Err(SqliteError::sql(self.p(), e)),
+            }
+        }
+    }
+
+    fn unlock(&self) -> Result<()> {
+        self.sql(self.locker.execute_batch("ROLLBACK"))
+    }
+
+    fn begin_read(&self) -> Result<()> {
+        self.sql(self.reader.execute_batch("BEGIN DEFERRED"))?;
+        self.sql(self.reader.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)))?;
+        Ok(())
+    }
+
+    fn end_read(&self) -> Result<()> {
+        if !self.reader.is_autocommit() {
+            self.sql(self.reader.execute_batch("ROLLBACK"))?;
+        }
+        Ok(())
+    }
+
+    fn read_wal_header(&self) -> Result<Option<([u8; HEADER_SIZE], WalHeader)>> {
+        let mut f = match File::open(&self.wal_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
+        };
+        let mut raw = [0u8; HEADER_SIZE];
+        match f.read_exact(&mut raw) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
+        }
+        match wal::parse_header(&raw) {
+            Ok(h) => Ok(Some((raw, h))),
+            // Half-written by a restart in progress: look again at the next tick.
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Takes the write lock, makes sure a WAL exists, resumes the shadow or starts a new
+    /// generation, and begins the read transaction.
+    fn start(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.lock(LOCK_WAIT)? {
+            if Instant::now() > deadline {
+                return Err(SqliteError::db(self.p(), "the write lock has been held by another connection for 30 s"));
+            }
+        }
+        let r = self.start_locked();
+        let u = self.unlock();
+        r?;
+        u
+    }
+
+    fn start_locked(&mut self) -> Result<()> {
+        if self.read_wal_header()?.is_none() {
+            // No WAL yet: rewrite the user version with its own value so SQLite writes one.
+            let v: i64 = self.sql(self.locker.query_row("PRAGMA user_version", [], |r| r.get(0)))?;
+            self.sql(self.locker.execute_batch(&format!("PRAGMA user_version = {v}; COMMIT")))?;
+            if !self.lock(Duration::from_secs(30))? {
+                return Err(SqliteError::db(self.p(), "the write lock has been held by another connection for 30 s"));
+            }
+        }
+        match self.resume()? {
+            Ok(()) => tracing::info!(db = %self.p(), generation = %self.generation(), "resuming replication"),
+            Err(why) => self.new_generation_locked(&why)?,
+        }
+        self.copy_locked()?;
+        self.end_read()?;
+        self.begin_read()?;
+        Ok(())
+    }
+
+    pub fn generation(&self) -> String {
+        self.shadow.as_ref().map(|s| s.generation.clone()).unwrap_or_default()
+    }
+
+    /// Loads the shadow WAL left by a previous run and checks that the database's WAL still
+    /// continues it. `Ok(Err(reason))` when it does not.
+    fn resume(&mut self) -> Result<std::result::Result<(), String>> {
+        let meta = &self.shared.meta_dir;
+        let generation = match fs::read_to_string(meta.join("generation")) {
+            Ok(g) if layout::is_generation(g.trim()) => g.trim().to_owned(),
+            _ => return Ok(Err("no previous replication state".into())),
+        };
+        let dir = meta.join("generations").join(&generation).join("wal");
+        let index = match fs::read_dir(&dir) {
+            Ok(rd) => rd
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    u64::from_str_radix(n.strip_suffix(".wal")?, 16).ok()
+                })
+                .max(),
+            Err(_) => None,
+        };
+        let Some(index) = index else {
+            return Ok(Err(format!("the shadow WAL of generation {generation} is missing")));
+        };
+        let path = shadow_path(meta, &generation, index);
+        let bytes = fs::read(&path).map_err(|e| SqliteError::io(path.display(), e))?;
+        let Ok(c) = wal::committed_prefix(&bytes) else {
+            return Ok(Err(format!("the shadow WAL {} is damaged", path.display())));
+        };
+        let Some((raw, header)) = self.read_wal_header()? else {
+            return Ok(Err("the database has no WAL".into()));
+        };
+        if raw[..] != bytes[..HEADER_SIZE] {
+            return Ok(Err("the database's WAL was restarted or replaced while cloud-dump was not running".into()));
+        }
+        if c.end > HEADER_SIZE as u64 {
+            // The last copied frame must still be in the WAL, with the same running checksum.
+            let frame = (FRAME_HEADER_SIZE + header.page_size as usize) as u64;
+            let mut f = File::open(&self.wal_path).map_err(|e| SqliteError::io(self.wal_path.display(), e))?;
+            let mut fh = [0u8; FRAME_HEADER_SIZE];
+            let ok = f.seek(SeekFrom::Start(c.end - frame)).is_ok() && f.read_exact(&mut fh).is_ok() && {
+                let h = wal::parse_frame_header(&fh);
+                h.checksum == c.checksum && h.salt1 == header.salt1 && h.salt2 == header.salt2
+            };
+            if !ok {
+                return Ok(Err("the database's WAL no longer holds the frames cloud-dump copied last".into()));
+            }
+        }
+        let file =
+            OpenOptions::new().read(true).write(true).open(&path).map_err(|e| SqliteError::io(path.display(), e))?;
+        // Drop a half-appended tail left by a crash.
+        file.set_len(c.end).map_err(|e| SqliteError::io(path.display(), e))?;
+        self.shadow =
+            Some(Shadow { generation, index, raw_header: raw, header, end: c.end, checksum: c.checksum, file });
+        self.publish();
+        Ok(Ok(()))
+    }
+
+    /// Starts a generation from the WAL as it is now. The caller holds the write lock.
+    fn new_generation_locked(&mut self, why: &str) -> Result<()> {
+        let generation = layout::new_generation();
+        let Some((raw, header)) = self.read_wal_header()? else {
+            return Err(SqliteError::db(self.p(), "the database has no WAL to start a generation from"));
+        };
+        let path = shadow_path(&self.shared.meta_dir, &generation, 0);
+        let dir = path.parent().expect("shadow path has a parent");
+        fs::create_dir_all(dir).map_err(|e| SqliteError::io(dir.display(), e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| SqliteError::io(path.display(), e))?;
+        (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
+        self.shadow = Some(Shadow {
+            generation: generation.clone(),
+            index: 0,
+            raw_header: raw,
+            header,
+            end: HEADER_SIZE as u64,
+            checksum: header.checksum,
+            file,
+        });
+        self.copy_frames()?;
+        let meta = &self.shared.meta_dir;
+        let tmp = meta.join("generation.tmp");
+        fs::write(&tmp, format!("{generation}\n")).map_err(|e| SqliteError::io(tmp.display(), e))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| SqliteError::io(tmp.display(), e))?;
+        fs::rename(&tmp, meta.join("generation")).map_err(|e| SqliteError::io(meta.display(), e))?;
+        File::open(meta).and_then(|f| f.sync_all()).map_err(|e| SqliteError::io(meta.display(), e))?;
+        self.shared.metrics.generations.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(db = %self.p(), %generation, reason = why, "starting a new generation (a full snapshot will be uploaded)");
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&self) {
+        if let Some(s) = &self.shadow {
+            let pos = ShadowPos { generation: s.generation.clone(), index: s.index, end: s.end, time_ms: now_ms() };
+            self.shared.pos.send_if_modified(|old| {
+                if old.generation != pos.generation || old.index != pos.index || old.end != pos.end {
+                    *old = pos;
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    /// Copies committed frames after the shadow's end into the shadow file.
+    fn copy_frames(&mut self) -> Result<u64> {
+        let sh = self.shadow.as_mut().expect("a shadow WAL");
+        let f = match File::open(&self.wal_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
+        };
+        let frame = FRAME_HEADER_SIZE + sh.header.page_size as usize;
+        let mut chunk = (READ_CHUNK / frame).max(1) * frame;
+        let mut buf = vec![0u8; chunk];
+        let mut copied = 0u64;
+        loop {
+            buf.resize(chunk, 0);
+            let mut n = 0;
+            while n < buf.len() {
+                match f.read_at(&mut buf[n..], sh.end + n as u64) {
+                    Ok(0) => break,
+                    Ok(k) => n += k,
+                    Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
+                }
+            }
+            let whole = n - n % frame;
+            let s = wal::scan(&sh.header, &buf[..whole], sh.checksum);
+            if s.len > 0 {
+                let sp = shadow_path(&self.shared.meta_dir, &sh.generation, sh.index);
+                sh.file.write_all_at(&buf[..s.len], sh.end).map_err(|e| SqliteError::io(sp.display(), e))?;
+                sh.end += s.len as u64;
+                sh.checksum = s.checksum;
+                copied += s.len as u64;
+            }
+            // Stop where the chain of valid frames ends (or the file does); read on when
+            // it runs past this chunk, with a larger chunk when one transaction fills it.
+            if s.valid < whole || n < buf.len() {
+                break;
+            }
+            if s.len == 0 {
+                chunk *= 2;
+            }
+        }
+        if copied > 0 {
+            sh.file.sync_data().map_err(|e| SqliteError::io("shadow WAL", e))?;
+            self.shared.metrics.wal_bytes.fetch_add(copied, Ordering::Relaxed);
+        }
+        Ok(copied)
+    }
+
+    /// Follows the WAL: new frames, or a restart that continues the closed WAL.
+    fn copy_inner(&mut self) -> Result<Copied> {
+        let Some((raw, header)) = self.read_wal_header()? else {
+            return Ok(Copied::Bytes(0));
+        };
+        let sh = self.shadow.as_ref().expect("a shadow WAL");
+        if raw != sh.raw_header {
+            // SQLite restarted the WAL: the new header must be the next one (checkpoint
+            // sequence + 1, salt-1 + 1), and every frame the old WAL committed must be ours.
+            let successor = header.checkpoint_seq == sh.header.checkpoint_seq.wrapping_add(1)
+                && header.salt1 == sh.header.salt1.wrapping_add(1);
+            if !successor {
+                return Ok(Copied::Discontinuity(
+                    "the WAL was replaced by one that does not follow the WAL cloud-dump copied".into(),
+                ));
+            }
+            // The new WAL overwrites the file from the start. While it has not reached our
+            // end, frames the old WAL committed after our last copy are still there: copy
+            // them. Looking at the frame header at our end before and after tells whether
+            // the new WAL got there (a frame's header is written before its page).
+            let old_end = sh.end;
+            let new_salts = (header.salt1, header.salt2);
+            let untouched_before = self.frame_salts_at(old_end)? != Some(new_salts);
+            let recovered = if untouched_before { self.copy_frames()? } else { 0 };
+            let untouched_after = self.frame_salts_at(old_end)? != Some(new_salts);
+            if !(untouched_before && untouched_after) {
+                return Ok(Copied::Discontinuity(
+                    "the WAL restarted and was overwritten past the last frame cloud-dump had copied".into(),
+                ));
+            }
+            if recovered > 0 {
+                tracing::debug!(db = %self.p(), bytes = recovered, "copied the end of the previous WAL after its restart");
+            }
+            let sh = self.shadow.as_ref().expect("a shadow WAL");
+            let (generation, index) = (sh.generation.clone(), sh.index + 1);
+            let path = shadow_path(&self.shared.meta_dir, &generation, index);
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)
+                .map_err(|e| SqliteError::io(path.display(), e))?;
+            (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
+            self.shadow = Some(Shadow {
+                generation,
+                index,
+                raw_header: raw,
+                header,
+                end: HEADER_SIZE as u64,
+                checksum: header.checksum,
+                file,
+            });
+            tracing::debug!(db = %self.p(), index, "the WAL restarted after our checkpoint; next shadow WAL");
+        }
+        Ok(Copied::Bytes(self.copy_frames()?))
+    }
+
+    /// The salts of the frame at `off` in the WAL file (`None` past its end).
+    fn frame_salts_at(&self, off: u64) -> Result<Option<(u32, u32)>> {
+        use std::os::unix::fs::FileExt;
+        let f = match File::open(&self.wal_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
+        };
+        let mut fh = [0u8; FRAME_HEADER_SIZE];
+        match f.read_exact_at(&mut fh, off) {
+            Ok(()) => {
+                let h = wal::parse_frame_header(&fh);
+                Ok(Some((h.salt1, h.salt2)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+            Err(e) => Err(SqliteError::io(self.wal_path.display(), e)),
+        }
+    }
+
+    /// [`Db::copy`] with the write lock already held.
+    fn copy_locked(&mut self) -> Result<()> {
+        if let Copied::Discontinuity(why) = self.copy_inner()? {
+            self.new_generation_locked(&why)?;
+        }
+        self.publish();
+        Ok(())
+    }
+
+    fn copy(&mut self) -> Result<u64> {
+        match self.copy_inner()? {
+            Copied::Bytes(n) => {
+                self.publish();
+                Ok(n)
+            }
+            Copied::Discontinuity(why) => {
+                // Stand the WAL still, then start over from what is there.
+                let shared = self.shared.clone();
+                let _gate = shared.gate.write().unwrap_or_else(|e| e.into_inner());
+                while !self.lock(LOCK_WAIT)? {}
+                let r = (|| {
+                    self.new_generation_locked(&why)?;
+                    self.end_read()?;
+                    self.begin_read()?;
+                    Ok(0)
+                })();
+                self.unlock()?;
+                r
+            }
+        }
+    }
+
+    /// One monitoring step: copy what is new, checkpoint when the WAL is large.
+    /// `Err` with [`SqliteError::Database`] "replaced" means the caller must reopen.
+    pub fn tick(&mut self) -> Result<()> {
+        match fs::metadata(&self.shared.path) {
+            Ok(m) if m.ino() == self.ino => {}
+            Ok(_) => return Err(SqliteError::db(self.p(), "the database file was replaced")),
+            Err(e) => return Err(SqliteError::io(self.p(), e)),
+        }
+        self.copy()?;
+        let wal_file = fs::metadata(&self.wal_path).map(|m| m.len()).unwrap_or(0);
+        self.shared.metrics.wal_size.store(wal_file, Ordering::Relaxed);
+        // The WAL file keeps its largest size (SQLite overwrites it from the start after a
+        // restart); what we bound is the WAL in use: the frames since the last restart.
+        let sh = self.shadow.as_ref().expect("a shadow WAL");
+        let frame = (FRAME_HEADER_SIZE + sh.header.page_size as usize) as u64;
+        let pages = (sh.end - HEADER_SIZE as u64) / frame;
+        if sh.end >= self.max_wal_bytes {
+            self.checkpoint(true)?;
+        } else if pages >= self.min_checkpoint_pages {
+            self.checkpoint(false)?;
+        }
+        self.prune_shadow();
+        Ok(())
+    }
+
+    /// Our checkpoint: with writers held off, copy to the end of the WAL, checkpoint it,
+    /// and begin the new read transaction, so the WAL is closed at a known end. The next
+    /// write then restarts it, and the restart is one we can follow.
+    pub fn checkpoint(&mut self, forced: bool) -> Result<bool> {
+        let shared = self.shared.clone();
+        let gate = if forced {
+            shared.gate.write().unwrap_or_else(|e| e.into_inner())
+        } else {
+            match shared.gate.try_write() {
+                Ok(g) => g,
+                Err(_) => return Ok(false),
+            }
+        };
+        if !self.lock(if forced { FORCE_WAIT } else { LOCK_WAIT })? {
+            tracing::debug!(db = %self.p(), "checkpoint postponed: the application holds the write lock");
+            return Ok(false);
+        }
+        let r = self.checkpoint_locked(forced);
+        let u = self.unlock();
+        drop(gate);
+        if r.is_err() {
+            self.shared.metrics.checkpoint_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let done = r?;
+        u?;
+        Ok(done)
+    }
+
+    fn checkpoint_locked(&mut self, forced: bool) -> Result<bool> {
+        self.copy_locked()?;
+        self.end_read()?;
+        let deadline = Instant::now() + FORCE_WAIT;
+        let full = loop {
+            let (busy, log, done): (i64, i64, i64) = self.sql(self.reader.query_row(
+                "PRAGMA wal_checkpoint(PASSIVE)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            ))?;
+            let full = busy == 0 && log == done;
+            if full || !forced || Instant::now() > deadline {
+                if !full && forced {
+                    tracing::warn!(db = %self.p(), log, done, "forced checkpoint incomplete: other readers hold old snapshots; the WAL keeps growing until they finish");
+                }
+                break full;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.begin_read()?;
+        self.shared.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(db = %self.p(), full, forced, "checkpoint");
+        Ok(full)
+    }
+
+    /// Removes shadow files every replica has uploaded.
+    fn prune_shadow(&self) {
+        let Some(sh) = &self.shadow else { return };
+        let positions = self.shared.replica_pos.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if positions.iter().any(|p| p.is_none()) {
+            return;
+        }
+        let min_index = positions.iter().flatten().filter(|(g, _)| *g == sh.generation).map(|(_, i)| *i).min();
+        let all_current = positions.iter().flatten().all(|(g, _)| *g == sh.generation);
+        let gens = self.shared.meta_dir.join("generations");
+        let Ok(rd) = fs::read_dir(&gens) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != sh.generation {
+                if all_current {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+                continue;
+            }
+            let Some(min_index) = min_index else { continue };
+            let Ok(files) = fs::read_dir(e.path().join("wal")) else { continue };
+            for f in files.flatten() {
+                let n = f.file_name().to_string_lossy().into_owned();
+                if let Some(i) = n.strip_suffix(".wal").and_then(|s| u64::from_str_radix(s, 16).ok()) {
+                    if i < min_index {
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Last copy before exit. The connections close without checkpointing.
+    pub fn close(mut self) -> Result<()> {
+        let r = self.copy();
+        self.end_read()?;
+        r.map(|_| ())
+    }
+}
