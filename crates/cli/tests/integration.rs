@@ -7,5 +7,6 @@ mod integration {
     pub mod common;
     mod connect;
     mod pitr;
+    mod sqlite;
     mod wal;
 }

@@ -176,9 +176,13 @@ impl Db {
         let ino = file.metadata().map_err(|e| SqliteError::io(&p, e))?.ino();
         *shared.db_file.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(file));
         let reader = open_connection(path)?;
-        let mode: String = reader
-            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
-            .map_err(|e| SqliteError::db(&p, format!("cannot read it as a SQLite database: {e}")))?;
+        let mode: String = reader.query_row("PRAGMA journal_mode", [], |r| r.get(0)).map_err(|e| {
+            if is_busy(&e) {
+                SqliteError::db(&p, format!("cannot switch it to WAL mode: {e} (another process holds a lock on it, e.g. a rollback-journal transaction)"))
+            } else {
+                SqliteError::db(&p, format!("cannot read it as a SQLite database: {e}"))
+            }
+        })?;
         if !mode.eq_ignore_ascii_case("wal") {
             let switched: std::result::Result<String, _> =
                 reader.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0));
@@ -489,14 +493,14 @@ impl Db {
         };
         let sh = self.shadow.as_ref().expect("a shadow WAL");
         if raw != sh.raw_header {
-            // SQLite restarted the WAL: the new header must be the next one (checkpoint
-            // sequence + 1, salt-1 + 1), and every frame the old WAL committed must be ours.
-            let successor = header.checkpoint_seq == sh.header.checkpoint_seq.wrapping_add(1)
-                && header.salt1 == sh.header.salt1.wrapping_add(1);
-            if !successor {
-                return Ok(Copied::Discontinuity(
-                    "the WAL was replaced by one that does not follow the WAL cloud-dump copied".into(),
-                ));
+            // SQLite restarted the WAL: the new header must be the next one (salt-1 + 1; the
+            // checkpoint sequence is kept per connection, so it proves nothing), and every
+            // frame the old WAL committed must be ours.
+            if header.salt1 != sh.header.salt1.wrapping_add(1) {
+                return Ok(Copied::Discontinuity(format!(
+                    "the WAL was replaced by one that does not follow the WAL cloud-dump copied (salt {:08x} after {:08x})",
+                    header.salt1, sh.header.salt1
+                )));
             }
             // The new WAL overwrites the file from the start. While it has not reached our
             // end, frames the old WAL committed after our last copy are still there: copy

@@ -327,7 +327,11 @@ impl Repo {
 fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let mut allow_http = opts.s3_allow_http;
-    if let Some(ep) = &opts.s3_endpoint {
+    // The AWS SDKs' endpoint variables count too (a Litestream config has no endpoint).
+    let env_endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    if let Some(ep) = opts.s3_endpoint.as_ref().or(env_endpoint.as_ref()) {
         b = b.with_endpoint(ep.clone());
         allow_http |= ep.starts_with("http://");
     }

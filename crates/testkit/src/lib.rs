@@ -6,7 +6,7 @@ mod pg;
 mod s3;
 mod storj;
 
-pub use pg::{give_to_postgres, pg_bin_dir, psql, run_as_postgres, scratch_dir, PgServer};
+pub use pg::{give_to_postgres, pg_bin_dir, psql, run_as_postgres, running_as_root, scratch_dir, PgServer};
 pub use s3::S3Server;
 pub use storj::FakeStorjAuth;
 

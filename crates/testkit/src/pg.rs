@@ -18,7 +18,7 @@ pub fn pg_bin_dir(major: u32) -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.join("postgres").exists())
 }
 
-fn is_root() -> bool {
+pub fn running_as_root() -> bool {
     std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
 }
 
@@ -32,7 +32,7 @@ fn postgres_ids() -> Option<(u32, u32)> {
 
 /// PostgreSQL refuses to run as root: wrap the command in `runuser -u postgres` then.
 pub fn run_as_postgres(program: &Path) -> Command {
-    if is_root() {
+    if running_as_root() {
         let mut c = Command::new("runuser");
         c.args(["-u", "postgres", "--"]).arg(program);
         c
@@ -50,7 +50,7 @@ pub fn scratch_dir(tag: &str) -> tempfile::TempDir {
 
 /// Hands `path` (recursively) to the postgres user when we are root.
 pub fn give_to_postgres(path: &Path) {
-    if !is_root() {
+    if !running_as_root() {
         return;
     }
     if let Some((uid, gid)) = postgres_ids() {

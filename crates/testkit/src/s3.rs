@@ -34,8 +34,28 @@ impl S3Server {
         s
     }
 
+    /// A server over a fresh temporary directory that accepts other credentials.
+    pub fn start_with_credentials(buckets: &[&str], access_key: &str, secret_key: &str) -> S3Server {
+        let dir = tempfile::Builder::new().prefix("cloud-dump-s3-").tempdir().expect("temp dir");
+        let addr = "127.0.0.1:0".parse().expect("addr");
+        let mut s = S3Server::serve_with(dir.path(), addr, buckets, access_key, secret_key).expect("start S3 server");
+        s._dir = Some(dir);
+        s
+    }
+
     /// Serves `root` (one folder per bucket) at `addr`.
     pub fn serve(root: &Path, addr: SocketAddr, buckets: &[&str]) -> std::io::Result<S3Server> {
+        S3Server::serve_with(root, addr, buckets, ACCESS_KEY, SECRET_KEY)
+    }
+
+    fn serve_with(
+        root: &Path,
+        addr: SocketAddr,
+        buckets: &[&str],
+        access_key: &str,
+        secret_key: &str,
+    ) -> std::io::Result<S3Server> {
+        let (access_key, secret_key) = (access_key.to_owned(), secret_key.to_owned());
         for b in buckets {
             std::fs::create_dir_all(root.join(b))?;
         }
@@ -52,7 +72,7 @@ impl S3Server {
             rt.block_on(async move {
                 let service = {
                     let mut b = S3ServiceBuilder::new(fs);
-                    b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+                    b.set_auth(SimpleAuth::from_single(access_key.as_str(), secret_key.as_str()));
                     b.build()
                 };
                 let listener = tokio::net::TcpListener::from_std(listener).expect("listener");

@@ -1,15 +1,18 @@
 //! `cloud-dump-s3-server ROOT [--port N] [--bucket B]…`: a local S3-compatible server for
 //! the quickstart and benchmarks. Credentials: cloud-dump-test / cloud-dump-test-secret.
+//! `--stats FILE` keeps the number of requests served in FILE (rewritten every 100 ms).
 
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut root = None;
     let mut port = 9000u16;
     let mut buckets = Vec::new();
+    let mut stats: Option<String> = None;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--port" => port = args.next().and_then(|p| p.parse().ok()).unwrap_or_else(|| usage()),
             "--bucket" => buckets.push(args.next().unwrap_or_else(|| usage())),
+            "--stats" => stats = Some(args.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             other if root.is_none() && !other.starts_with('-') => root = Some(other.to_owned()),
             _ => usage(),
@@ -27,11 +30,21 @@ fn main() {
     };
     println!("S3 endpoint {} serving {root}", server.endpoint);
     loop {
-        std::thread::park();
+        match &stats {
+            Some(f) => {
+                let n = server.requests.load(std::sync::atomic::Ordering::Relaxed);
+                let tmp = format!("{f}.tmp");
+                if std::fs::write(&tmp, format!("{n}\n")).is_ok() {
+                    let _ = std::fs::rename(&tmp, f);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            None => std::thread::park(),
+        }
     }
 }
 
 fn usage() -> ! {
-    eprintln!("usage: cloud-dump-s3-server ROOT [--port N] [--bucket NAME]...");
+    eprintln!("usage: cloud-dump-s3-server ROOT [--port N] [--bucket NAME]... [--stats FILE]");
     std::process::exit(2);
 }
