@@ -372,9 +372,10 @@ fn sqlite_encryption_exec_and_metrics() {
     std::fs::write(
         &cfg,
         format!(
-            "addr: \"127.0.0.1:{port}\"\ndbs:\n  - path: {}\n    replicas:\n      - url: s3://enc/db\n        endpoint: {}\n        sync-interval: 200ms\n        age:\n          identities:\n            - $CLOUD_DUMP_TEST_AGE_IDENTITY\n",
+            "addr: \"127.0.0.1:{port}\"\ndbs:\n  - path: {}\n    replicas:\n      - url: s3://enc/db\n        endpoint: {}\n        sync-interval: 200ms\n        age:\n          identities:\n            - $CLOUD_DUMP_TEST_AGE_IDENTITY\n      - name: local\n        path: {}\n        compression: lz4\n",
             db.display(),
-            s3.endpoint
+            s3.endpoint,
+            dir.path().join("second").display()
         ),
     )
     .unwrap();
@@ -407,6 +408,12 @@ fn sqlite_encryption_exec_and_metrics() {
     let out = dir.path().join("r.db");
     let (n, _) = restore_fp(db.to_str().unwrap(), &out, &["--config", cfg.to_str().unwrap()], &renv);
     assert_eq!(n, 40);
+    // The second replica of the same database (plain, lz4) holds the same data.
+    let out_local = dir.path().join("r-local.db");
+    let (n, _) =
+        restore_fp(db.to_str().unwrap(), &out_local, &["--config", cfg.to_str().unwrap(), "--replica", "local"], &renv);
+    assert_eq!(n, 40);
+    assert!(walk(&dir.path().join("second")).iter().any(|p| p.to_string_lossy().ends_with(".wal.lz4")));
     // ...a wrong identity is named as such.
     let other = dir.path().join("other.txt");
     cloud_dump(&["keygen", "--output", other.to_str().unwrap()], &[]).ok();
