@@ -620,9 +620,15 @@ impl Db {
         Ok(())
     }
 
-    /// Our checkpoint: with writers held off, copy to the end of the WAL, checkpoint it,
-    /// and begin the new read transaction, so the WAL is closed at a known end. The next
-    /// write then restarts it, and the restart is one we can follow.
+    /// Our checkpoint, in two steps so the application is held back as briefly as possible.
+    /// First, without any lock: end our read transaction, `wal_checkpoint(PASSIVE)` (the
+    /// bulk of the page copying and the fsync), begin it again. Then with the write lock:
+    /// copy to the end of the WAL, checkpoint the few frames written meanwhile (retrying for
+    /// up to 50 ms if the application's own autocheckpoint is busy), begin the read
+    /// transaction again, release. The next write restarts the WAL; we look at it every
+    /// 2 ms (for up to 100 ms) so the restart is followed, and any tail of the old WAL
+    /// copied, long before the new WAL could overwrite it. Forced (the WAL in use reached
+    /// `max-wal-size`): the locked step retries for up to 5 s while readers finish.
     pub fn checkpoint(&mut self, forced: bool) -> Result<bool> {
         let shared = self.shared.clone();
         let gate = if forced {
@@ -633,41 +639,74 @@ impl Db {
                 Err(_) => return Ok(false),
             }
         };
-        if !self.lock(if forced { FORCE_WAIT } else { LOCK_WAIT })? {
-            tracing::debug!(db = %self.p(), "checkpoint postponed: the application holds the write lock");
-            return Ok(false);
-        }
-        let r = self.checkpoint_locked(forced);
-        let u = self.unlock();
+        let salt = self.shadow.as_ref().map(|s| s.header.salt1);
+        let r = self.checkpoint_gated(forced);
         drop(gate);
         if r.is_err() {
             self.shared.metrics.checkpoint_errors.fetch_add(1, Ordering::Relaxed);
         }
-        let done = r?;
+        let full = r?;
+        if full {
+            let until = Instant::now() + Duration::from_millis(100);
+            while Instant::now() < until && self.shadow.as_ref().map(|s| s.header.salt1) == salt {
+                std::thread::sleep(Duration::from_millis(2));
+                self.copy()?;
+            }
+        }
+        Ok(full)
+    }
+
+    fn checkpoint_gated(&mut self, forced: bool) -> Result<bool> {
+        if !forced {
+            match self.copy_inner()? {
+                Copied::Bytes(_) => self.publish(),
+                // The next tick starts the new generation (it needs the gate we hold).
+                Copied::Discontinuity(_) => return Ok(false),
+            }
+            // The bulk of the work, writers going on. (Complete or not, the WAL restarts
+            // only where we can follow it: see the locked step.)
+            self.end_read()?;
+            let first = self.passive();
+            self.begin_read()?;
+            first?;
+        }
+        if !self.lock(if forced { FORCE_WAIT } else { LOCK_WAIT })? {
+            tracing::debug!(db = %self.p(), forced, "checkpoint postponed: the application held the write lock");
+            return Ok(false);
+        }
+        let r = self.checkpoint_locked(forced);
+        let u = self.unlock();
+        let full = r?;
         u?;
-        Ok(done)
+        Ok(full)
+    }
+
+    /// One `wal_checkpoint(PASSIVE)`: true when every frame of the WAL is in the database.
+    fn passive(&self) -> Result<bool> {
+        let (busy, log, done): (i64, i64, i64) =
+            self.sql(
+                self.reader.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))),
+            )?;
+        Ok(busy == 0 && log == done)
     }
 
     fn checkpoint_locked(&mut self, forced: bool) -> Result<bool> {
         self.copy_locked()?;
         self.end_read()?;
-        let deadline = Instant::now() + FORCE_WAIT;
+        // The application's own autocheckpoint may hold the checkpoint lock for a moment.
+        let deadline = Instant::now() + if forced { FORCE_WAIT } else { Duration::from_millis(50) };
         let full = loop {
-            let (busy, log, done): (i64, i64, i64) = self.sql(self.reader.query_row(
-                "PRAGMA wal_checkpoint(PASSIVE)",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            ))?;
-            let full = busy == 0 && log == done;
-            if full || !forced || Instant::now() > deadline {
-                if !full && forced {
-                    tracing::warn!(db = %self.p(), log, done, "forced checkpoint incomplete: other readers hold old snapshots; the WAL keeps growing until they finish");
+            let full = self.passive();
+            if !matches!(full, Ok(false)) || Instant::now() > deadline {
+                if matches!(full, Ok(false)) && forced {
+                    tracing::warn!(db = %self.p(), "forced checkpoint incomplete: other readers hold old snapshots; the WAL keeps growing until they finish");
                 }
                 break full;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(if forced { 10 } else { 1 }));
         };
         self.begin_read()?;
+        let full = full?;
         self.shared.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(db = %self.p(), full, forced, "checkpoint");
         Ok(full)
