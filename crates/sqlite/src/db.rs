@@ -134,6 +134,8 @@ pub struct Db {
     shadow: Option<Shadow>,
     min_checkpoint_pages: u64,
     max_wal_bytes: u64,
+    /// Reused read buffer for the WAL.
+    buf: Vec<u8>,
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {
@@ -217,6 +219,7 @@ impl Db {
             shadow: None,
             min_checkpoint_pages: spec.min_checkpoint_pages,
             max_wal_bytes: spec.max_wal_bytes,
+            buf: Vec::new(),
         };
         db.start()?;
         Ok(db)
@@ -441,21 +444,36 @@ impl Db {
 
     /// Copies committed frames after the shadow's end into the shadow file.
     fn copy_frames(&mut self) -> Result<u64> {
-        let sh = self.shadow.as_mut().expect("a shadow WAL");
         let f = match File::open(&self.wal_path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
         };
+        let mut buf = std::mem::take(&mut self.buf);
+        let r = self.copy_chunks(&f, &mut buf);
+        self.buf = buf;
+        let copied = r?;
+        if copied > 0 {
+            let sh = self.shadow.as_mut().expect("a shadow WAL");
+            sh.file.sync_data().map_err(|e| SqliteError::io("shadow WAL", e))?;
+            self.shared.metrics.wal_bytes.fetch_add(copied, Ordering::Relaxed);
+        }
+        Ok(copied)
+    }
+
+    fn copy_chunks(&mut self, f: &File, buf: &mut Vec<u8>) -> Result<u64> {
+        let sh = self.shadow.as_mut().expect("a shadow WAL");
         let frame = FRAME_HEADER_SIZE + sh.header.page_size as usize;
-        let mut chunk = (READ_CHUNK / frame).max(1) * frame;
-        let mut buf = vec![0u8; chunk];
+        // Start small: past the frames just committed the file usually holds stale frames of
+        // an earlier WAL, not worth reading. Grow while the chain of valid frames goes on.
+        let max_chunk = (READ_CHUNK / frame).max(1) * frame;
+        let mut chunk = frame * 16;
         let mut copied = 0u64;
         loop {
             buf.resize(chunk, 0);
             let mut n = 0;
-            while n < buf.len() {
-                match f.read_at(&mut buf[n..], sh.end + n as u64) {
+            while n < chunk {
+                match f.read_at(&mut buf[n..chunk], sh.end + n as u64) {
                     Ok(0) => break,
                     Ok(k) => n += k,
                     Err(e) => return Err(SqliteError::io(self.wal_path.display(), e)),
@@ -470,20 +488,17 @@ impl Db {
                 sh.checksum = s.checksum;
                 copied += s.len as u64;
             }
-            // Stop where the chain of valid frames ends (or the file does); read on when
-            // it runs past this chunk, with a larger chunk when one transaction fills it.
-            if s.valid < whole || n < buf.len() {
-                break;
+            // Stop where the chain of valid frames ends (or the file does); read on, with a
+            // larger chunk, when it runs past this one (one transaction may be larger still).
+            if s.valid < whole || n < chunk {
+                return Ok(copied);
             }
             if s.len == 0 {
                 chunk *= 2;
+            } else {
+                chunk = (chunk * 2).min(max_chunk);
             }
         }
-        if copied > 0 {
-            sh.file.sync_data().map_err(|e| SqliteError::io("shadow WAL", e))?;
-            self.shared.metrics.wal_bytes.fetch_add(copied, Ordering::Relaxed);
-        }
-        Ok(copied)
     }
 
     /// Follows the WAL: new frames, or a restart that continues the closed WAL.
@@ -647,10 +662,14 @@ impl Db {
         }
         let full = r?;
         if full {
+            // Only the 32-byte header is read while waiting; the copy runs once it changed.
             let until = Instant::now() + Duration::from_millis(100);
-            while Instant::now() < until && self.shadow.as_ref().map(|s| s.header.salt1) == salt {
+            while Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(2));
-                self.copy()?;
+                if self.read_wal_header()?.map(|(_, h)| h.salt1) != salt {
+                    self.copy()?;
+                    break;
+                }
             }
         }
         Ok(full)
