@@ -44,8 +44,8 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
         let mut w = Watched { db: shared.clone(), replicas: Vec::new() };
         let mut tasks = Vec::new();
         for (slot, (r, repo)) in spec.replicas.iter().zip(repos).enumerate() {
-            if r.validation_interval.is_some() {
-                tracing::warn!(replica = %r.name, "validation-interval is accepted but not implemented: no periodic restore-and-compare is done");
+            if r.validation_interval.is_some() && !r.recipients.is_empty() && r.identities.is_empty() {
+                tracing::warn!(replica = %r.name, "validation-interval needs age identities to decrypt the replica; validations will fail");
             }
             let rep = Replica::new(r.clone(), repo, shared.clone(), slot);
             w.replicas.push((r.name.clone(), rep.metrics.clone()));

@@ -275,7 +275,7 @@ fn sqlite_retention_keeps_the_window_restorable() {
     std::fs::write(
         &cfg,
         format!(
-            "dbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n        snapshot-interval: 1s\n        retention: 3s\n        retention-check-interval: 1s\n",
+            "dbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n        snapshot-interval: 1s\n        retention: 3s\n        retention-check-interval: 1s\n        validation-interval: 2s\n",
             db.display(),
             replica.display()
         ),
@@ -304,6 +304,8 @@ fn sqlite_retention_keeps_the_window_restorable() {
     let early_s = rfc3339(early);
     assert!(oldest.as_str() > early_s.as_str(), "retention kept a snapshot from {oldest}, before {early_s}");
     assert!(log.contains("retention: removed"), "{log}");
+    assert!(log.contains("validation: the replica restores and passes integrity_check"), "{log}");
+    assert!(!log.contains("validation FAILED"), "{log}");
     // Latest and a time inside the window both restore.
     let out = dir.path().join("latest.db");
     assert_eq!(restore_fp(&format!("file://{url}"), &out, &[], &[]), fingerprint(&db));
