@@ -7,13 +7,16 @@
 //! WAL must stand still: at start, at a new generation, and around our checkpoints.
 //!
 //! Continuity: the shadow WAL of generation G, index i, is a byte copy of the database's WAL
-//! (header + committed frames, each frame's salts and running checksum verified). Each time
-//! `reader` begins its read transaction we hold the write lock and have just copied the WAL
-//! to its end: that WAL is *closed*. While `reader` reads, SQLite can restart the WAL only if
-//! it was fully checkpointed when `reader` began, and then nothing new can be checkpointed
-//! until `reader` ends; so a restarted WAL whose header follows the closed one (checkpoint
-//! sequence + 1, salt-1 + 1) continues it as index i+1. Any other change of the WAL header,
-//! a shadow that does not match the WAL, or a replaced database file starts a new generation.
+//! (header + committed frames, each frame's salts and running checksum verified). When SQLite
+//! restarts the WAL (after a complete checkpoint, ours or the application's), the new header's
+//! salt-1 is the old one + 1, and the new WAL overwrites the file from its start: the old
+//! WAL's frames past what we copied are still in the file until the new WAL reaches them.
+//! So a restart is followed as index i+1 after copying the old WAL's remaining committed
+//! frames, provided the frame header at our end still is not the new WAL's, before and after
+//! that copy. Any other change of the WAL header (salt-1 not + 1: two restarts, a truncated
+//! or replaced WAL), a new WAL already past our end, a shadow that does not match the WAL at
+//! start, or a replaced database file starts a new generation. Our checkpoints watch the WAL
+//! closely right after they complete, so the restart they cause is followed within ~2 ms.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -501,7 +504,7 @@ impl Db {
         }
     }
 
-    /// Follows the WAL: new frames, or a restart that continues the closed WAL.
+    /// Follows the WAL: new frames, or a restart that continues the WAL we copied.
     fn copy_inner(&mut self) -> Result<Copied> {
         let Some((raw, header)) = self.read_wal_header()? else {
             return Ok(Copied::Bytes(0));
