@@ -368,7 +368,7 @@ impl Db {
             return Ok(Err("the database has no WAL".into()));
         };
         if raw[..] != bytes[..HEADER_SIZE] {
-            return Ok(Err("the database's WAL was restarted or replaced while cloud-dump was not running".into()));
+            return Ok(Err("the database's WAL does not continue the shadow WAL (restarted, truncated or replaced while cloud-dump was not following it)".into()));
         }
         if c.end > HEADER_SIZE as u64 {
             // The last copied frame must still be in the WAL, with the same running checksum.

@@ -264,6 +264,39 @@ fn sqlite_survives_kill_9_and_application_checkpoints() {
     assert_eq!(generations(&url), before + 1, "{log}");
     let out = dir.path().join("after-checkpoint.db");
     assert_eq!(restore_fp(&url, &out, &[], &[]), fingerprint(&db), "restore after the app's checkpoint differs");
+
+    // The database file is replaced by another one while replicating: reopened, new generation.
+    let rep = replicate(&args, &[]);
+    std::thread::sleep(Duration::from_millis(800));
+    let other_dir = dir.path().join("other-dir");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = app_db(&other_dir);
+    {
+        let c = open(&other);
+        for _ in 0..123 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(100))", []).unwrap();
+        }
+        c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    }
+    std::fs::rename(&other, &db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    {
+        let c = open(&db);
+        for _ in 0..7 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(100))", []).unwrap();
+        }
+    }
+    std::thread::sleep(Duration::from_millis(800));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("the database file was replaced"), "{log}");
+    let out = dir.path().join("after-replace.db");
+    let restored = restore_fp(&url, &out, &[], &[]);
+    assert_eq!(restored.0, 130);
+    assert_eq!(restored, fingerprint(&db), "restore after the file was replaced differs");
 }
 
 #[test]
