@@ -197,6 +197,18 @@ fn sqlite_replicate_restore_and_point_in_time_on_s3() {
     let g = sqlite(&["generations", "--json", url], &env).ok();
     let gens: serde_json::Value = serde_json::from_str(&g.stdout).unwrap();
     assert_eq!(gens.as_array().unwrap().len(), 1, "{}\n{log}", g.stdout);
+    // --generation names it; --index 0 stops after the first WAL index.
+    let generation = gens[0]["generation"].as_str().unwrap().to_owned();
+    let out_g = dir.path().join("by-generation.db");
+    assert_eq!(restore_fp(url, &out_g, &["--generation", &generation], &env), source);
+    let out_i = dir.path().join("by-index.db");
+    let (n0, _) = restore_fp(url, &out_i, &["--index", "0"], &env);
+    assert!(n0 <= source.0, "{n0}");
+    sqlite(
+        &["restore", "--generation", "0123456789abcdef", "-o", dir.path().join("x.db").to_str().unwrap(), url],
+        &env,
+    )
+    .fails_with("no generation 0123456789abcdef");
     let s = sqlite(&["snapshots", url], &env).ok();
     assert!(s.stdout.lines().count() >= 2, "{}", s.stdout);
     let wv: serde_json::Value = serde_json::from_str(&sqlite(&["wal", "--json", url], &env).ok().stdout).unwrap();
@@ -403,14 +415,25 @@ fn sqlite_encryption_exec_and_metrics() {
     let id_text = std::fs::read_to_string(dir.path().join("id.txt")).unwrap();
     let secret = id_text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).unwrap().to_owned();
     let port = cloud_dump_testkit::free_port();
+    // A second database in the same config, with its own file replica.
+    let two_dir = dir.path().join("two");
+    std::fs::create_dir_all(&two_dir).unwrap();
+    let two = app_db(&two_dir);
+    {
+        let c = open(&two);
+        for _ in 0..5 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(10))", []).unwrap();
+        }
+    }
     let cfg = dir.path().join("c.yml");
     std::fs::write(
         &cfg,
         format!(
-            "addr: \"127.0.0.1:{port}\"\ndbs:\n  - path: {}\n    replicas:\n      - url: s3://enc/db\n        endpoint: {}\n        sync-interval: 200ms\n        age:\n          identities:\n            - $CLOUD_DUMP_TEST_AGE_IDENTITY\n      - name: local\n        path: {}\n        compression: lz4\n",
+            "addr: \"127.0.0.1:{port}\"\ndbs:\n  - path: {two}\n    replicas:\n      - path: {two}-replica\n  - path: {}\n    replicas:\n      - url: s3://enc/db\n        endpoint: {}\n        sync-interval: 200ms\n        age:\n          identities:\n            - $CLOUD_DUMP_TEST_AGE_IDENTITY\n      - name: local\n        path: {}\n        compression: lz4\n",
             db.display(),
             s3.endpoint,
-            dir.path().join("second").display()
+            dir.path().join("second").display(),
+            two = two.display()
         ),
     )
     .unwrap();
@@ -449,6 +472,14 @@ fn sqlite_encryption_exec_and_metrics() {
         restore_fp(db.to_str().unwrap(), &out_local, &["--config", cfg.to_str().unwrap(), "--replica", "local"], &renv);
     assert_eq!(n, 40);
     assert!(walk(&dir.path().join("second")).iter().any(|p| p.to_string_lossy().ends_with(".wal.lz4")));
+    let out_two = dir.path().join("r-two.db");
+    assert_eq!(
+        restore_fp(two.to_str().unwrap(), &out_two, &["--config", cfg.to_str().unwrap()], &renv),
+        fingerprint(&two)
+    );
+    let dbs = sqlite(&["databases", "--json", "--config", cfg.to_str().unwrap()], &renv).ok();
+    let v: serde_json::Value = serde_json::from_str(&dbs.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2, "{}", dbs.stdout);
     // ...a wrong identity is named as such.
     let other = dir.path().join("other.txt");
     cloud_dump(&["keygen", "--output", other.to_str().unwrap()], &[]).ok();
