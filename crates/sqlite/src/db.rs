@@ -123,6 +123,38 @@ struct Shadow {
     file: File,
 }
 
+impl Shadow {
+    /// A new shadow WAL file holding just the WAL header (replacing a leftover of a crash).
+    fn create(
+        meta: &Path,
+        generation: String,
+        index: u64,
+        raw: [u8; HEADER_SIZE],
+        header: WalHeader,
+    ) -> Result<Shadow> {
+        let path = shadow_path(meta, &generation, index);
+        let dir = path.parent().expect("shadow path has a parent");
+        fs::create_dir_all(dir).map_err(|e| SqliteError::io(dir.display(), e))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .map_err(|e| SqliteError::io(path.display(), e))?;
+        (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
+        Ok(Shadow {
+            generation,
+            index,
+            raw_header: raw,
+            header,
+            end: HEADER_SIZE as u64,
+            checksum: header.checksum,
+            file,
+        })
+    }
+}
+
 enum Copied {
     Bytes(u64),
     Discontinuity(String),
@@ -399,25 +431,7 @@ impl Db {
         let Some((raw, header)) = self.read_wal_header()? else {
             return Err(SqliteError::db(self.p(), "the database has no WAL to start a generation from"));
         };
-        let path = shadow_path(&self.shared.meta_dir, &generation, 0);
-        let dir = path.parent().expect("shadow path has a parent");
-        fs::create_dir_all(dir).map_err(|e| SqliteError::io(dir.display(), e))?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| SqliteError::io(path.display(), e))?;
-        (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
-        self.shadow = Some(Shadow {
-            generation: generation.clone(),
-            index: 0,
-            raw_header: raw,
-            header,
-            end: HEADER_SIZE as u64,
-            checksum: header.checksum,
-            file,
-        });
+        self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation.clone(), 0, raw, header)?);
         self.copy_frames()?;
         let meta = &self.shared.meta_dir;
         let tmp = meta.join("generation.tmp");
@@ -539,24 +553,7 @@ impl Db {
             }
             let sh = self.shadow.as_ref().expect("a shadow WAL");
             let (generation, index) = (sh.generation.clone(), sh.index + 1);
-            let path = shadow_path(&self.shared.meta_dir, &generation, index);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)
-                .map_err(|e| SqliteError::io(path.display(), e))?;
-            (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
-            self.shadow = Some(Shadow {
-                generation,
-                index,
-                raw_header: raw,
-                header,
-                end: HEADER_SIZE as u64,
-                checksum: header.checksum,
-                file,
-            });
+            self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation, index, raw, header)?);
             tracing::debug!(db = %self.p(), index, "the WAL restarted after our checkpoint; next shadow WAL");
         }
         Ok(Copied::Bytes(self.copy_frames()?))
