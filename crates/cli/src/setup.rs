@@ -21,7 +21,12 @@ pub fn repo_url(g: &GlobalArgs) -> Result<String> {
 
 pub async fn open_repo(g: &GlobalArgs) -> Result<Repo> {
     let url = repo_url(g)?;
-    let opts = StorageOptions {
+    Ok(Repo::open(&url, &storage_options(g)).await?)
+}
+
+/// How to reach the store, from the global flags (credentials come from the environment).
+pub fn storage_options(g: &GlobalArgs) -> StorageOptions {
+    StorageOptions {
         s3_endpoint: g.s3_endpoint.clone(),
         s3_region: g.s3_region.clone(),
         s3_virtual_hosted_style: g.s3_virtual_hosted_style,
@@ -33,8 +38,7 @@ pub async fn open_repo(g: &GlobalArgs) -> Result<Repo> {
         storj_auth_service: g.storj_auth_service.clone(),
         storj_gateway: g.storj_gateway.clone(),
         parts_in_flight: 4,
-    };
-    Ok(Repo::open(&url, &opts).await?)
+    }
 }
 
 pub fn layout(g: &GlobalArgs) -> Result<Layout> {

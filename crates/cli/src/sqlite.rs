@@ -10,7 +10,7 @@ use cloud_dump_sqlite::config::{parse_duration, Config, DbSpec, ReplicaSpec};
 use cloud_dump_sqlite::layout::{Entry, Kind};
 use cloud_dump_sqlite::replica::list_entries;
 use cloud_dump_sqlite::restore::{self, format_ms, Target};
-use cloud_dump_storage::{Repo, StorageOptions};
+use cloud_dump_storage::Repo;
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -56,21 +56,6 @@ pub async fn run(g: &GlobalArgs, cmd: &SqliteCommand) -> Result<ExitCode> {
     }
 }
 
-fn storage_options(g: &GlobalArgs) -> StorageOptions {
-    StorageOptions {
-        s3_endpoint: g.s3_endpoint.clone(),
-        s3_region: g.s3_region.clone(),
-        s3_virtual_hosted_style: g.s3_virtual_hosted_style,
-        s3_allow_http: g.s3_allow_http,
-        s3_skip_verify: g.s3_skip_verify,
-        storj_access: g.storj_access.clone(),
-        storj_auth_service: g.storj_auth_service.clone(),
-        storj_gateway: g.storj_gateway.clone(),
-        parts_in_flight: 4,
-        ..Default::default()
-    }
-}
-
 fn config_path(c: &SqliteConfigArg) -> PathBuf {
     c.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
 }
@@ -98,7 +83,7 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
             }
             let mut replicas = Vec::new();
             for url in &a.replicas {
-                let mut r = ReplicaSpec::from_url(url, storage_options(g))?;
+                let mut r = ReplicaSpec::from_url(url, setup::storage_options(g))?;
                 if let Some(s) = &a.sync_interval {
                     r.sync_interval = parse_duration(s).map_err(anyhow::Error::msg).context("--sync-interval")?;
                     if r.sync_interval.is_zero() {
@@ -200,7 +185,7 @@ fn resolve(
         if replica.is_some() {
             bail!("--replica picks among a database's configured replicas; with a replica URL it is not needed");
         }
-        return Ok((None, vec![ReplicaSpec::from_url(target, storage_options(g))?]));
+        return Ok((None, vec![ReplicaSpec::from_url(target, setup::storage_options(g))?]));
     }
     let cfg = load_config(config)?;
     let path = Path::new(target);
