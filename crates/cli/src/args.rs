@@ -281,6 +281,11 @@ pub struct GlobalArgs {
     /// Do not verify the endpoint's TLS certificate.
     #[arg(long, env = "CLOUD_DUMP_S3_SKIP_VERIFY", global = true)]
     pub s3_skip_verify: bool,
+    /// Seconds a connection to the object store may stay silent while a request streams
+    /// (S3, GCS, Azure); a whole transfer has no time limit.
+    #[arg(long, env = "CLOUD_DUMP_IO_TIMEOUT", global = true, default_value_t = 60, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub io_timeout: u64,
 
     /// Storj access grant, exchanged once for gateway credentials.
     #[arg(long, env = "STORJ_ACCESS", global = true, hide_env_values = true, value_name = "GRANT")]

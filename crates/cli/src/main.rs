@@ -22,8 +22,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogLevel};
 
-/// `wal-fetch --config FILE`: KEY=VALUE lines become environment defaults before the flags
-/// are read (a variable already set wins).
+/// `wal-fetch --config FILE`: the settings file `restore` wrote. It is the whole truth for
+/// that command: its KEY=VALUE lines override the environment, and cloud-dump's own
+/// settings the file does not hold are removed from it (a server environment with
+/// `CLOUD_DUMP_*` for archive_command must not send wal-fetch to another repository).
+/// Credentials the file does not hold stay (the server's own credential chain).
 fn load_config_file() -> std::result::Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
     // `sqlite … --config` is a YAML file, read by the sqlite commands themselves.
@@ -33,6 +36,7 @@ fn load_config_file() -> std::result::Result<(), String> {
     let Some(pos) = args.iter().position(|a| a == "--config") else { return Ok(()) };
     let Some(path) = args.get(pos + 1) else { return Ok(()) };
     let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --config {path}: {e}"))?;
+    let mut pairs = Vec::new();
     for line in text.lines() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
@@ -41,11 +45,23 @@ fn load_config_file() -> std::result::Result<(), String> {
         let Some((k, v)) = line.split_once('=') else {
             return Err(format!("--config {path}: bad line (expected KEY=VALUE)"));
         };
-        if std::env::var_os(k.trim()).is_none() {
-            std::env::set_var(k.trim(), v);
+        pairs.push((k.trim().to_owned(), v.to_owned()));
+    }
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if is_setting(&k) {
+            std::env::remove_var(&*k);
         }
     }
+    for (k, v) in pairs {
+        std::env::set_var(k, v);
+    }
     Ok(())
+}
+
+/// A variable that is one of cloud-dump's settings (not a credential).
+fn is_setting(name: &str) -> bool {
+    name.starts_with("CLOUD_DUMP_") || name.starts_with("WAL_") || name.starts_with("STORJ_")
 }
 
 fn main() -> ExitCode {
@@ -132,7 +148,7 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
         parallel: g.parallel as usize,
         label: a.label.clone(),
     };
-    let repo = setup::open_repo(g).await?;
+    let repo = setup::create_repo(g).await?;
     let progress = progress::make(g.progress);
     let started = std::time::Instant::now();
     let m = run_backup(&repo, &req, progress.as_ref()).await.context("backup failed")?;

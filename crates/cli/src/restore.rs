@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{repokey, Decryption, ExposeSecret, SecretString};
 use cloud_dump_postgres::recovery::{
-    check_target, choose_backup, parse_time, restore_command, write_recovery, RecoverySettings, RecoveryTarget,
+    check_target, choose_backup, parse_time, recovery_lines, restore_command, shell_quote, write_recovery,
+    RecoverySettings, RecoveryTarget,
 };
 use cloud_dump_postgres::{list_backups, plan_restore, run_restore, Lsn, ObjectKind, RestoreRequest, WalArchive};
 
@@ -74,6 +75,13 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     };
     let plan = plan_restore(&repo, &req).await?;
     let m = &plan.manifest;
+    if !m.encrypted && !matches!(req.decryption, Decryption::None) {
+        bail!(
+            "backup {} is not encrypted although a key was given; refusing to restore it (whoever can write to the repository could have replaced an encrypted backup with a plain one)",
+            m.name
+        );
+    }
+    let seg_size = m.wal_segment_size();
 
     // WAL the target needs, and whether the archive can reach it.
     let wal = WalArchive::new(&repo, &layout);
@@ -81,13 +89,13 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     if let Some(t) = &target {
         check_target(m, t)?;
         let names = wal.list_names().await?;
-        let first = m.end_lsn.segment_name(m.timeline, 16 << 20);
+        let first = m.end_lsn.segment_name(m.timeline, seg_size);
         let segments: Vec<_> = names.iter().filter(|(n, _)| n.len() == 24 && n[8..] >= first[8..]).collect();
         let newest = segments.iter().map(|(n, _)| n[8..].to_owned()).max();
         let newest_time = names.iter().map(|(_, t)| *t).max();
         match t {
             RecoveryTarget::Lsn(l) => {
-                let need = l.segment_name(m.timeline, 16 << 20);
+                let need = l.segment_name(m.timeline, seg_size);
                 if newest.as_deref().is_none_or(|n| n < &need[8..]) {
                     bail!(
                         "recovery target LSN {l} is after the newest archived WAL in {} ({}); nothing can replay to it",
@@ -154,9 +162,33 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             }
         );
     }
-    // Open the WAL keys before writing anything: a wrong passphrase should stop us here.
+    // Open the WAL keys and check every setting before writing anything: a wrong
+    // passphrase or a bad target name must stop us here.
     let wal_config = match &target {
         Some(_) => Some(wal_settings(g, a, &req, &repo, wal.dir()).await?),
+        None => None,
+    };
+    let spool = plan.pgdata.join("pg_wal/.cloud-dump");
+    let conf = spool.join("restore.conf");
+    let settings = match &target {
+        Some(t) => {
+            let exe = std::env::current_exe().context("cannot find the cloud-dump binary for restore_command")?;
+            let s = RecoverySettings {
+                target: t.clone(),
+                action: match a.recovery_target_action {
+                    TargetAction::Promote => "promote",
+                    TargetAction::Pause => "pause",
+                    TargetAction::Shutdown => "shutdown",
+                }
+                .into(),
+                timeline: a.recovery_target_timeline.clone(),
+                restore_command: restore_command(&exe, &conf),
+                // The settings file holds secrets: gone once recovery ends.
+                end_command: Some(format!("rm -rf -- {}", shell_quote(&spool.to_string_lossy()).replace('%', "%%"))),
+            };
+            recovery_lines(&s)?;
+            Some(s)
+        }
         None => None,
     };
 
@@ -165,10 +197,9 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     run_restore(&repo, &plan, &req, progress).await?;
     let secs = started.elapsed().as_secs_f64();
 
-    if let (Some(t), Some(config)) = (target, wal_config) {
-        let dir = plan.pgdata.join("pg_wal/.cloud-dump");
-        std::fs::create_dir_all(&dir)?;
-        let conf = dir.join("restore.conf");
+    if let (Some(settings), Some(config)) = (settings, wal_config) {
+        let t = settings.target.clone();
+        std::fs::create_dir_all(&spool)?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -176,19 +207,16 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             .open(&conf)
             .with_context(|| format!("cannot create {}", conf.display()))?;
         f.write_all(config.as_bytes())?;
-        let exe = std::env::current_exe().context("cannot find the cloud-dump binary for restore_command")?;
-        let settings = RecoverySettings {
-            target: t.clone(),
-            action: match a.recovery_target_action {
-                TargetAction::Promote => "promote",
-                TargetAction::Pause => "pause",
-                TargetAction::Shutdown => "shutdown",
-            }
-            .into(),
-            timeline: a.recovery_target_timeline.clone(),
-            restore_command: restore_command(&exe, &conf),
-        };
-        write_recovery(&plan.pgdata, m.pg_version_num, &settings)?;
+        f.sync_all()?;
+        let done = write_recovery(&plan.pgdata, m.pg_version_num, &settings)?;
+        for (file, name) in &done.settings {
+            tracing::warn!(
+                "{file}: disabled {name} inherited from the backup (this restore sets its own recovery settings)"
+            );
+        }
+        for file in &done.removed {
+            tracing::warn!("removed {file} inherited from the backup");
+        }
         println!(
             "restored backup {} into {} ({} in {:.1} s); PostgreSQL will replay archived WAL from {} up to {}: pg_ctl start -D {}",
             m.name,
@@ -251,7 +279,7 @@ async fn wal_settings(
         }
     }
     for (k, v) in std::env::vars() {
-        if k.starts_with("AWS_") || k.starts_with("GOOGLE_") || k.starts_with("AZURE_") {
+        if copied_credential(&k, |n| std::env::var_os(n).is_some()) {
             put(&k, &v);
         }
     }
@@ -277,4 +305,64 @@ async fn wal_settings(
         put(wal::IDENTITY_ENV, &identities.join(","));
     }
     Ok(out)
+}
+
+/// Which of the restoring shell's cloud variables the settings file keeps for wal-fetch.
+/// Static settings and long-lived keys are copied; what the standard credential chains
+/// supply on the server itself (instance metadata, web identity, profiles) and short-lived
+/// session credentials are not: a frozen copy would expire during a long recovery.
+fn copied_credential(name: &str, is_set: impl Fn(&str) -> bool) -> bool {
+    const STATIC: &[&str] = &[
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ALLOW_HTTP",
+        "AWS_CA_BUNDLE",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+        "AWS_S3_EXPRESS",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "GOOGLE_SERVICE_ACCOUNT",
+        "GOOGLE_SERVICE_ACCOUNT_PATH",
+        "GOOGLE_SERVICE_ACCOUNT_KEY",
+        "GOOGLE_BUCKET",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+        "AZURE_STORAGE_ACCOUNT_KEY",
+        "AZURE_STORAGE_ACCESS_KEY",
+        "AZURE_STORAGE_USE_EMULATOR",
+        "AZURE_STORAGE_ENDPOINT",
+        "AZURE_ALLOW_HTTP",
+    ];
+    match name {
+        // Long-lived keys, unless they come with a session token (then they expire).
+        "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" => !is_set("AWS_SESSION_TOKEN"),
+        n => STATIC.contains(&n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copied_credential;
+
+    #[test]
+    fn only_long_lived_credentials_are_copied() {
+        let none = |_: &str| false;
+        let session = |n: &str| n == "AWS_SESSION_TOKEN";
+        assert!(copied_credential("AWS_ACCESS_KEY_ID", none));
+        assert!(!copied_credential("AWS_ACCESS_KEY_ID", session));
+        assert!(!copied_credential("AWS_SECRET_ACCESS_KEY", session));
+        for chain in [
+            "AWS_SESSION_TOKEN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_ROLE_ARN",
+            "AWS_PROFILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AZURE_FEDERATED_TOKEN_FILE",
+            "AZURE_CLIENT_SECRET",
+        ] {
+            assert!(!copied_credential(chain, none), "{chain}");
+        }
+        assert!(copied_credential("AWS_REGION", none));
+    }
 }

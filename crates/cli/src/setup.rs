@@ -19,9 +19,16 @@ pub fn repo_url(g: &GlobalArgs) -> Result<String> {
     }
 }
 
+/// An existing repository (a missing file:// directory is an error).
 pub async fn open_repo(g: &GlobalArgs) -> Result<Repo> {
     let url = repo_url(g)?;
     Ok(Repo::open(&url, &storage_options(g)).await?)
+}
+
+/// The repository a backup writes to, created on first use.
+pub async fn create_repo(g: &GlobalArgs) -> Result<Repo> {
+    let url = repo_url(g)?;
+    Ok(Repo::create(&url, &storage_options(g)).await?)
 }
 
 /// How to reach the store, from the global flags (credentials come from the environment).
@@ -38,6 +45,7 @@ pub fn storage_options(g: &GlobalArgs) -> StorageOptions {
         storj_auth_service: g.storj_auth_service.clone(),
         storj_gateway: g.storj_gateway.clone(),
         parts_in_flight: 4,
+        read_timeout: Some(std::time::Duration::from_secs(g.io_timeout)),
     }
 }
 

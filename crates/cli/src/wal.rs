@@ -11,7 +11,6 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{parse_recipients, repokey, Compression, EncodeSpec, Encryption};
-use cloud_dump_postgres::wal::{next_segments, DEFAULT_SEGMENT_SIZE};
 use cloud_dump_postgres::{is_segment, write_atomically, PushOutcome, WalArchive, WalKeys};
 use futures::StreamExt;
 
@@ -63,7 +62,12 @@ pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
                 .with_context(|| format!("cannot read recipient key file {}", f.display()))?;
             Encryption::Recipients(parse_recipients(&text, &f.display().to_string())?)
         }
-        (true, Some(p), None) => Encryption::Recipients(vec![repokey::recipient(&repo, wal.dir(), p).await?]),
+        (true, Some(p), None) => {
+            // Proofs of the repository key are remembered beside pg_wal's files (never in a
+            // base backup), so scrypt runs once per key, not once per segment.
+            let verified = a.path.parent().map(|d| d.join(".cloud-dump"));
+            Encryption::Recipients(vec![repokey::recipient(&repo, wal.dir(), p, verified.as_deref()).await?])
+        }
         (true, None, None) => {
             bail!("--encrypt needs --passphrase (WAL_PASSPHRASE), --passphrase-file or --recipient-key")
         }
@@ -120,16 +124,15 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
             Ok(true)
         }
         None => {
-            // A missing segment with a later one archived is a hole, not the end of the archive.
+            // A missing segment with any later one of its timeline archived is a hole, not
+            // the end of the archive (whatever the segment size).
             if is_segment(&a.name) {
-                if let Some(next) = next_segments(&a.name, 1, DEFAULT_SEGMENT_SIZE).first() {
-                    if wal.find(next).await?.is_some() {
-                        bail!(
-                            "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
-                            a.name,
-                            wal.dir()
-                        );
-                    }
+                if let Some(next) = wal.segments_after(&a.name, 1).await?.first() {
+                    bail!(
+                        "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
+                        a.name,
+                        wal.dir()
+                    );
                 }
             }
             Ok(false)
@@ -180,10 +183,8 @@ pub async fn prefetch(g: &GlobalArgs, a: &WalFetchArgs) -> Result<()> {
         let repo = setup::open_repo(g).await?;
         let wal = WalArchive::new(&repo, &layout);
         let keys = keys(passphrase(&a.passphrase, &a.passphrase_file)?, &a.identity_key)?;
-        let wanted: Vec<String> = next_segments(&a.name, a.prefetch, DEFAULT_SEGMENT_SIZE)
-            .into_iter()
-            .filter(|n| !spool.join(n).exists())
-            .collect();
+        let wanted: Vec<String> =
+            wal.segments_after(&a.name, a.prefetch).await?.into_iter().filter(|n| !spool.join(n).exists()).collect();
         let wal = &wal;
         let keys = &keys;
         let spool = &spool;

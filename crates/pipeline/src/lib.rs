@@ -13,4 +13,4 @@ pub use codec::{
 };
 pub use error::{PipelineError, Result};
 pub use stages::{decoder, Digest, Digesting, Encoder, Hasher};
-pub use transfer::{read_decoded, Sink, Source, Stored};
+pub use transfer::{read_decoded, Finishing, Sink, Source, Stored};

@@ -80,19 +80,63 @@ pub fn open_identity(sealed_hex: &str, passphrase: &SecretString, what: &str) ->
 
 /// The public half, creating the key pair on first use (create-only: concurrent first
 /// pushes agree on one key).
-pub async fn recipient(repo: &Repo, wal_dir: &str, passphrase: &SecretString) -> Result<age::x25519::Recipient> {
+///
+/// The recipient line is stored in clear, so whoever can write to the store could replace
+/// it and receive all later WAL. It is used only once proven: the sealed identity, opened
+/// with the passphrase (one scrypt), must have exactly this public half; a mismatch or a
+/// wrong passphrase stops archiving. The proof is remembered in `verified_dir` (a marker
+/// named by a hash of the repository, the key object's whole text; no secret in it), so
+/// scrypt runs once per key and host, not once per WAL file.
+pub async fn recipient(
+    repo: &Repo,
+    wal_dir: &str,
+    passphrase: &SecretString,
+    verified_dir: Option<&std::path::Path>,
+) -> Result<age::x25519::Recipient> {
     let key = format!("{wal_dir}{KEY_OBJECT}");
+    let marker = |text: &str| -> Option<std::path::PathBuf> {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(format!("{}\n{key}\n{text}", repo.url()).as_bytes());
+        verified_dir.map(|d| d.join(format!("wal-key-verified-{}", hex::encode(&h[..16]))))
+    };
     for _ in 0..3 {
         match repo.get(&key).await {
-            Ok(bytes) => return Ok(parse(&key, &String::from_utf8_lossy(&bytes))?.0),
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let (recipient, sealed) = parse(&key, &text)?;
+                let mark = marker(&text);
+                if mark.as_ref().is_some_and(|m| m.exists()) {
+                    return Ok(recipient);
+                }
+                let (sealed, p, what) = (hex::encode(sealed), passphrase.clone(), key.clone());
+                let identity = tokio::task::spawn_blocking(move || open_identity(&sealed, &p, &what))
+                    .await
+                    .map_err(|e| PipelineError::io(&key, std::io::Error::other(e)))?
+                    .map_err(|e| match e {
+                        PipelineError::Decrypt { key, .. } => PipelineError::Decrypt {
+                            key,
+                            reason: "the passphrase does not open the repository WAL key (a wrong passphrase, or the key object was replaced); archiving stopped".into(),
+                        },
+                        other => other,
+                    })?;
+                if identity.to_public().to_string() != recipient.to_string() {
+                    return Err(bad(
+                        &key,
+                        "its recipient line does not belong to its sealed identity: the key object was tampered with; archiving stopped (WAL is never encrypted to an unproven key)",
+                    ));
+                }
+                remember(mark);
+                return Ok(recipient);
+            }
             Err(StorageError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
         let (identity, sealed) = seal_new_identity(passphrase).map_err(|e| PipelineError::io(&key, e))?;
         let text = format!("{HEADER}recipient: {}\nidentity: {sealed}\n", identity.to_public());
-        match repo.put_new_durable(&key, Bytes::from(text), &[]).await {
+        match repo.put_new_durable(&key, Bytes::from(text.clone()), &[]).await {
             Ok(()) => {
                 tracing::info!("created the repository WAL key {key}");
+                remember(marker(&text));
                 return Ok(identity.to_public());
             }
             Err(StorageError::AlreadyExists { .. }) => continue,
@@ -100,6 +144,16 @@ pub async fn recipient(repo: &Repo, wal_dir: &str, passphrase: &SecretString) ->
         }
     }
     Err(bad(&key, "could not be created or read"))
+}
+
+/// Best effort: a marker that could not be written costs one scrypt next time.
+fn remember(marker: Option<std::path::PathBuf>) {
+    if let Some(m) = marker {
+        if let Some(d) = m.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let _ = std::fs::write(&m, b"verified\n");
+    }
 }
 
 /// The private half, opened with the passphrase (one scrypt). `None` when the archive has
@@ -133,13 +187,41 @@ mod tests {
     async fn created_once_and_opened_with_the_passphrase() {
         let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
         let p: SecretString = "s3cret".to_owned().into();
-        let r1 = recipient(&repo, "wal/", &p).await.unwrap();
-        let r2 = recipient(&repo, "wal/", &"other".to_owned().into()).await.unwrap();
+        let r1 = recipient(&repo, "wal/", &p, None).await.unwrap();
+        let r2 = recipient(&repo, "wal/", &p, None).await.unwrap();
         assert_eq!(r1.to_string(), r2.to_string(), "a second push must reuse the key");
+        let err = recipient(&repo, "wal/", &"other".to_owned().into(), None).await.unwrap_err().to_string();
+        assert!(err.contains("does not open"), "{err}");
         let id = identity(&repo, "wal/", &p).await.unwrap().unwrap();
         assert_eq!(id.to_public().to_string(), r1.to_string());
         let err = identity(&repo, "wal/", &"wrong".to_owned().into()).await.err().unwrap().to_string();
         assert!(err.contains("wrong passphrase"), "{err}");
         assert!(identity(&repo, "elsewhere/", &p).await.unwrap().is_none());
+    }
+
+    /// Whoever rewrites the clear recipient line must not receive WAL: the key is refused,
+    /// also after a verification was remembered for the original text.
+    #[tokio::test]
+    async fn a_replaced_recipient_is_refused() {
+        let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
+        let p: SecretString = "s3cret".to_owned().into();
+        let cache = tempfile::tempdir().unwrap();
+        let good = recipient(&repo, "wal/", &p, Some(cache.path())).await.unwrap();
+        assert_eq!(recipient(&repo, "wal/", &p, Some(cache.path())).await.unwrap().to_string(), good.to_string());
+        let text = String::from_utf8(repo.get("wal/cloud-dump-wal.key").await.unwrap().to_vec()).unwrap();
+        let attacker = age::x25519::Identity::generate().to_public().to_string();
+        let forged = text.replace(&good.to_string(), &attacker);
+        assert_ne!(forged, text);
+        repo.delete("wal/cloud-dump-wal.key").await.unwrap();
+        repo.put_new("wal/cloud-dump-wal.key", Bytes::from(forged)).await.unwrap();
+        let err = recipient(&repo, "wal/", &p, Some(cache.path())).await.unwrap_err().to_string();
+        assert!(err.contains("tampered"), "{err}");
+        // A whole new key sealed with another passphrase is refused too.
+        repo.delete("wal/cloud-dump-wal.key").await.unwrap();
+        let (id, sealed) = seal_new_identity(&"attacker".to_owned().into()).unwrap();
+        let text = format!("{HEADER}recipient: {}\nidentity: {sealed}\n", id.to_public());
+        repo.put_new("wal/cloud-dump-wal.key", Bytes::from(text)).await.unwrap();
+        let err = recipient(&repo, "wal/", &p, Some(cache.path())).await.unwrap_err().to_string();
+        assert!(err.contains("does not open"), "{err}");
     }
 }

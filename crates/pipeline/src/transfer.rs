@@ -40,6 +40,31 @@ pub struct Sink {
     key: String,
     tx: Option<mpsc::Sender<Msg>>,
     task: JoinHandle<Result<Stored>>,
+    cancel: tokio::sync::watch::Sender<bool>,
+}
+
+/// An object whose data is all written and whose upload is finishing. [`Finishing::abort`]
+/// stops it and aborts the multipart upload on the server (dropping it would leave the
+/// parts behind, billed).
+pub struct Finishing {
+    task: JoinHandle<Result<Stored>>,
+    cancel: tokio::sync::watch::Sender<bool>,
+}
+
+impl Finishing {
+    pub async fn wait(self) -> Result<Stored> {
+        self.task.await.map_err(|e| PipelineError::io("upload task", io::Error::other(e)))?
+    }
+
+    /// Cancels the upload (aborting it on the server) and waits until it has stopped.
+    /// Returns the object's key when the upload had already completed.
+    pub async fn abort(self) -> Option<String> {
+        let _ = self.cancel.send(true);
+        match self.task.await {
+            Ok(Ok(stored)) => Some(stored.key),
+            _ => None,
+        }
+    }
 }
 
 impl Sink {
@@ -65,12 +90,35 @@ impl Sink {
             Ok((digest, raw))
         });
         let k = key.to_owned();
+        let (cancel, mut cancelled) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             let mut upload_err = None;
-            while let Some(p) = part_rx.recv().await {
-                if let Err(e) = upload.put(p).await {
-                    upload_err = Some(e);
-                    break;
+            loop {
+                let part = tokio::select! {
+                    p = part_rx.recv() => Some(p),
+                    _ = until_cancelled(&mut cancelled) => None,
+                };
+                let put = match part {
+                    Some(Some(p)) => {
+                        tokio::select! {
+                            r = upload.put(p) => Some(r),
+                            _ = until_cancelled(&mut cancelled) => None,
+                        }
+                    }
+                    Some(None) => break,
+                    None => None,
+                };
+                match put {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) => {
+                        upload_err = Some(e);
+                        break;
+                    }
+                    None => {
+                        drop(part_rx);
+                        let _ = upload.abort().await;
+                        return Err(PipelineError::Cancelled { key: k });
+                    }
                 }
             }
             drop(part_rx);
@@ -90,7 +138,7 @@ impl Sink {
                 }
             }
         });
-        Ok(Sink { key: key.to_owned(), tx: Some(tx), task })
+        Ok(Sink { key: key.to_owned(), tx: Some(tx), task, cancel })
     }
 
     pub fn key(&self) -> &str {
@@ -117,18 +165,27 @@ impl Sink {
 
     /// Returns a future that completes when the object is stored; the caller may go on
     /// producing other objects meanwhile.
-    pub async fn finish(mut self) -> Result<JoinHandle<Result<Stored>>> {
+    pub async fn finish(mut self) -> Result<Finishing> {
         let tx = self.tx.take().ok_or_else(|| PipelineError::Cancelled { key: self.key.clone() })?;
         if tx.send(Msg::End).await.is_err() {
             return Err(self.wait_error().await);
         }
-        Ok(self.task)
+        Ok(Finishing { task: self.task, cancel: self.cancel })
     }
 
+    /// Stops the object: the encoder ends and the multipart upload is aborted on the
+    /// server. Waits until that is done.
     pub async fn abort(mut self) {
         self.tx = None;
+        let _ = self.cancel.send(true);
         let _ = (&mut self.task).await;
     }
+}
+
+/// Completes when the upload is cancelled, or when nobody can finish it any more (the
+/// Sink or Finishing was dropped).
+async fn until_cancelled(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|c| *c).await;
 }
 
 /// Collects encoded bytes into upload parts and hands them to the async side.
@@ -288,7 +345,7 @@ mod tests {
             sink.write(Bytes::copy_from_slice(c)).await.unwrap();
         }
         assert!(repo.head("x/base.tar.zst").await.unwrap().is_none(), "visible before finish");
-        let stored = sink.finish().await.unwrap().await.unwrap().unwrap();
+        let stored = sink.finish().await.unwrap().wait().await.unwrap();
         assert_eq!(stored.raw_size, data.len() as u64);
         let src = Source {
             key: stored.key.clone(),

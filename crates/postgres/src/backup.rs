@@ -62,7 +62,7 @@ struct Pending {
     oid: Option<u32>,
     location: String,
     label: Option<String>,
-    task: JoinHandle<cloud_dump_pipeline::Result<Stored>>,
+    task: cloud_dump_pipeline::Finishing,
 }
 
 const LABEL_SNIFF: usize = 64 << 10;
@@ -73,6 +73,43 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
     if !repo.list(&dir).await?.is_empty() {
         return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() });
     }
+    // The name is claimed with one create-only write before anything else is stored: of
+    // two backups with one name, the second stops here, having written nothing, and a
+    // failed run removes only what it wrote itself.
+    let claim_key = format!("{dir}{CLAIM_FILE}");
+    let claim = format!(
+        "cloud-dump backup claim\nname {}\npid {}\nstarted {}\ntoken {}\n",
+        req.name,
+        std::process::id(),
+        now_rfc3339(),
+        hex::encode(rand_token())
+    );
+    match repo.put_new(&claim_key, Bytes::from(claim.clone())).await {
+        Ok(()) => {}
+        Err(cloud_dump_storage::StorageError::AlreadyExists { .. }) => {
+            return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() })
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let owned = Owned { repo, claim_key, claim };
+    let mut written = Vec::new();
+    let result = backup_claimed(repo, req, &dir, progress, &mut written).await;
+    if result.is_err() {
+        owned.cleanup(&written).await;
+    }
+    result
+}
+
+/// The backup once its name is claimed. `written` collects the key of every object stored,
+/// so that a failure removes exactly those.
+async fn backup_claimed(
+    repo: &Repo,
+    req: &BackupRequest,
+    dir: &str,
+    progress: &dyn Progress,
+    written: &mut Vec<String>,
+) -> Result<BackupManifest> {
+    let dir = dir.to_owned();
 
     // A passphrase is stretched once (scrypt, about a second) to seal a per-backup key that
     // the archives are encrypted to. It runs while the server checkpoints.
@@ -133,10 +170,10 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         Err(e) => Err(e),
     };
     if let Err(e) = finished {
-        state.abort().await;
-        cleanup(repo, &dir).await;
+        written.extend(state.abort().await);
         return Err(e);
     }
+    written.extend(state.done.iter().map(|d| d.stored.key.clone()));
     progress.end();
     conn.terminate().await;
 
@@ -199,10 +236,7 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         tablespaces,
         objects,
     };
-    if let Err(e) = repo.put_new(&format!("{dir}{}", layout::MANIFEST_FILE), Bytes::from(manifest.to_json())).await {
-        cleanup(repo, &dir).await;
-        return Err(e.into());
-    }
+    repo.put_new(&format!("{dir}{}", layout::MANIFEST_FILE), Bytes::from(manifest.to_json())).await?;
     tracing::info!(
         "backup {} complete: {} objects, {} bytes stored, LSN {} → {}",
         manifest.name,
@@ -214,12 +248,37 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
     Ok(manifest)
 }
 
-/// Best effort: remove the objects of a backup that failed (it is already invisible
-/// without its manifest; this only saves the storage).
-async fn cleanup(repo: &Repo, dir: &str) {
-    if let Ok(objs) = repo.list(dir).await {
-        for o in objs {
-            let _ = repo.delete(&o.key).await;
+/// Object that claims a backup name (create-only, written first, kept with the backup).
+pub const CLAIM_FILE: &str = "claim";
+
+fn rand_token() -> [u8; 16] {
+    use sha2::Digest;
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let h = sha2::Sha256::digest(format!("{}:{}:{:?}", std::process::id(), t.as_nanos(), std::thread::current().id()));
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h[..16]);
+    out
+}
+
+/// What a run owns once it has claimed its name.
+struct Owned<'a> {
+    repo: &'a Repo,
+    claim_key: String,
+    claim: String,
+}
+
+impl Owned<'_> {
+    /// Best effort after a failure: remove exactly the objects this run stored, then its
+    /// claim if it is still the one this run wrote (the backup is already invisible
+    /// without its manifest; this frees the storage and the name).
+    async fn cleanup(&self, written: &[String]) {
+        for k in written {
+            let _ = self.repo.delete(k).await;
+        }
+        if let Ok(b) = self.repo.get(&self.claim_key).await {
+            if b == self.claim.as_bytes() {
+                let _ = self.repo.delete(&self.claim_key).await;
+            }
         }
     }
 }
@@ -417,7 +476,7 @@ impl Streamer<'_> {
 
     async fn complete_oldest(&mut self) -> Result<()> {
         if let Some(p) = self.pending.pop_front() {
-            let stored = p.task.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let stored = p.task.wait().await?;
             tracing::info!("stored {} ({} bytes)", stored.key, stored.size);
             self.done.push(Done { kind: p.kind, oid: p.oid, location: p.location, label: p.label, stored });
         }
@@ -435,14 +494,19 @@ impl Streamer<'_> {
         Ok(())
     }
 
-    async fn abort(&mut self) {
+    /// Stops every upload (aborting multipart uploads on the server, so no parts stay
+    /// behind) and returns the keys of every object this run stored.
+    async fn abort(&mut self) -> Vec<String> {
         if let Some(cur) = self.current.take() {
             cur.sink.abort().await;
         }
+        let mut written: Vec<String> = self.done.iter().map(|d| d.stored.key.clone()).collect();
         for p in self.pending.drain(..) {
-            p.task.abort();
-            let _ = p.task.await;
+            if let Some(k) = p.task.abort().await {
+                written.push(k);
+            }
         }
+        written
     }
 
     /// Stored archives in manifest order: base, tablespaces by oid, the server manifest.

@@ -41,8 +41,10 @@ pub enum Error {
     UnsafeEntry { archive: String, entry: String, reason: String },
     #[error("WAL file {name} is already archived as {key} with DIFFERENT content; refusing to overwrite archived WAL (is another server archiving to the same place?)")]
     WalConflict { name: String, key: String },
-    #[error("WAL file {name} is already archived as {key} and cannot be compared ({reason}); give the identity (--identity-key) so wal-push can verify it")]
+    #[error("WAL file {name} ({key}) cannot be verified: {reason}")]
     WalUnverifiable { name: String, key: String, reason: String },
+    #[error("WAL file {name} ({key}) is damaged: {reason}")]
+    WalDamaged { name: String, key: String, reason: String },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

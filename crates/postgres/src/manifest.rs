@@ -100,19 +100,10 @@ impl BackupManifest {
         self.objects.iter().map(|o| o.raw_size).sum()
     }
 
-    /// Major.minor as `list` shows it ("17.2").
-    pub fn short_version(&self) -> String {
-        self.pg_version.split_whitespace().next().unwrap_or("").to_owned()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn round_trip_and_future_versions_are_refused() {
-        let m = BackupManifest {
+    /// A small valid manifest for tests.
+    #[cfg(test)]
+    pub(crate) fn example() -> BackupManifest {
+        BackupManifest {
             format_version: FORMAT_VERSION,
             name: "n".into(),
             cluster: None,
@@ -140,7 +131,47 @@ mod tests {
                 raw_size: 20,
                 tablespace_oid: None,
             }],
-        };
+        }
+    }
+
+    /// The cluster's WAL segment size (initdb --wal-segsize), read from `backup_label`'s
+    /// `START WAL LOCATION: 0/2000028 (file 000000010000000000000002)`: the one power of
+    /// two from 1 MiB to 1 GiB that names that file for that LSN. 16 MiB when the label
+    /// does not decide it.
+    pub fn wal_segment_size(&self) -> u64 {
+        let line = self.backup_label.lines().find_map(|l| l.strip_prefix("START WAL LOCATION: "));
+        let parsed = line.and_then(|l| {
+            let (lsn, rest) = l.split_once(' ')?;
+            let file = rest.strip_prefix("(file ")?.strip_suffix(')')?;
+            Some((lsn.parse::<Lsn>().ok()?, file.to_owned()))
+        });
+        if let Some((lsn, file)) = parsed {
+            let tli = u32::from_str_radix(file.get(..8).unwrap_or(""), 16).unwrap_or(0);
+            let fits: Vec<u64> = (20..=30).map(|k| 1u64 << k).filter(|s| lsn.segment_name(tli, *s) == file).collect();
+            if fits.len() == 1 {
+                return fits[0];
+            }
+        }
+        16 << 20
+    }
+
+    /// Major.minor as `list` shows it ("17.2").
+    pub fn short_version(&self) -> String {
+        self.pg_version.split_whitespace().next().unwrap_or("").to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_future_versions_are_refused() {
+        let m = BackupManifest::example();
+        assert_eq!(m.wal_segment_size(), 16 << 20);
+        let mut big = m.clone();
+        big.backup_label = "START WAL LOCATION: 0/8000028 (file 000000010000000000000002)\n".into();
+        assert_eq!(big.wal_segment_size(), 64 << 20);
         let back = BackupManifest::parse(&m.to_json()).unwrap();
         assert_eq!(back, m);
         let json = String::from_utf8(m.to_json()).unwrap();

@@ -110,8 +110,16 @@ pub fn check_target(m: &BackupManifest, target: &RecoveryTarget) -> Result<()> {
 }
 
 /// A value in postgresql.conf syntax: single quotes, quotes doubled, backslashes escaped.
-pub fn quote_guc(v: &str) -> String {
-    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+/// Control characters are refused: a newline would start a setting of its own.
+pub fn quote_guc(v: &str) -> Result<String> {
+    if let Some(c) = v.chars().find(|c| c.is_control()) {
+        return Err(Error::Config(format!(
+            "the value {:?} holds the control character {:?}; recovery settings are one line each",
+            v.escape_debug().to_string(),
+            c
+        )));
+    }
+    Ok(format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''")))
 }
 
 /// A word for /bin/sh.
@@ -135,25 +143,125 @@ pub struct RecoverySettings {
     pub action: String,
     pub timeline: Option<String>,
     pub restore_command: String,
+    /// Run by PostgreSQL when recovery ends (removes the restore's settings and secrets).
+    pub end_command: Option<String>,
 }
 
-/// Writes recovery.signal and the settings (PostgreSQL 12+), or recovery.conf (10, 11).
-pub fn write_recovery(pgdata: &Path, version_num: u32, s: &RecoverySettings) -> Result<()> {
-    let io = |p: &Path, e: std::io::Error| Error::Restore(format!("writing {}: {e}", p.display()));
-    let mut lines = vec![format!("restore_command = {}", quote_guc(&s.restore_command))];
+/// The settings that steer recovery or standby mode. A backup of a cluster that was itself
+/// restored (or was a standby) carries them; each is neutralised before a restore writes
+/// its own, so the server recovers with exactly what this restore asked for.
+const RECOVERY_GUCS: &[&str] = &[
+    "restore_command",
+    "recovery_end_command",
+    "archive_cleanup_command",
+    "recovery_target",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_lsn",
+    "recovery_target_inclusive",
+    "recovery_target_timeline",
+    "recovery_target_action",
+    "recovery_min_apply_delay",
+    "primary_conninfo",
+    "primary_slot_name",
+    "promote_trigger_file",
+    "trigger_file",
+    "standby_mode",
+    "pause_at_recovery_target",
+];
+
+/// The setting a postgresql.conf line assigns, lower-cased (`name = value`, `name value`).
+fn setting_of(line: &str) -> Option<String> {
+    let t = line.trim_start();
+    if t.starts_with('#') || t.is_empty() {
+        return None;
+    }
+    let end = t.find(|c: char| c == '=' || c.is_whitespace()).unwrap_or(t.len());
+    Some(t[..end].to_ascii_lowercase())
+}
+
+/// Comments out every line of `text` that sets a recovery setting. Returns the new text and
+/// the names it disabled.
+pub fn neutralise_recovery_settings(text: &str) -> (String, Vec<String>) {
+    let mut out = String::with_capacity(text.len() + 64);
+    let mut disabled = Vec::new();
+    for line in text.split_inclusive('\n') {
+        match setting_of(line) {
+            Some(name) if RECOVERY_GUCS.contains(&name.as_str()) => {
+                out.push_str("# disabled by cloud-dump restore: ");
+                out.push_str(line);
+                disabled.push(name);
+            }
+            _ => out.push_str(line),
+        }
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    (out, disabled)
+}
+
+/// What `write_recovery` changed besides adding its own settings, for the operator.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Neutralised {
+    /// (file, setting) pairs commented out.
+    pub settings: Vec<(String, String)>,
+    /// Files removed (standby.signal, an old recovery.conf).
+    pub removed: Vec<String>,
+}
+
+/// The settings lines a restore writes; an error (a control character) before anything
+/// is written.
+pub fn recovery_lines(s: &RecoverySettings) -> Result<Vec<String>> {
+    let mut lines = vec![format!("restore_command = {}", quote_guc(&s.restore_command)?)];
     match &s.target {
-        RecoveryTarget::Time(_, t) => lines.push(format!("recovery_target_time = {}", quote_guc(&pg_time(*t)))),
-        RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = {}", quote_guc(&l.to_string()))),
-        RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = {}", quote_guc(x))),
-        RecoveryTarget::Name(n) => lines.push(format!("recovery_target_name = {}", quote_guc(n))),
+        RecoveryTarget::Time(_, t) => lines.push(format!("recovery_target_time = {}", quote_guc(&pg_time(*t))?)),
+        RecoveryTarget::Lsn(l) => lines.push(format!("recovery_target_lsn = {}", quote_guc(&l.to_string())?)),
+        RecoveryTarget::Xid(x) => lines.push(format!("recovery_target_xid = {}", quote_guc(x)?)),
+        RecoveryTarget::Name(n) => lines.push(format!("recovery_target_name = {}", quote_guc(n)?)),
         RecoveryTarget::Immediate => lines.push("recovery_target = 'immediate'".into()),
         RecoveryTarget::Latest => {}
     }
     if s.target != RecoveryTarget::Latest {
-        lines.push(format!("recovery_target_action = {}", quote_guc(&s.action)));
+        lines.push(format!("recovery_target_action = {}", quote_guc(&s.action)?));
     }
     if let Some(t) = &s.timeline {
-        lines.push(format!("recovery_target_timeline = {}", quote_guc(t)));
+        lines.push(format!("recovery_target_timeline = {}", quote_guc(t)?));
+    }
+    if let Some(c) = &s.end_command {
+        lines.push(format!("recovery_end_command = {}", quote_guc(c)?));
+    }
+    Ok(lines)
+}
+
+/// Writes recovery.signal and the settings (PostgreSQL 12+), or recovery.conf (10, 11),
+/// after neutralising any recovery settings the backup carried.
+pub fn write_recovery(pgdata: &Path, version_num: u32, s: &RecoverySettings) -> Result<Neutralised> {
+    let io = |p: &Path, e: std::io::Error| Error::Restore(format!("writing {}: {e}", p.display()));
+    // Every value is checked before anything is written.
+    let lines = recovery_lines(s)?;
+    let mut done = Neutralised::default();
+    for name in ["postgresql.auto.conf", "postgresql.conf"] {
+        let p = pgdata.join(name);
+        let text = match std::fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(io(&p, e)),
+        };
+        let (new, disabled) = neutralise_recovery_settings(&text);
+        if !disabled.is_empty() {
+            crate::wal_archive::write_atomically(&p, new.as_bytes()).map_err(|e| io(&p, e))?;
+            done.settings.extend(disabled.into_iter().map(|d| (name.to_owned(), d)));
+        }
+    }
+    for name in ["standby.signal", "recovery.signal", "recovery.conf"] {
+        let p = pgdata.join(name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => done.removed.push(name.to_owned()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&p, e)),
+        }
     }
     let text = format!("\n# written by cloud-dump restore\n{}\n", lines.join("\n"));
     if version_num >= 120000 {
@@ -166,12 +274,56 @@ pub fn write_recovery(pgdata: &Path, version_num: u32, s: &RecoverySettings) -> 
         let conf = pgdata.join("recovery.conf");
         std::fs::write(&conf, text).map_err(|e| io(&conf, e))?;
     }
-    Ok(())
+    Ok(done)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn settings(target: RecoveryTarget) -> RecoverySettings {
+        RecoverySettings {
+            target,
+            action: "promote".into(),
+            timeline: None,
+            restore_command: "cloud-dump wal-fetch %f %p".into(),
+            end_command: Some("rm -rf x".into()),
+        }
+    }
+
+    #[test]
+    fn inherited_recovery_settings_are_neutralised() {
+        let d = tempfile::tempdir().unwrap();
+        let auto = "# Do not edit this file manually!\nwork_mem = '4MB'\nrestore_command = 'old'\n  Recovery_Target_Time='2020-01-01'\nrecovery_target_action = 'shutdown'\nprimary_conninfo = 'host=src'\n";
+        std::fs::write(d.path().join("postgresql.auto.conf"), auto).unwrap();
+        std::fs::write(d.path().join("postgresql.conf"), "shared_buffers = 128MB\nrecovery_target_xid 77 # old\n")
+            .unwrap();
+        std::fs::write(d.path().join("standby.signal"), "").unwrap();
+        let done = write_recovery(d.path(), 150000, &settings(RecoveryTarget::Latest)).unwrap();
+        assert_eq!(done.removed, vec!["standby.signal".to_owned()]);
+        let names: Vec<_> = done.settings.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "restore_command",
+                "recovery_target_time",
+                "recovery_target_action",
+                "primary_conninfo",
+                "recovery_target_xid"
+            ]
+        );
+        let text = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap()
+            + &std::fs::read_to_string(d.path().join("postgresql.conf")).unwrap();
+        // What is still in force is exactly what this restore asked for.
+        let active: Vec<_> = text.lines().filter_map(setting_of).collect();
+        assert_eq!(active, ["work_mem", "restore_command", "recovery_end_command", "shared_buffers"]);
+        assert!(d.path().join("recovery.signal").exists() && !d.path().join("standby.signal").exists());
+        // A value with a newline writes nothing at all.
+        let d2 = tempfile::tempdir().unwrap();
+        let bad = settings(RecoveryTarget::Name("x\nrestore_command='evil'".into()));
+        assert!(write_recovery(d2.path(), 150000, &bad).is_err());
+        assert_eq!(std::fs::read_dir(d2.path()).unwrap().count(), 0);
+    }
 
     #[test]
     fn times() {
@@ -189,8 +341,11 @@ mod tests {
 
     #[test]
     fn quoting_postgres_accepts() {
-        assert_eq!(quote_guc("it's"), "'it''s'");
-        assert_eq!(quote_guc("a\\b"), "'a\\\\b'");
+        assert_eq!(quote_guc("it's").unwrap(), "'it''s'");
+        assert_eq!(quote_guc("a\\b").unwrap(), "'a\\\\b'");
+        for bad in ["x\nrestore_command = 'sh -c evil'", "x\r", "\u{0}", "tab\there", "\u{7f}", "\u{85}"] {
+            assert!(quote_guc(bad).is_err(), "{bad:?}");
+        }
         assert_eq!(shell_quote("/usr/bin/cloud-dump"), "/usr/bin/cloud-dump");
         assert_eq!(shell_quote("/my dir/it's"), "'/my dir/it'\\''s'");
         let cmd =

@@ -1,9 +1,18 @@
 //! The WAL archive: `wal-push` (the archive_command contract) and `wal-fetch` (the
-//! restore_command contract), with prefetch into a spool folder.
+//! restore_command contract).
 //!
-//! A WAL file `N` is stored once, as `<wal-dir>/N[.gz|.zst|.lz4][.age]`, with the SHA-256 of
-//! its original content as object metadata where the backend keeps metadata. Whatever
-//! compression or encryption a later push uses, it finds the stored copy first.
+//! A WAL file `N` is stored once, as `<wal-dir>/N[.gz|.zst|.lz4][.age]`, and described by a
+//! small *record* `<wal-dir>/N.sum` written before it (create-only): the object's key and
+//! the size and SHA-256 of the original content. The record is what makes the archive
+//! trustworthy on every backend:
+//! - wal-fetch serves only the object the record names, and only after the decoded bytes
+//!   match the record (a flipped byte, a short body, a planted `N` beside `N.zst.age` are
+//!   all refused); with keys configured, an unencrypted object is refused;
+//! - wal-push compares a re-push with the record without any key (identical: exit 0;
+//!   different: refused), so PostgreSQL's retry after a crash never jams archiving.
+//!
+//! Objects archived before records existed are served only when the backend kept the
+//! SHA-256 as object metadata.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -18,6 +27,9 @@ use crate::error::{Error, Result};
 use crate::wal::{classify, WalFileKind};
 
 pub const SHA_METADATA: &str = "cloud-dump-sha256";
+/// Suffix of the record that describes an archived WAL file.
+pub const RECORD_SUFFIX: &str = ".sum";
+const RECORD_MAGIC: &str = "cloud-dump-wal-record 1";
 
 /// What may open encrypted WAL: a passphrase (scrypt files, or the repository key), and
 /// X25519 identities (key-pair files, or the repository key already opened by `restore`).
@@ -27,10 +39,66 @@ pub struct WalKeys {
     pub identities: Vec<age::x25519::Identity>,
 }
 
+impl WalKeys {
+    /// True when the operator configured a way to decrypt: plain WAL is then refused.
+    pub fn any(&self) -> bool {
+        self.passphrase.is_some() || !self.identities.is_empty()
+    }
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum PushOutcome {
     Stored { key: String, size: u64 },
     AlreadyArchived { key: String },
+}
+
+/// The record of one archived WAL file (see the module documentation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRecord {
+    pub name: String,
+    /// The object's name inside the WAL folder.
+    pub object: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+impl WalRecord {
+    pub fn render(&self) -> String {
+        format!(
+            "{RECORD_MAGIC}\nname {}\nobject {}\nsize {}\nsha256 {}\n",
+            self.name, self.object, self.size, self.sha256
+        )
+    }
+
+    pub fn parse(text: &str) -> std::result::Result<WalRecord, String> {
+        let mut lines = text.lines();
+        if lines.next() != Some(RECORD_MAGIC) {
+            return Err("not a cloud-dump WAL record".into());
+        }
+        let (mut name, mut object, mut size, mut sha) = (None, None, None, None);
+        for l in lines {
+            match l.split_once(' ') {
+                Some(("name", v)) => name = Some(v.to_owned()),
+                Some(("object", v)) => object = Some(v.to_owned()),
+                Some(("size", v)) => size = Some(v.parse::<u64>().map_err(|_| "bad size")?),
+                Some(("sha256", v)) if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    sha = Some(v.to_ascii_lowercase())
+                }
+                _ => return Err(format!("bad line {l:?}")),
+            }
+        }
+        match (name, object, size, sha) {
+            (Some(name), Some(object), Some(size), Some(sha256)) => {
+                // The object must be this WAL file under one of its own names.
+                let (stem, _, _) = split_codec(&object).ok_or("bad object name")?;
+                if stem != name {
+                    return Err(format!("names object {object} for {name}"));
+                }
+                Ok(WalRecord { name, object, size, sha256 })
+            }
+            _ => Err("incomplete".into()),
+        }
+    }
 }
 
 pub struct WalArchive<'a> {
@@ -47,6 +115,20 @@ fn is_scrypt(stored: &[u8]) -> bool {
     head.windows(10).any(|w| w == b"\n-> scrypt")
 }
 
+/// `N.zst.age` → (`N`, zstd, encrypted); None for names that are no stored WAL object.
+fn split_codec(object: &str) -> Option<(&str, Compression, bool)> {
+    let (base, encrypted) = match object.strip_suffix(".age") {
+        Some(b) => (b, true),
+        None => (object, false),
+    };
+    let (stem, compression) = match base.rsplit_once('.').and_then(|(s, ext)| Some((s, Compression::from_ext(ext)?))) {
+        Some((s, c)) => (s, c),
+        None => (base, Compression::None),
+    };
+    classify(stem).ok()?;
+    Some((stem, compression, encrypted))
+}
+
 /// (compression, encrypted) from an object name's suffixes.
 fn codec_of(key: &str) -> (Compression, bool) {
     let (base, encrypted) = match key.strip_suffix(".age") {
@@ -58,6 +140,10 @@ fn codec_of(key: &str) -> (Compression, bool) {
     (compression, encrypted)
 }
 
+fn damaged(name: &str, key: &str, reason: impl Into<String>) -> Error {
+    Error::WalDamaged { name: name.into(), key: key.into(), reason: reason.into() }
+}
+
 impl<'a> WalArchive<'a> {
     pub fn new(repo: &'a Repo, layout: &Layout) -> WalArchive<'a> {
         WalArchive { repo, dir: layout.wal_dir() }
@@ -67,7 +153,27 @@ impl<'a> WalArchive<'a> {
         &self.dir
     }
 
-    /// Every key a file called `name` may be stored under.
+    fn record_key(&self, name: &str) -> String {
+        format!("{}{name}{RECORD_SUFFIX}", self.dir)
+    }
+
+    /// The record of `name`, if one was written. A record that does not parse is damage.
+    pub async fn record(&self, name: &str) -> Result<Option<WalRecord>> {
+        let key = self.record_key(name);
+        match self.repo.get(&key).await {
+            Ok(b) => {
+                let r = WalRecord::parse(&String::from_utf8_lossy(&b)).map_err(|e| damaged(name, &key, e))?;
+                if r.name != name {
+                    return Err(damaged(name, &key, format!("it describes {}", r.name)));
+                }
+                Ok(Some(r))
+            }
+            Err(StorageError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Every key a file called `name` may be stored under (objects archived before records).
     fn candidates(&self, name: &str) -> Vec<String> {
         let mut v = Vec::new();
         for ext in ["", ".zst", ".gz", ".lz4"] {
@@ -78,51 +184,104 @@ impl<'a> WalArchive<'a> {
         v
     }
 
-    /// The key `name` is stored under, if it is archived (one HEAD per candidate, in parallel).
-    pub async fn find(&self, name: &str) -> Result<Option<String>> {
+    /// Keys of objects stored for `name` without a record (one HEAD per candidate, in parallel).
+    async fn legacy_objects(&self, name: &str) -> Result<Vec<String>> {
         let heads: Vec<_> = futures::stream::iter(self.candidates(name))
             .map(|k| async move { (self.repo.head(&k).await, k) })
             .buffered(8)
             .collect()
             .await;
-        let mut found = None;
+        let mut found = Vec::new();
         for (r, k) in heads {
-            if r?.is_some() && found.is_none() {
-                found = Some(k);
+            if r?.is_some() {
+                found.push(k);
             }
         }
         Ok(found)
     }
 
-    /// Archives `path` as `name`. Ok only once the object is durably stored, or when the
-    /// same content is already archived. Different content under the same name is refused.
+    /// The key `name` is stored under, if it is archived: the record's object, else an
+    /// object archived before records.
+    pub async fn find(&self, name: &str) -> Result<Option<String>> {
+        if let Some(r) = self.record(name).await? {
+            let key = format!("{}{}", self.dir, r.object);
+            return Ok(self.repo.head(&key).await?.map(|_| key));
+        }
+        Ok(self.legacy_objects(name).await?.into_iter().next())
+    }
+
+    /// Archives `path` as `name`. Ok only once the record and the object are durably
+    /// stored, or when the same content is already archived. Different content under the
+    /// same name is refused, without needing any key.
     pub async fn push(&self, path: &Path, name: &str, spec: &EncodeSpec, keys: &WalKeys) -> Result<PushOutcome> {
         classify(name).map_err(Error::Config)?;
         let data = tokio::fs::read(path)
             .await
             .map_err(|e| Error::Config(format!("cannot read WAL file {}: {e}", path.display())))?;
         let content_sha = sha_hex(&data);
-        if let Some(existing) = self.find(name).await? {
-            return self.compare(&existing, name, &content_sha, keys).await;
+        let mine = WalRecord {
+            name: name.to_owned(),
+            object: spec.object_name(name),
+            size: data.len() as u64,
+            sha256: content_sha.clone(),
+        };
+        for _ in 0..3 {
+            let record = match self.record(name).await? {
+                Some(r) => r,
+                None => {
+                    // Archived before records existed: compare the old way, never duplicate.
+                    if let Some(existing) = self.legacy_objects(name).await?.into_iter().next() {
+                        return self.compare_legacy(&existing, name, &content_sha, keys).await;
+                    }
+                    match self.repo.put_new_durable(&self.record_key(name), Bytes::from(mine.render()), &[]).await {
+                        Ok(()) => mine.clone(),
+                        Err(StorageError::AlreadyExists { .. }) => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            };
+            if record.sha256 != content_sha || record.size != data.len() as u64 {
+                return Err(Error::WalConflict { name: name.into(), key: self.record_key(name) });
+            }
+            // The record is ours or matches: make sure its object is there.
+            let key = format!("{}{}", self.dir, record.object);
+            if self.repo.head(&key).await?.is_some() {
+                return Ok(PushOutcome::AlreadyArchived { key });
+            }
+            // A record without its object: an earlier push stopped between the two. Store
+            // the object the record names, with its codec.
+            let (_, compression, encrypted) =
+                split_codec(&record.object).ok_or_else(|| damaged(name, &self.record_key(name), "bad object name"))?;
+            if encrypted != spec.encryption.is_on() {
+                return Err(Error::Config(format!(
+                    "{} names {} ({}encrypted) but this wal-push is configured {}: archive with the same encryption settings",
+                    self.record_key(name),
+                    record.object,
+                    if encrypted { "" } else { "un" },
+                    if spec.encryption.is_on() { "with encryption" } else { "without encryption" }
+                )));
+            }
+            let spec2 = EncodeSpec { compression, level: compression.default_level(), ..spec.clone() };
+            let plain = data.clone();
+            let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                let mut enc = Encoder::new(Vec::with_capacity(plain.len() / 2), &spec2)?;
+                enc.write_all(&plain)?;
+                Ok(enc.finish()?.0)
+            })
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            let size = stored.len() as u64;
+            return match self.repo.put_new_durable(&key, Bytes::from(stored), &[(SHA_METADATA, content_sha)]).await {
+                Ok(()) => Ok(PushOutcome::Stored { key, size }),
+                // A concurrent push of the same content stored it first.
+                Err(StorageError::AlreadyExists { .. }) => Ok(PushOutcome::AlreadyArchived { key }),
+                Err(e) => Err(e.into()),
+            };
         }
-        let key = format!("{}{}", self.dir, spec.object_name(name));
-        let spec2 = spec.clone();
-        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-            let mut enc = Encoder::new(Vec::with_capacity(data.len() / 2), &spec2)?;
-            enc.write_all(&data)?;
-            Ok(enc.finish()?.0)
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-        let size = stored.len() as u64;
-        match self.repo.put_new_durable(&key, Bytes::from(stored), &[(SHA_METADATA, content_sha.clone())]).await {
-            Ok(()) => Ok(PushOutcome::Stored { key, size }),
-            Err(StorageError::AlreadyExists { .. }) => self.compare(&key, name, &content_sha, keys).await,
-            Err(e) => Err(e.into()),
-        }
+        Err(Error::Restore(format!("{}: the record kept changing while wal-push read it", self.record_key(name))))
     }
 
-    async fn compare(&self, key: &str, name: &str, content_sha: &str, keys: &WalKeys) -> Result<PushOutcome> {
+    async fn compare_legacy(&self, key: &str, name: &str, content_sha: &str, keys: &WalKeys) -> Result<PushOutcome> {
         let stored_sha = match self.repo.metadata(key, SHA_METADATA).await? {
             Some(s) => s,
             None => {
@@ -175,28 +334,94 @@ impl<'a> WalArchive<'a> {
         .map_err(|e| Error::Io(std::io::Error::other(e)))?
     }
 
-    /// Downloads, decodes and verifies `name`. `None` when it is not archived.
+    /// Downloads, decodes and verifies `name`. `None` when it is not archived. Never
+    /// returns bytes that were not checked against the SHA-256 recorded at push time.
     pub async fn fetch(&self, name: &str, keys: &WalKeys) -> Result<Option<Vec<u8>>> {
         classify(name).map_err(Error::Config)?;
-        let Some(key) = self.find(name).await? else { return Ok(None) };
+        let (key, want_sha, want_size) = match self.record(name).await? {
+            Some(r) => (format!("{}{}", self.dir, r.object), r.sha256, Some(r.size)),
+            None => {
+                let found = self.legacy_objects(name).await?;
+                // With keys configured, plain objects are never candidates.
+                let usable: Vec<&String> = found.iter().filter(|k| !keys.any() || k.ends_with(".age")).collect();
+                let Some(key) = usable.first().map(|k| (*k).clone()) else {
+                    if let Some(k) = found.first() {
+                        return Err(Error::WalUnverifiable {
+                            name: name.into(),
+                            key: k.clone(),
+                            reason: "it is not encrypted although keys are configured".into(),
+                        });
+                    }
+                    return Ok(None);
+                };
+                match self.repo.metadata(&key, SHA_METADATA).await? {
+                    Some(sha) => (key, sha, None),
+                    None => {
+                        return Err(Error::WalUnverifiable {
+                            name: name.into(),
+                            key,
+                            reason: "no checksum was recorded for it (archived by an older cloud-dump on a backend without metadata)".into(),
+                        })
+                    }
+                }
+            }
+        };
+        if keys.any() && !key.ends_with(".age") {
+            return Err(Error::WalUnverifiable {
+                name: name.into(),
+                key,
+                reason: "it is not encrypted although keys are configured".into(),
+            });
+        }
         let stored = match self.repo.get(&key).await {
             Ok(b) => b,
+            // The record was written and the object not yet: not archived (yet).
             Err(StorageError::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        let expected = self.repo.metadata(&key, SHA_METADATA).await.ok().flatten();
-        let plain = self.decode(&key, stored, keys).await?;
-        if let Some(want) = expected {
-            let got = sha_hex(&plain);
-            if got != want {
-                return Err(Error::Pipeline(cloud_dump_pipeline::PipelineError::Checksum {
-                    key,
-                    expected: want,
-                    actual: got,
-                }));
+        let plain = self.decode(&key, stored, keys).await.map_err(|e| match e {
+            Error::Restore(reason) => damaged(name, &key, reason),
+            e => e,
+        })?;
+        if let Some(size) = want_size {
+            if plain.len() as u64 != size {
+                return Err(damaged(name, &key, format!("{} bytes after decoding, {size} recorded", plain.len())));
             }
         }
+        let got = sha_hex(&plain);
+        if got != want_sha {
+            return Err(damaged(
+                name,
+                &key,
+                format!("its content has SHA-256 {got}, the checksum recorded at push time is {want_sha}"),
+            ));
+        }
         Ok(Some(plain))
+    }
+
+    /// Archived segments of `name`'s timeline that sort after it (at most `max`): one LIST
+    /// from `name` on. Used to tell a hole from the end of the archive, and for prefetch;
+    /// neither needs to know the segment size.
+    pub async fn segments_after(&self, name: &str, max: usize) -> Result<Vec<String>> {
+        if classify(name) != Ok(WalFileKind::Segment) {
+            return Ok(Vec::new());
+        }
+        let prefix = format!("{}{}", self.dir, &name[..8]);
+        let after = format!("{}{name}~", self.dir);
+        let mut out: Vec<String> = Vec::new();
+        // Up to three keys per segment (record, object, a legacy copy).
+        for o in self.repo.list_after(&prefix, &after, max.saturating_mul(3).max(3)).await? {
+            let rel = o.key.strip_prefix(&self.dir).unwrap_or(&o.key);
+            let stem = rel.split('.').next().unwrap_or("");
+            if stem > name && classify(stem) == Ok(WalFileKind::Segment) && out.last().map(String::as_str) != Some(stem)
+            {
+                out.push(stem.to_owned());
+            }
+        }
+        out.sort();
+        out.dedup();
+        out.truncate(max);
+        Ok(out)
     }
 
     /// Every archived file name (suffixes removed), sorted.
@@ -277,7 +502,8 @@ mod tests {
         // Another compression does not create a second copy.
         let gz = EncodeSpec { compression: Compression::Gzip, ..zstd.clone() };
         assert!(matches!(wal.push(seg.path(), name, &gz, &keys).await.unwrap(), PushOutcome::AlreadyArchived { .. }));
-        assert_eq!(repo.list("c/wal_archive/").await.unwrap().len(), 1);
+        // One object and its record.
+        assert_eq!(repo.list("c/wal_archive/").await.unwrap().len(), 2);
         // Different content under the same name is refused.
         let other = segment(5);
         let err = wal.push(other.path(), name, &zstd, &keys).await.unwrap_err();
@@ -293,7 +519,7 @@ mod tests {
         let layout = Layout::new(None, None).unwrap();
         let wal = WalArchive::new(&repo, &layout);
         let p: SecretString = "wal-secret".to_owned().into();
-        let recipient = repokey::recipient(&repo, wal.dir(), &p).await.unwrap();
+        let recipient = repokey::recipient(&repo, wal.dir(), &p, None).await.unwrap();
         let spec = EncodeSpec {
             compression: Compression::Gzip,
             level: 1,
@@ -311,6 +537,164 @@ mod tests {
         );
         let wrong = WalKeys { passphrase: Some("nope".to_owned().into()), identities: vec![] };
         assert!(wal.fetch("000000010000000000000001", &wrong).await.is_err());
+    }
+
+    async fn put_raw(repo: &Repo, key: &str, data: Vec<u8>) {
+        let _ = repo.delete(key).await;
+        repo.put_new(key, Bytes::from(data)).await.unwrap();
+    }
+
+    /// Every fetched byte is checked against the record, on a backend without metadata,
+    /// for every compression: a flipped byte, a truncated or an extended object is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn damaged_wal_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let repo = Repo::create(&url, &StorageOptions::default()).await.unwrap();
+        let layout = Layout::new(None, None).unwrap();
+        let wal = WalArchive::new(&repo, &layout);
+        let keys = WalKeys::default();
+        let seg = segment(9);
+        let plain = std::fs::read(seg.path()).unwrap();
+        for (i, c) in
+            [Compression::None, Compression::Lz4, Compression::Gzip, Compression::Zstd].into_iter().enumerate()
+        {
+            let name = format!("0000000100000000000000{:02X}", 0x10 + i);
+            let spec =
+                EncodeSpec { compression: c, level: c.default_level(), threads: 0, encryption: Encryption::None };
+            let PushOutcome::Stored { key, .. } = wal.push(seg.path(), &name, &spec, &keys).await.unwrap() else {
+                panic!("stored")
+            };
+            assert_eq!(wal.fetch(&name, &keys).await.unwrap().unwrap(), plain);
+            let good = repo.get(&key).await.unwrap().to_vec();
+            let mut flipped = good.clone();
+            let mid = flipped.len() / 2;
+            flipped[mid] ^= 0x40;
+            let mut short = good.clone();
+            short.truncate(good.len() - 100);
+            let mut long = good.clone();
+            long.extend_from_slice(&[0u8; 512]);
+            for (what, bad) in [("flipped", flipped), ("truncated", short), ("extended", long)] {
+                put_raw(&repo, &key, bad).await;
+                // Refused, or (trailing bytes a decoder ignores) exactly the archived content.
+                match wal.fetch(&name, &keys).await {
+                    Err(_) => {}
+                    Ok(Some(v)) if what == "extended" && v == plain => {}
+                    Ok(other) => panic!("{c:?} {what}: served {:?}", other.map(|v| v.len())),
+                }
+            }
+            put_raw(&repo, &key, good).await;
+            assert_eq!(wal.fetch(&name, &keys).await.unwrap().unwrap(), plain);
+        }
+    }
+
+    /// With keys configured, plain WAL is never served: not a planted `N` beside
+    /// `N.zst.age`, not a record rewritten to point at it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn planted_plain_wal_is_refused_when_keys_are_configured() {
+        let repo = Repo::open("memory://", &StorageOptions::default()).await.unwrap();
+        let layout = Layout::new(None, None).unwrap();
+        let wal = WalArchive::new(&repo, &layout);
+        let id = age::x25519::Identity::generate();
+        let spec = EncodeSpec {
+            compression: Compression::Zstd,
+            level: 1,
+            threads: 0,
+            encryption: Encryption::Recipients(vec![id.to_public()]),
+        };
+        let keys = WalKeys { passphrase: None, identities: vec![id] };
+        let name = "000000010000000000000001";
+        let seg = segment(1);
+        wal.push(seg.path(), name, &spec, &WalKeys::default()).await.unwrap();
+        let evil = segment(2);
+        let evil_bytes = std::fs::read(evil.path()).unwrap();
+        put_raw(&repo, &format!("wal_archive/{name}"), evil_bytes.clone()).await;
+        assert_eq!(wal.fetch(name, &keys).await.unwrap().unwrap(), std::fs::read(seg.path()).unwrap());
+        // The attacker also rewrites the record to describe the planted object.
+        let forged = WalRecord {
+            name: name.into(),
+            object: name.into(),
+            size: evil_bytes.len() as u64,
+            sha256: sha_hex(&evil_bytes),
+        };
+        put_raw(&repo, &format!("wal_archive/{name}.sum"), forged.render().into_bytes()).await;
+        let err = wal.fetch(name, &keys).await.unwrap_err();
+        assert!(matches!(err, Error::WalUnverifiable { .. }), "{err}");
+        // Objects without a record: only encrypted ones with a recorded checksum qualify.
+        let legacy = "000000010000000000000002";
+        put_raw(&repo, &format!("wal_archive/{legacy}"), evil_bytes.clone()).await;
+        let err = wal.fetch(legacy, &keys).await.unwrap_err();
+        assert!(matches!(err, Error::WalUnverifiable { .. }), "{err}");
+        let err = wal.fetch(legacy, &WalKeys::default()).await.unwrap_err();
+        assert!(err.to_string().contains("no checksum"), "{err}");
+    }
+
+    /// PostgreSQL re-pushes a segment after a crash before `.done`: with key-pair
+    /// encryption and no private key on the host, identical content succeeds and
+    /// different content is refused (the record is compared, nothing is decrypted).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn key_pair_repush_needs_no_private_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::create(&format!("file://{}", dir.path().display()), &StorageOptions::default()).await.unwrap();
+        let wal = WalArchive::new(&repo, &Layout::new(None, None).unwrap());
+        let id = age::x25519::Identity::generate();
+        let spec = EncodeSpec {
+            compression: Compression::Lz4,
+            level: 0,
+            threads: 0,
+            encryption: Encryption::Recipients(vec![id.to_public()]),
+        };
+        let none = WalKeys::default();
+        let name = "000000010000000000000007";
+        let seg = segment(7);
+        assert!(matches!(wal.push(seg.path(), name, &spec, &none).await.unwrap(), PushOutcome::Stored { .. }));
+        assert!(matches!(wal.push(seg.path(), name, &spec, &none).await.unwrap(), PushOutcome::AlreadyArchived { .. }));
+        let other = segment(8);
+        assert!(matches!(wal.push(other.path(), name, &spec, &none).await.unwrap_err(), Error::WalConflict { .. }));
+        // A push that stopped after its record: the retry stores the object.
+        let obj = format!("wal_archive/{name}.lz4.age");
+        repo.delete(&obj).await.unwrap();
+        assert!(matches!(wal.push(seg.path(), name, &spec, &none).await.unwrap(), PushOutcome::Stored { .. }));
+        let keys = WalKeys { passphrase: None, identities: vec![id] };
+        assert_eq!(wal.fetch(name, &keys).await.unwrap().unwrap(), std::fs::read(seg.path()).unwrap());
+    }
+
+    /// A hole is any missing segment with a later segment of its timeline archived, at any
+    /// distance and for any segment size; other timelines do not count.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn later_segments_are_found_at_any_distance() {
+        for url in ["memory://", "file"] {
+            let dir = tempfile::tempdir().unwrap();
+            let url = if url == "file" { format!("file://{}", dir.path().display()) } else { url.to_owned() };
+            let repo = Repo::create(&url, &StorageOptions::default()).await.unwrap();
+            let wal = WalArchive::new(&repo, &Layout::new(None, None).unwrap());
+            let spec = EncodeSpec::plain();
+            let seg = segment(3);
+            for n in ["000000010000000000000002", "0000000100000003000000F0", "000000020000000000000001"] {
+                wal.push(seg.path(), n, &spec, &WalKeys::default()).await.unwrap();
+            }
+            let after = wal.segments_after("000000010000000000000003", 5).await.unwrap();
+            assert_eq!(after, ["0000000100000003000000F0"], "{url}");
+            assert_eq!(wal.segments_after("000000010000000000000001", 1).await.unwrap(), ["000000010000000000000002"]);
+            assert!(wal.segments_after("0000000100000003000000F0", 5).await.unwrap().is_empty(), "{url}");
+        }
+    }
+
+    #[test]
+    fn records_parse_strictly() {
+        let r = WalRecord {
+            name: "000000010000000000000001".into(),
+            object: "000000010000000000000001.zst.age".into(),
+            size: 5,
+            sha256: "ab".repeat(32),
+        };
+        assert_eq!(WalRecord::parse(&r.render()).unwrap(), r);
+        let other = r.render().replace("object 000000010000000000000001", "object 000000010000000000000002");
+        assert!(WalRecord::parse(&other).is_err(), "a record may only name its own file");
+        assert!(
+            WalRecord::parse(&r.render().replace("object 000000010000000000000001.zst.age", "object ../../x")).is_err()
+        );
+        assert!(WalRecord::parse("garbage").is_err());
     }
 
     #[test]

@@ -234,9 +234,7 @@ impl Replica {
                 return Err(e);
             }
         };
-        let stored =
-            sink.finish().await?.await.map_err(|e| SqliteError::Replica(format!("snapshot upload: {e}")))??;
-        self.repo.sync_local(&key)?;
+        let stored = sink.finish().await?.wait().await?;
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.metrics.bytes.fetch_add(stored.size, Ordering::Relaxed);
         self.last_snapshot_ms = Some(pos.time_ms);

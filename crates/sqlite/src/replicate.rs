@@ -35,7 +35,7 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
         let shared = Shared::new(&spec.path, spec.replicas.len());
         let mut repos = Vec::new();
         for r in &spec.replicas {
-            repos.push(Repo::open(&r.url, &r.storage).await?);
+            repos.push(Repo::create(&r.url, &r.storage).await?);
         }
         // Open now, so a bad database fails the command instead of a background thread.
         let db = open_when_present(spec, shared.clone(), &mut stop).await?;

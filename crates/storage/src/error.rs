@@ -25,6 +25,8 @@ pub enum StorageError {
     },
     #[error("Storj auth service {service}: {reason}")]
     StorjAuth { service: String, reason: String },
+    #[error("repository {url} does not exist (is its volume mounted?); a backup creates it")]
+    MissingRepository { url: String },
     #[error("upload of {key} was abandoned before it completed")]
     Abandoned { key: String },
 }

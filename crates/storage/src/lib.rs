@@ -2,6 +2,7 @@
 //! and bounded multipart uploads, over `object_store`.
 
 mod error;
+pub mod faults;
 pub mod layout;
 mod location;
 mod repo;

@@ -33,6 +33,9 @@ pub struct StorageOptions {
     pub storj_gateway: Option<String>,
     /// Parts of one multipart upload in flight at once (default 4).
     pub parts_in_flight: usize,
+    /// Longest silence on a connection while a request streams (S3, GCS, Azure); a whole
+    /// transfer may take as long as it needs. `None`: 60 s.
+    pub read_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for StorageOptions {
@@ -45,6 +48,7 @@ impl std::fmt::Debug for StorageOptions {
             .field("s3_access_key_id", &self.s3_access_key_id.as_ref().map(|_| "<set>"))
             .field("storj_access", &self.storj_access.as_ref().map(|_| "<set>"))
             .field("storj_gateway", &self.storj_gateway)
+            .field("read_timeout", &self.read_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -83,8 +87,20 @@ pub fn part_size_for(size_hint: Option<u64>) -> usize {
 }
 
 impl Repo {
-    /// Opens the repository at `url`. Network access happens only for Storj access grants.
+    /// Opens an existing repository at `url`. A file:// repository whose directory is
+    /// missing is an error (an unmounted volume must not look like an empty repository);
+    /// only [`Repo::create`] makes it. Network access happens only for Storj access grants.
     pub async fn open(url: &str, opts: &StorageOptions) -> Result<Repo> {
+        Repo::open_inner(url, opts, false).await
+    }
+
+    /// Opens the repository at `url`, creating a file:// repository's directory first (the
+    /// commands that start a repository: a backup, SQLite replication).
+    pub async fn create(url: &str, opts: &StorageOptions) -> Result<Repo> {
+        Repo::open_inner(url, opts, true).await
+    }
+
+    async fn open_inner(url: &str, opts: &StorageOptions, create: bool) -> Result<Repo> {
         let location = Location::parse(url)?;
         let cfg = |e: object_store::Error| StorageError::Config(e.to_string());
         let local_root = match &location {
@@ -118,21 +134,47 @@ impl Repo {
                     .with_allow_http(opts.s3_allow_http || gateway.starts_with("http://"));
                 (Arc::new(b.build().map_err(cfg)?), prefix)
             }
-            Location::Gcs { bucket, prefix } => {
-                (Arc::new(GoogleCloudStorageBuilder::from_env().with_bucket_name(bucket).build().map_err(cfg)?), prefix)
-            }
+            Location::Gcs { bucket, prefix } => (
+                Arc::new(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_bucket_name(bucket)
+                        .with_client_options(client_options(opts, false))
+                        .build()
+                        .map_err(cfg)?,
+                ),
+                prefix,
+            ),
             Location::Azure { container, prefix } => (
-                Arc::new(MicrosoftAzureBuilder::from_env().with_container_name(container).build().map_err(cfg)?),
+                Arc::new(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_container_name(container)
+                        .with_client_options(client_options(opts, false))
+                        .build()
+                        .map_err(cfg)?,
+                ),
                 prefix,
             ),
             Location::File { path } => {
-                std::fs::create_dir_all(&path).map_err(|e| {
-                    StorageError::Config(format!("cannot create repository directory {}: {e}", path.display()))
-                })?;
+                if create {
+                    std::fs::create_dir_all(&path).map_err(|e| {
+                        StorageError::Config(format!("cannot create repository directory {}: {e}", path.display()))
+                    })?;
+                } else if !path.is_dir() {
+                    return Err(StorageError::MissingRepository { url: url.to_owned() });
+                }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(cfg)?;
                 (Arc::new(fs.with_automatic_cleanup(true)), String::new())
             }
             Location::Memory { prefix } => (Arc::new(InMemory::new()), prefix),
+        };
+        // Test hook for drills (README: "Fault injection"): never set in production.
+        let store: Arc<dyn ObjectStore> = match std::env::var("CLOUD_DUMP_FAULTS") {
+            Ok(spec) if !spec.is_empty() => {
+                let cfg = crate::faults::FaultConfig::parse(&spec).map_err(StorageError::Config)?;
+                tracing::warn!("CLOUD_DUMP_FAULTS is set: injecting storage faults ({spec})");
+                Arc::new(crate::faults::FaultStore::new(store, cfg))
+            }
+            _ => store,
         };
         Ok(Repo { store, prefix, url: url.to_owned(), parts_in_flight: opts.parts_in_flight.max(1), local_root })
     }
@@ -184,15 +226,16 @@ impl Repo {
         let path = self.path(key);
         let opts = PutOptions { mode: PutMode::Create, ..Default::default() };
         match self.store.put_opts(&path, PutPayload::from_bytes(data.clone()), opts).await {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(object_store::Error::NotImplemented { .. }) => self
                 .store
                 .put(&path, PutPayload::from_bytes(data))
                 .await
                 .map(|_| ())
-                .map_err(|e| StorageError::from_store(key, e)),
-            Err(e) => Err(StorageError::from_store(key, e)),
+                .map_err(|e| StorageError::from_store(key, e))?,
+            Err(e) => return Err(StorageError::from_store(key, e)),
         }
+        self.sync_local(key)
     }
 
     /// Like [`Repo::put_new`], recording `metadata` (name → value) with the object where
@@ -240,15 +283,26 @@ impl Repo {
         self.sync_local(key)
     }
 
-    /// On a file:// repository, fsyncs an object and its folder; elsewhere nothing to do
-    /// (a completed PUT is durable).
+    /// On a file:// repository, fsyncs an object and every folder from its own up to the
+    /// repository root (a new backup's folder is itself new); elsewhere nothing to do (a
+    /// completed PUT is durable). Every write of a Repo ends here.
     pub fn sync_local(&self, key: &str) -> Result<()> {
         if let Some(root) = &self.local_root {
             let file = root.join(self.path(key).as_ref());
-            let sync = |p: &std::path::Path| std::fs::File::open(p).and_then(|f| f.sync_all());
-            sync(&file)
-                .and_then(|_| file.parent().map(sync).unwrap_or(Ok(())))
-                .map_err(|e| StorageError::Config(format!("cannot fsync {}: {e}", file.display())))?;
+            let sync = |p: &std::path::Path| {
+                std::fs::File::open(p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| StorageError::Config(format!("cannot fsync {}: {e}", p.display())))
+            };
+            sync(&file)?;
+            let mut dir = file.parent();
+            while let Some(d) = dir {
+                sync(d)?;
+                if d == root.as_path() || !d.starts_with(root) {
+                    break;
+                }
+                dir = d.parent();
+            }
         }
         Ok(())
     }
@@ -280,6 +334,41 @@ impl Repo {
             .into_iter()
             .map(|m| ObjectInfo { key: self.strip(&m.location), size: m.size, last_modified: m.last_modified.into() })
             .collect())
+    }
+
+    /// Up to `max` objects whose keys start with `prefix` and sort after `after` (S3's
+    /// start-after: one request however large the folder).
+    pub async fn list_after(&self, prefix: &str, after: &str, max: usize) -> Result<Vec<ObjectInfo>> {
+        let p = self.path(prefix);
+        let offset = self.path(after);
+        // object_store lists by folder: list the folder holding the prefix, keep the prefix.
+        let folder = match prefix.rfind('/') {
+            Some(i) => self.path(&prefix[..i]),
+            None => Path::from(self.prefix.trim_end_matches('/')),
+        };
+        let folder = if folder.as_ref().is_empty() { None } else { Some(&folder) };
+        let mut stream = self.store.list_with_offset(folder, &offset);
+        let mut out = Vec::new();
+        while let Some(m) = stream.next().await {
+            let m = m.map_err(|e| StorageError::from_store(prefix, e))?;
+            if !m.location.as_ref().starts_with(p.as_ref()) {
+                if m.location.as_ref() > p.as_ref()
+                    && !m.location.as_ref().starts_with(p.as_ref())
+                    && m.location.as_ref() > offset.as_ref()
+                    && self.local_root.is_none()
+                {
+                    // Keys come in order from the cloud stores: past the prefix, nothing more.
+                    break;
+                }
+                continue;
+            }
+            out.push(ObjectInfo { key: self.strip(&m.location), size: m.size, last_modified: m.last_modified.into() });
+            if out.len() >= max {
+                break;
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
     }
 
     /// The immediate sub-folders of `dir` ("" for the root), as names without slashes.
@@ -320,6 +409,7 @@ impl Repo {
             key: key.to_owned(),
             writer: Some(WriteMultipart::new_with_chunk_size(up, part_size_for(size_hint))),
             parts_in_flight: self.parts_in_flight,
+            repo: self.clone(),
         })
     }
 }
@@ -356,13 +446,24 @@ fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
         retry_timeout: std::time::Duration::from_secs(60),
         ..Default::default()
     });
-    let mut client =
-        ClientOptions::new().with_connect_timeout(std::time::Duration::from_secs(10)).with_allow_http(allow_http);
+    let client = client_options(opts, allow_http);
+    b = b.with_client_options(client);
+    Ok(b)
+}
+
+/// HTTP settings for every cloud backend. No limit on a whole request (a 512 MiB part or
+/// a large GET takes as long as the link needs); a connection silent for `read_timeout`
+/// fails and is retried.
+fn client_options(opts: &StorageOptions, allow_http: bool) -> ClientOptions {
+    let mut client = ClientOptions::new()
+        .with_connect_timeout(std::time::Duration::from_secs(10))
+        .with_timeout_disabled()
+        .with_read_timeout(opts.read_timeout.unwrap_or(std::time::Duration::from_secs(60)))
+        .with_allow_http(allow_http);
     if opts.s3_skip_verify {
         client = client.with_allow_invalid_certificates(true);
     }
-    b = b.with_client_options(client);
-    Ok(b)
+    client
 }
 
 /// A multipart upload with a bounded number of parts in flight. Dropping it without
@@ -371,6 +472,7 @@ pub struct Upload {
     key: String,
     writer: Option<WriteMultipart>,
     parts_in_flight: usize,
+    repo: Repo,
 }
 
 impl Upload {
@@ -383,7 +485,12 @@ impl Upload {
 
     pub async fn finish(mut self) -> Result<()> {
         let w = self.writer.take().ok_or_else(|| StorageError::Abandoned { key: self.key.clone() })?;
-        w.finish().await.map(|_| ()).map_err(|e| StorageError::from_store(&self.key, e))
+        w.finish().await.map(|_| ()).map_err(|e| StorageError::from_store(&self.key, e))?;
+        self.repo.sync_local(&self.key)
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
     pub async fn abort(mut self) -> Result<()> {

@@ -58,6 +58,8 @@ fn restore(a: &Archive, src: &PgServer, pgdata: &std::path::Path, target: &[&str
     give_to_postgres(pgdata);
     let s = PgServer::start_existing_with(&src.bin, pgdata, conf).unwrap_or_else(|e| panic!("restored server: {e}"));
     s.wait_promoted(Duration::from_secs(120)).unwrap();
+    // The settings file held the repository's secrets: recovery_end_command removed it.
+    assert!(!conf_file.exists(), "restore.conf (secrets) left in PGDATA after recovery");
     s
 }
 
@@ -103,17 +105,36 @@ fn scenario(major: u32, archive: Archive, timelines: bool) {
         assert_eq!(fork.sql("postgres", "SELECT timeline_id FROM pg_control_checkpoint()"), "2");
         fork.sql("postgres", "INSERT INTO pitr SELECT g, 'timeline 2' FROM generate_series(100, 106) g");
         fork.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
-        fork.stop();
         let mut follow = restore(
             &archive,
             &src,
             &work.path().join("follow"),
-            &["--recovery-target", "latest", "--recovery-target-timeline", "latest"],
+            &["--name", "base1", "--recovery-target", "latest", "--recovery-target-timeline", "latest"],
             NO_ARCHIVE,
         );
         assert_eq!(count(&follow), "17", "timeline 2 not followed");
         assert_eq!(follow.sql("postgres", "SELECT count(*) FROM pitr WHERE phase = 'after'"), "0");
         follow.stop();
+        // A backup of the fork carries the fork's own recovery_target_time. Restoring it to
+        // `latest` must replay everything, not stop at the inherited target.
+        let mut env2 = archive.env.clone();
+        env2.push(("CLOUD_DUMP_DB_URL".into(), fork.repl_url()));
+        cloud_dump(&["backup", "--repo", &archive.url, "--cluster", "c", "--name", "base2"], &env2).ok();
+        fork.sql("postgres", "INSERT INTO pitr SELECT g, 'after base2' FROM generate_series(200, 203) g");
+        fork.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+        fork.stop();
+        let inherited = work.path().join("inherited");
+        let mut again = restore(
+            &archive,
+            &src,
+            &inherited,
+            &["--name", "base2", "--recovery-target", "latest", "--recovery-target-timeline", "latest"],
+            NO_ARCHIVE,
+        );
+        assert_eq!(count(&again), "21", "commits after the inherited recovery target were dropped");
+        let auto = std::fs::read_to_string(inherited.join("postgresql.auto.conf")).unwrap();
+        assert!(auto.contains("# disabled by cloud-dump restore: recovery_target_time"), "{auto}");
+        again.stop();
     }
 }
 

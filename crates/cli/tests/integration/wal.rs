@@ -33,6 +33,14 @@ fn push_and_fetch_every_mode_with_the_seed_layout() {
     let s1 = segment(work.path(), "000000010000000000000001", 3);
     let original = std::fs::read(&s1).unwrap();
 
+    // A repository whose directory is missing (an unmounted volume) is never created by
+    // wal-push or wal-fetch: push fails (PostgreSQL keeps the segment), fetch is fatal.
+    push(&repo, &s1, "000000010000000000000001", &[], &[]).fails_with("does not exist");
+    let r = fetch(&repo, "000000010000000000000001", &work.path().join("x"), &[], &[]);
+    assert!(r.code > 125 && r.stderr.contains("does not exist"), "exit {}: {}", r.code, r.stderr);
+    assert!(!repo_dir.exists());
+    std::fs::create_dir(&repo_dir).unwrap();
+
     // Uncompressed: stored bytes identical, no suffix.
     push(&repo, &s1, "000000010000000000000001", &["--compress", "false"], &[]).ok();
     assert_eq!(std::fs::read(wal.join("000000010000000000000001")).unwrap(), original);
@@ -73,10 +81,16 @@ fn push_and_fetch_every_mode_with_the_seed_layout() {
     push(&repo, &s2, "000000010000000000000002", &["--compression", "gzip"], &[]).ok();
     push(&repo, &s2, "000000010000000000000002", &["--compression", "zstd"], &[]).ok();
     assert_eq!(sha256_file(&wal.join("000000010000000000000002.gz")), before);
-    let copies = std::fs::read_dir(&wal)
-        .unwrap()
-        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("000000010000000000000002"));
+    let copies = std::fs::read_dir(&wal).unwrap().filter(|e| {
+        let n = e.as_ref().unwrap().file_name().to_string_lossy().into_owned();
+        n.starts_with("000000010000000000000002") && !n.ends_with(".sum")
+    });
     assert_eq!(copies.count(), 1, "a second copy was created");
+    // Key pair: an identical re-push (PostgreSQL retrying after a crash) needs no private
+    // key; different content is refused, also without it.
+    let rk = ["--encrypt", "--recipient-key", public.to_str().unwrap()];
+    push(&repo, &s4, "000000010000000000000004", &rk, &[]).ok();
+    push(&repo, &s1, "000000010000000000000004", &rk, &[]).fails_with("different content");
     // Encrypted re-push is verified through the repository key.
     push(&repo, &s3, "000000010000000000000003", &["--compression", "gzip", "--encrypt"], &pass).ok();
     // Same name, different content: refused loudly, nothing overwritten.
@@ -93,11 +107,52 @@ fn push_and_fetch_every_mode_with_the_seed_layout() {
     assert!(r.code > 125, "exit {}: {}", r.code, r.stderr);
     assert!(r.stderr.contains("wrong passphrase"), "{}", r.stderr);
     assert!(!dest.exists());
-    // A hole: 5 missing while 6 exists.
+    // A hole: 5 missing while 6 exists; 0A missing while 0B is missing too and 0C exists.
     let s6 = segment(work.path(), "000000010000000000000006", 13);
     push(&repo, &s6, "000000010000000000000006", &[], &[]).ok();
     let r = fetch(&repo, "000000010000000000000005", &dest, &[], &[]);
     assert!(r.code > 125 && r.stderr.contains("hole"), "exit {}: {}", r.code, r.stderr);
+    push(&repo, &s6, "00000001000000000000000C", &[], &[]).ok();
+    let r = fetch(&repo, "00000001000000000000000A", &dest, &[], &[]);
+    assert!(r.code > 125 && r.stderr.contains("hole"), "exit {}: {}", r.code, r.stderr);
+    assert!(!dest.exists());
+    // Damage: one flipped byte in an uncompressed object (no codec checksum, no metadata
+    // on file://) is refused, never served.
+    let obj = wal.join("000000010000000000000001");
+    let mut bytes = std::fs::read(&obj).unwrap();
+    bytes[4_000_000] ^= 1;
+    std::fs::write(&obj, &bytes).unwrap();
+    let r = fetch(&repo, "000000010000000000000001", &dest, &[], &[]);
+    assert!(r.code > 125 && r.stderr.contains("checksum"), "exit {}: {}", r.code, r.stderr);
+    assert!(!dest.exists());
+    bytes.truncate(1 << 20);
+    std::fs::write(&obj, &bytes).unwrap();
+    let r = fetch(&repo, "000000010000000000000001", &dest, &[], &[]);
+    assert!(r.code > 125, "exit {}: {}", r.code, r.stderr);
+    assert!(!dest.exists());
+    // restore_command's settings file wins over a server environment that archives
+    // elsewhere (CLOUD_DUMP_* for archive_command).
+    let conf = work.path().join("restore.conf");
+    std::fs::write(&conf, format!("CLOUD_DUMP_REPO={repo}\nCLOUD_DUMP_WAL_PREFIX=wal_archive\n")).unwrap();
+    let server_env = vec![
+        ("CLOUD_DUMP_REPO".to_string(), file_url(&work.path().join("elsewhere"))),
+        ("CLOUD_DUMP_CLUSTER".to_string(), "other".to_string()),
+    ];
+    let r = cloud_dump(
+        &[
+            "wal-fetch",
+            "000000010000000000000002",
+            dest.to_str().unwrap(),
+            "--prefetch",
+            "0",
+            "--config",
+            conf.to_str().unwrap(),
+        ],
+        &server_env,
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&s2).unwrap());
+    std::fs::remove_file(&dest).unwrap();
     // A store that does not answer.
     let dead = format!("http://127.0.0.1:{}", cloud_dump_testkit::free_port());
     let env = vec![
