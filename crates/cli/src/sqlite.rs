@@ -114,63 +114,91 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
         cfg.addr = Some(addr.clone());
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The application runs in its own process group, so a signal reaches all of it (a
+    // compound `sh -c` command included), not just the shell.
     let mut child = match &a.exec {
         Some(cmd) => Some(
             tokio::process::Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
+                .process_group(0)
                 .spawn()
                 .with_context(|| format!("cannot start --exec command {cmd:?}"))?,
         ),
         None => None,
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let replication = tokio::spawn({
         let cfg = cfg.clone();
         async move { cloud_dump_sqlite::replicate::run(&cfg, stop_rx).await }
     });
     tokio::pin!(replication);
+    // With --exec, replication goes on until the application has exited (its last writes
+    // are replicated), a final sync follows, and the application's status is ours.
     let mut exit = ExitCode::SUCCESS;
-    let child_wait = async {
-        match child.as_mut() {
-            Some(c) => c.wait().await.ok(),
-            None => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        r = &mut replication => {
-            // Replication ended by itself: only a startup error does that.
-            if let Some(c) = child.as_mut() {
-                let _ = c.start_kill();
+    loop {
+        let child_wait = async {
+            match child.as_mut() {
+                Some(c) => c.wait().await.ok(),
+                None => std::future::pending().await,
             }
-            r.context("replication task")??;
-            return Ok(ExitCode::from(1));
-        }
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("SIGINT received");
-            forward_term(&child);
-        }
-        _ = sigterm.recv() => {
-            tracing::info!("SIGTERM received");
-            forward_term(&child);
-        }
-        status = child_wait => {
-            let code = status.and_then(|s| s.code()).unwrap_or(1);
-            tracing::info!(code, "the --exec command exited; stopping replication after a final sync");
-            exit = ExitCode::from(code.clamp(0, 255) as u8);
+        };
+        tokio::select! {
+            r = &mut replication => {
+                // Replication ended by itself: only a startup error does that.
+                if let Some(c) = child.as_mut() {
+                    forward(c, Signal::SIGTERM);
+                    let _ = c.wait().await;
+                }
+                r.context("replication task")??;
+                return Ok(ExitCode::from(1));
+            }
+            _ = sigint.recv() => {
+                tracing::info!("SIGINT received");
+                match child.as_ref() {
+                    Some(c) => forward(c, Signal::SIGINT),
+                    None => break,
+                }
+            }
+            _ = sigterm.recv() => {
+                tracing::info!("SIGTERM received");
+                match child.as_ref() {
+                    Some(c) => forward(c, Signal::SIGTERM),
+                    None => break,
+                }
+            }
+            status = child_wait => {
+                exit = ExitCode::from(exit_status_code(status));
+                tracing::info!("the --exec command exited; stopping replication after a final sync");
+                break;
+            }
         }
     }
     let _ = stop_tx.send(true);
     replication.await.context("replication task")??;
-    if let Some(c) = child.as_mut() {
-        let _ = c.wait().await;
-    }
     Ok(exit)
 }
 
-fn forward_term(child: &Option<tokio::process::Child>) {
-    if let Some(pid) = child.as_ref().and_then(|c| c.id()) {
-        let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+use nix::sys::signal::Signal;
+
+/// Sends `sig` to the application's process group, as received.
+fn forward(child: &tokio::process::Child, sig: Signal) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
+}
+
+/// The shell's convention: the exit code, or 128 + the signal that ended the process.
+fn exit_status_code(status: Option<std::process::ExitStatus>) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => c.clamp(0, 255) as u8,
+            (None, Some(sig)) => (128 + sig).clamp(0, 255) as u8,
+            _ => 1,
+        },
+        None => 1,
     }
 }
 
@@ -213,16 +241,39 @@ fn decryption_for(r: &ReplicaSpec, files: &[PathBuf]) -> Result<Decryption> {
     Ok(if ids.is_empty() { Decryption::None } else { Decryption::Identities(ids) })
 }
 
-/// A WAL index: decimal, `0x…` hex, or the 8 hex digits the listings print.
+/// A WAL index: decimal, or hex written `0x…` or with hex letters as `wal` lists it
+/// (`0000000a`). Eight digits with leading zeros that read differently as decimal and hex
+/// (`00000010`) are refused as ambiguous rather than guessed.
 fn parse_index(s: &str) -> Result<u64> {
-    let bad = || anyhow::anyhow!("invalid --index {s:?}: a WAL index, decimal or 8 hex digits as `wal` lists it");
+    let bad = || anyhow::anyhow!("invalid --index {s:?}: a WAL index, decimal or 0x-prefixed hex");
     if let Some(h) = s.strip_prefix("0x") {
         return u64::from_str_radix(h, 16).map_err(|_| bad());
     }
-    if s.len() == 8 {
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_hexdigit()) && !s.bytes().all(|b| b.is_ascii_digit()) {
         return u64::from_str_radix(s, 16).map_err(|_| bad());
     }
-    s.parse().map_err(|_| bad())
+    let dec: u64 = s.parse().map_err(|_| bad())?;
+    if s.len() > 1 && s.starts_with('0') && u64::from_str_radix(s, 16).ok() != Some(dec) {
+        bail!("--index {s:?} is ambiguous (decimal {dec} or hex 0x{s}): write it without leading zeros for decimal or with 0x for hex");
+    }
+    Ok(dec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_index;
+
+    #[test]
+    fn indexes_are_decimal_unless_marked_hex() {
+        assert_eq!(parse_index("12345678").unwrap(), 12_345_678);
+        assert_eq!(parse_index("10").unwrap(), 10);
+        assert_eq!(parse_index("0x10").unwrap(), 16);
+        assert_eq!(parse_index("0000000a").unwrap(), 10);
+        assert_eq!(parse_index("00000000").unwrap(), 0);
+        assert_eq!(parse_index("00000007").unwrap(), 7);
+        assert!(parse_index("00000010").unwrap_err().to_string().contains("ambiguous"));
+        assert!(parse_index("ten").is_err());
+    }
 }
 
 pub fn parse_timestamp(s: &str) -> Result<i64> {
@@ -365,7 +416,7 @@ async fn list(g: &GlobalArgs, a: &SqliteListArgs, what: Listing) -> Result<ExitC
                 replica: r.name.clone(),
                 generation: gname.to_string(),
                 snapshots: es.iter().filter(|e| e.is_snapshot()).count(),
-                wal_objects: es.iter().filter(|e| !e.is_snapshot()).count(),
+                wal_objects: es.iter().filter(|e| e.is_wal()).count(),
                 bytes: es.iter().map(|e| e.size).sum(),
                 start: format_ms(start),
                 end: format_ms(end),
@@ -375,7 +426,7 @@ async fn list(g: &GlobalArgs, a: &SqliteListArgs, what: Listing) -> Result<ExitC
         for e in &entries {
             let keep = match what {
                 Listing::Snapshots => e.is_snapshot(),
-                Listing::Wal => !e.is_snapshot(),
+                Listing::Wal => e.is_wal(),
                 Listing::Generations => false,
             };
             if !keep {
@@ -384,6 +435,7 @@ async fn list(g: &GlobalArgs, a: &SqliteListArgs, what: Listing) -> Result<ExitC
             let (offset, start, end) = match e.kind {
                 Kind::Snapshot { offset } => (Some(format!("{offset:08x}")), None, None),
                 Kind::Wal { start, end } => (None, Some(format!("{start:08x}")), Some(format!("{end:08x}"))),
+                Kind::IndexEnd { .. } => continue,
             };
             objects.push(ObjectRow {
                 replica: r.name.clone(),

@@ -314,6 +314,21 @@ impl Config {
             }
             dbs.push(spec);
         }
+        // Two databases sharing a replica location would interleave their generations and a
+        // restore of one could return the other.
+        let mut urls: Vec<(String, String)> = Vec::new();
+        for (i, d) in dbs.iter().enumerate() {
+            for r in &d.replicas {
+                let u = r.url.trim_end_matches('/').to_owned();
+                if let Some((_, other)) = urls.iter().find(|(x, _)| *x == u) {
+                    return Err(cfg(format!(
+                        "dbs[{i}] ({}) replicates to {u}, which {other} already uses; give each database (and each replica) its own location",
+                        d.path.display()
+                    )));
+                }
+                urls.push((u, format!("{} (replica {})", d.path.display(), r.name)));
+            }
+        }
         Ok(Config { addr: file.addr, dbs, ignored })
     }
 
@@ -456,6 +471,9 @@ mod tests {
         let c = Config::parse("db:\n  - path: /p\n    replicas:\n      - url: s3://b/db\n    retention: 1h\n", "t")
             .unwrap();
         assert_eq!(c.dbs[0].replicas[0].retention, Duration::from_secs(3600));
+        let twice = "dbs:\n  - path: /a.db\n    replicas:\n      - url: s3://b/x\n  - path: /b.db\n    replicas:\n      - url: s3://b/x/\n";
+        let err = Config::parse(twice, "t").unwrap_err().to_string();
+        assert!(err.contains("already uses"), "{err}");
         let err = Config::parse("dbs:\n  - path: /p\n    replicas:\n      - url: ftp://x/y\n", "t").unwrap_err();
         assert!(err.to_string().contains("unknown scheme"), "{err}");
         assert!(Config::parse("dbs:\n  - path: /p\n", "t").unwrap_err().to_string().contains("no replicas"));

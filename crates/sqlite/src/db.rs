@@ -45,6 +45,9 @@ const READ_CHUNK: usize = 4 << 20;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShadowPos {
     pub generation: String,
+    /// The generation's place in the database's history: strictly greater than the
+    /// previous generation's (restores order generations by it, never by name or time).
+    pub seq: u64,
     pub index: u64,
     /// Length of the shadow WAL file `index` (a WAL offset).
     pub end: u64,
@@ -78,6 +81,8 @@ pub struct Shared {
     /// any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
     /// included (the application would then delete the WAL under us). Snapshots read it.
     pub db_file: Mutex<Option<Arc<File>>>,
+    /// The shadow directory's lock file, locked for the life of the process.
+    pub lock: Mutex<Option<File>>,
     pub metrics: DbMetrics,
 }
 
@@ -90,6 +95,7 @@ impl Shared {
             gate: RwLock::new(()),
             replica_pos: Mutex::new(vec![None; replicas]),
             db_file: Mutex::new(None),
+            lock: Mutex::new(None),
             metrics: DbMetrics::default(),
         })
     }
@@ -109,12 +115,62 @@ pub fn shadow_path(meta: &Path, generation: &str, index: u64) -> PathBuf {
     meta.join("generations").join(generation).join("wal").join(format!("{index:08x}.wal"))
 }
 
+/// Takes the advisory lock of the database's shadow directory for the life of the process
+/// (kept in `shared`): a second replicator of the same database stops here with an error
+/// naming the holder.
+pub fn lock_shadow_dir(shared: &Shared) -> Result<()> {
+    let db = shared.path.display().to_string();
+    fs::create_dir_all(&shared.meta_dir).map_err(|e| {
+        SqliteError::db(&db, format!("cannot create the shadow directory {}: {e}", shared.meta_dir.display()))
+    })?;
+    let path = shared.meta_dir.join("lock");
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| SqliteError::io(path.display(), e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            return Err(SqliteError::db(
+                &db,
+                format!(
+                    "another replicator is replicating it ({}; lock {}); run one `cloud-dump sqlite replicate` per database",
+                    if holder.is_empty() { "holder unknown" } else { holder },
+                    path.display()
+                ),
+            ));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(SqliteError::io(path.display(), e)),
+    }
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let me = format!("pid {} on {} since {}\n", std::process::id(), host.trim(), crate::restore::format_ms(now_ms()));
+    file.set_len(0).and_then(|_| (&file).write_all(me.as_bytes())).map_err(|e| SqliteError::io(path.display(), e))?;
+    *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    Ok(())
+}
+
+/// The current generation and its sequence number from the shadow directory
+/// (`<generation> <seq>`; files written before sequences existed hold the name only).
+fn read_generation_file(meta: &Path) -> Option<(String, u64)> {
+    let text = fs::read_to_string(meta.join("generation")).ok()?;
+    let mut it = text.split_whitespace();
+    let g = it.next().filter(|g| layout::is_generation(g))?.to_owned();
+    let seq = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    Some((g, seq))
+}
+
 pub fn now_ms() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000
 }
 
 struct Shadow {
     generation: String,
+    seq: u64,
     index: u64,
     raw_header: [u8; HEADER_SIZE],
     header: WalHeader,
@@ -128,6 +184,7 @@ impl Shadow {
     fn create(
         meta: &Path,
         generation: String,
+        seq: u64,
         index: u64,
         raw: [u8; HEADER_SIZE],
         header: WalHeader,
@@ -145,6 +202,7 @@ impl Shadow {
         (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
         Ok(Shadow {
             generation,
+            seq,
             index,
             raw_header: raw,
             header,
@@ -373,9 +431,9 @@ impl Db {
     /// continues it. `Ok(Err(reason))` when it does not.
     fn resume(&mut self) -> Result<std::result::Result<(), String>> {
         let meta = &self.shared.meta_dir;
-        let generation = match fs::read_to_string(meta.join("generation")) {
-            Ok(g) if layout::is_generation(g.trim()) => g.trim().to_owned(),
-            _ => return Ok(Err("no previous replication state".into())),
+        let (generation, seq) = match read_generation_file(meta) {
+            Some(g) => g,
+            None => return Ok(Err("no previous replication state".into())),
         };
         let dir = meta.join("generations").join(&generation).join("wal");
         let index = match fs::read_dir(&dir) {
@@ -420,7 +478,7 @@ impl Db {
         // Drop a half-appended tail left by a crash.
         file.set_len(c.end).map_err(|e| SqliteError::io(path.display(), e))?;
         self.shadow =
-            Some(Shadow { generation, index, raw_header: raw, header, end: c.end, checksum: c.checksum, file });
+            Some(Shadow { generation, seq, index, raw_header: raw, header, end: c.end, checksum: c.checksum, file });
         self.publish();
         Ok(Ok(()))
     }
@@ -428,14 +486,22 @@ impl Db {
     /// Starts a generation from the WAL as it is now. The caller holds the write lock.
     fn new_generation_locked(&mut self, why: &str) -> Result<()> {
         let generation = layout::new_generation();
+        // Strictly after the previous generation, whatever the clock says.
+        let prev = self
+            .shadow
+            .as_ref()
+            .map(|s| s.seq)
+            .or_else(|| read_generation_file(&self.shared.meta_dir).map(|g| g.1))
+            .unwrap_or(0);
+        let seq = (prev + 1).max(now_ms().max(0) as u64);
         let Some((raw, header)) = self.read_wal_header()? else {
             return Err(SqliteError::db(self.p(), "the database has no WAL to start a generation from"));
         };
-        self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation.clone(), 0, raw, header)?);
+        self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation.clone(), seq, 0, raw, header)?);
         self.copy_frames()?;
         let meta = &self.shared.meta_dir;
         let tmp = meta.join("generation.tmp");
-        fs::write(&tmp, format!("{generation}\n")).map_err(|e| SqliteError::io(tmp.display(), e))?;
+        fs::write(&tmp, format!("{generation} {seq}\n")).map_err(|e| SqliteError::io(tmp.display(), e))?;
         File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| SqliteError::io(tmp.display(), e))?;
         fs::rename(&tmp, meta.join("generation")).map_err(|e| SqliteError::io(meta.display(), e))?;
         File::open(meta).and_then(|f| f.sync_all()).map_err(|e| SqliteError::io(meta.display(), e))?;
@@ -447,7 +513,13 @@ impl Db {
 
     fn publish(&self) {
         if let Some(s) = &self.shadow {
-            let pos = ShadowPos { generation: s.generation.clone(), index: s.index, end: s.end, time_ms: now_ms() };
+            let pos = ShadowPos {
+                generation: s.generation.clone(),
+                seq: s.seq,
+                index: s.index,
+                end: s.end,
+                time_ms: now_ms(),
+            };
             self.shared.pos.send_if_modified(|old| {
                 if old.generation != pos.generation || old.index != pos.index || old.end != pos.end {
                     *old = pos;
@@ -552,8 +624,8 @@ impl Db {
                 tracing::debug!(db = %self.p(), bytes = recovered, "copied the end of the previous WAL after its restart");
             }
             let sh = self.shadow.as_ref().expect("a shadow WAL");
-            let (generation, index) = (sh.generation.clone(), sh.index + 1);
-            self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation, index, raw, header)?);
+            let (generation, seq, index) = (sh.generation.clone(), sh.seq, sh.index + 1);
+            self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation, seq, index, raw, header)?);
             tracing::debug!(db = %self.p(), index, "the WAL restarted after our checkpoint; next shadow WAL");
         }
         Ok(Copied::Bytes(self.copy_frames()?))

@@ -132,35 +132,69 @@ pub fn render(all: &[Watched]) -> String {
     o
 }
 
-/// Serves `GET /metrics` until the task is dropped.
+/// Connections served at once; more are closed at once (a scraper needs one).
+pub const MAX_CONNECTIONS: usize = 16;
+/// A connection that has not sent its request, or not taken the answer, by then is closed.
+pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Serves `GET /metrics` until the task is dropped. Bounded so it cannot starve
+/// replication: at most [`MAX_CONNECTIONS`] at once, each closed after
+/// [`CONNECTION_TIMEOUT`], and accept errors (out of descriptors) back off instead of
+/// spinning.
 pub async fn serve(listener: TcpListener, all: Vec<Watched>) {
     let all = Arc::new(all);
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let mut sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                tracing::warn!(error = %e, "metrics endpoint: accept failed; pausing");
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            drop(sock);
+            continue;
+        };
         let all = all.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            while n < buf.len() {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(k) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-                ("200 OK", render(&all))
-            } else {
-                ("404 Not Found", "not found; metrics are at /metrics\n".to_owned())
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
+            let _permit = permit;
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, answer(&mut sock, &all)).await;
         });
+    }
+}
+
+async fn answer(sock: &mut tokio::net::TcpStream, all: &[Watched]) {
+    let mut buf = vec![0u8; 4096];
+    let mut n = 0;
+    while n < buf.len() {
+        match sock.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return,
+            Ok(k) => n += k,
+        }
+        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
+        ("200 OK", render(all))
+    } else {
+        ("404 Not Found", "not found; metrics are at /metrics\n".to_owned())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = sock.write_all(resp.as_bytes()).await;
+}
+
+/// Where `addr` listens: `:PORT` is loopback only (127.0.0.1:PORT); give an address
+/// (`0.0.0.0:9090`, `[::]:9090`) to listen beyond this host.
+pub fn bind_address(addr: &str) -> String {
+    match addr.strip_prefix(':') {
+        Some(port) => format!("127.0.0.1:{port}"),
+        None => addr.to_owned(),
     }
 }

@@ -212,7 +212,8 @@ impl Replica {
         });
         let pos = pos_rx.await.map_err(|_| SqliteError::Replica("snapshot reader stopped".into()))?;
         let size = std::fs::metadata(&self.shared.path).map(|m| m.len()).ok();
-        let key = self.encode.object_name(&layout::snapshot_stem(&pos.generation, pos.index, pos.end, pos.time_ms));
+        let key =
+            self.encode.object_name(&layout::snapshot_stem(&pos.generation, pos.index, pos.end, pos.time_ms, pos.seq));
         let mut sink = Sink::start(&self.repo, &key, size, self.encode.clone()).await?;
         let mut failed = None;
         while let Some(b) = rx.recv().await {
@@ -235,6 +236,11 @@ impl Replica {
             }
         };
         let stored = sink.finish().await?.wait().await?;
+        // The snapshot counts only once its checksum marker exists (restores verify every
+        // byte against it).
+        self.repo
+            .put_durable(&layout::checksum_marker(&key), Bytes::from(layout::render_checksum(&stored.sha256)))
+            .await?;
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.metrics.bytes.fetch_add(stored.size, Ordering::Relaxed);
         self.last_snapshot_ms = Some(pos.time_ms);
@@ -296,6 +302,14 @@ impl Replica {
             if at.index < index
                 && (index != u64::MAX || std::fs::metadata(self.shared.shadow_path(generation, at.index + 1)).is_ok())
             {
+                // Index `at.index` is complete: say where it ended before moving on.
+                let ended = self.at.as_ref().map(|a| a.offset).unwrap_or(at.offset);
+                self.repo
+                    .put_durable(
+                        &layout::index_end_key(generation, at.index, ended, time_ms),
+                        Bytes::from_static(b"cloud-dump end of WAL index\n"),
+                    )
+                    .await?;
                 self.at = Some(Uploaded { generation: generation.into(), index: at.index + 1, offset: 0 });
                 self.report();
                 continue;
@@ -343,6 +357,9 @@ impl Replica {
         let doomed = retention_plan(&entries, cutoff, &current);
         for e in &doomed {
             self.repo.delete(&e.key).await?;
+            if e.marked {
+                self.repo.delete(&layout::checksum_marker(&e.key)).await?;
+            }
         }
         if !doomed.is_empty() {
             tracing::info!(replica = %self.name(), objects = doomed.len(), "retention: removed objects older than the retention period");
@@ -371,8 +388,19 @@ pub async fn list_entries(repo: &Repo, generation: Option<&str>) -> Result<Vec<E
         Some(g) => layout::generation_dir(g),
         None => layout::GENERATIONS.to_owned(),
     };
-    let mut out: Vec<Entry> =
-        repo.list(&dir).await?.into_iter().filter_map(|o| layout::parse(&o.key, o.size)).collect();
+    let objects = repo.list(&dir).await?;
+    let marks: std::collections::HashSet<&str> =
+        objects.iter().filter_map(|o| layout::parse_checksum_marker(&o.key)).collect();
+    let mut out: Vec<Entry> = objects
+        .iter()
+        .filter_map(|o| layout::parse(&o.key, o.size))
+        .map(|mut e| {
+            if e.is_snapshot() {
+                e.marked = marks.contains(e.key.as_str());
+            }
+            e
+        })
+        .collect();
     out.sort_by(|a, b| {
         (&a.generation, a.index, a.end(), a.is_snapshot()).cmp(&(&b.generation, b.index, b.end(), b.is_snapshot()))
     });
@@ -430,14 +458,14 @@ mod tests {
     fn retention_keeps_the_window() {
         let (g1, g2) = ("aaaaaaaaaaaaaaaa", "bbbbbbbbbbbbbbbb");
         let all = vec![
-            e(snapshot_stem(g1, 0, 4152, 100)),
+            e(snapshot_stem(g1, 0, 4152, 100, 1)),
             e(wal_stem(g1, 0, 0, 4152, 100)),
             e(wal_stem(g1, 1, 0, 8272, 150)),
-            e(snapshot_stem(g1, 2, 32, 200)),
+            e(snapshot_stem(g1, 2, 32, 200, 1)),
             e(wal_stem(g1, 2, 0, 8272, 210)),
-            e(snapshot_stem(g1, 3, 4152, 300)),
+            e(snapshot_stem(g1, 3, 4152, 300, 1)),
             e(wal_stem(g1, 3, 0, 4152, 300)),
-            e(snapshot_stem(g2, 0, 4152, 400)),
+            e(snapshot_stem(g2, 0, 4152, 400, 1)),
             e(wal_stem(g2, 0, 0, 4152, 400)),
         ];
         // Cutoff inside g1 after its second snapshot: the first snapshot and index 0-1 go.

@@ -33,6 +33,8 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
     let mut running = Vec::new();
     for spec in &config.dbs {
         let shared = Shared::new(&spec.path, spec.replicas.len());
+        // One replicator per database: two would truncate each other's shadow WAL.
+        crate::db::lock_shadow_dir(&shared)?;
         let mut repos = Vec::new();
         for r in &spec.replicas {
             repos.push(Repo::create(&r.url, &r.storage).await?);
@@ -58,7 +60,7 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
     }
     let server = match &config.addr {
         Some(addr) if !addr.is_empty() => {
-            let bind = if addr.starts_with(':') { format!("0.0.0.0{addr}") } else { addr.clone() };
+            let bind = metrics::bind_address(addr);
             let l = tokio::net::TcpListener::bind(&bind)
                 .await
                 .map_err(|e| SqliteError::Config(format!("cannot listen on {addr} for metrics: {e}")))?;

@@ -579,3 +579,85 @@ fn sqlite_bad_input() {
     sqlite(&["restore", "--if-replica-exists", "-o", out.to_str().unwrap(), &rep_url], &[]).ok();
     assert!(!out.exists());
 }
+
+/// One replicator per database; a bounded metrics endpoint; a restore that refuses a stale
+/// `-wal` beside its output.
+#[test]
+fn sqlite_one_replicator_bounded_metrics_and_stale_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let url = format!("file://{}", dir.path().join("rep").display());
+    let port = cloud_dump_testkit::free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let rep = replicate(&["--sync-interval", SYNC, "--addr", &addr, db.to_str().unwrap(), &url], &[]);
+    std::thread::sleep(Duration::from_millis(800));
+    // A second replicator of the same database stops at once, naming the holder.
+    let mut second = replicate(&["--sync-interval", SYNC, db.to_str().unwrap(), &url], &[]);
+    let (code, log) = wait_timeout(&mut second, Duration::from_secs(20));
+    assert_ne!(code, 0, "a second replicator was allowed:\n{log}");
+    assert!(log.contains("another replicator") && log.contains("pid"), "{log}");
+    // Idle connections to the metrics endpoint cannot pile up or stall replication.
+    let idle: Vec<std::net::TcpStream> =
+        (0..100).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect();
+    let c = open(&db);
+    for _ in 0..50 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(200))", []).unwrap();
+    }
+    drop(c);
+    let started = Instant::now();
+    let mut first = idle.into_iter().next().unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    let mut b = [0u8; 16];
+    let n = std::io::Read::read(&mut first, &mut b).unwrap_or(0);
+    assert_eq!(n, 0, "an idle metrics connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(12), "idle connection kept {:?}", started.elapsed());
+    std::thread::sleep(Duration::from_secs(6));
+    assert!(http_get(port, "/metrics").contains("cloud_dump_sqlite_replica_syncs_total"));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    let out = dir.path().join("r.db");
+    assert_eq!(restore_fp(&url, &out, &[], &[]).0, 50);
+    // The database is gone but its -wal stays: a restore to its path refuses (SQLite would
+    // replay that WAL over the restored file).
+    std::fs::remove_file(&db).unwrap();
+    let stale = PathBuf::from(format!("{}-wal", db.display()));
+    if !stale.exists() {
+        std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    }
+    sqlite(&["restore", "-o", db.to_str().unwrap(), &url], &[]).fails_with("exists beside it");
+    assert!(!db.exists());
+    std::fs::remove_file(&stale).unwrap();
+    let _ = std::fs::remove_file(format!("{}-shm", db.display()));
+    assert_eq!(restore_fp(&url, &db, &[], &[]).0, 50);
+}
+
+/// `--exec`: signals reach the application's whole process group as received, replication
+/// goes on while it shuts down, and its exit status is cloud-dump's.
+#[test]
+fn sqlite_exec_graceful_shutdown_keeps_the_last_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let url = format!("file://{}", dir.path().join("rep").display());
+    let ready = dir.path().join("ready");
+    let insert = format!(
+        "sqlite3 {} \"PRAGMA busy_timeout=5000; INSERT INTO t(v) VALUES (randomblob(100));\" >/dev/null",
+        db.display()
+    );
+    // A compound command: the shell runs the writes; on SIGTERM it writes 20 more rows
+    // (a graceful shutdown) and exits 3.
+    let script = format!(
+        "trap 'for i in $(seq 1 20); do {insert}; done; exit 3' TERM; for i in $(seq 1 10); do {insert}; done; touch {}; while true; do sleep 0.1; done",
+        ready.display()
+    );
+    let rep = replicate(&["--sync-interval", SYNC, "--exec", &script, db.to_str().unwrap(), &url], &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the --exec application did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 3, "cloud-dump must exit with the application's status:\n{log}");
+    assert_eq!(count(&db), 30);
+    let out = dir.path().join("r.db");
+    assert_eq!(restore_fp(&url, &out, &[], &[]).0, 30, "writes made during the graceful shutdown were not replicated");
+}
