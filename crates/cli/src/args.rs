@@ -283,7 +283,7 @@ pub struct GlobalArgs {
     pub s3_skip_verify: bool,
     /// Seconds a connection to the object store may stay silent while a request streams
     /// (S3, GCS, Azure); a whole transfer has no time limit.
-    #[arg(long, env = "CLOUD_DUMP_IO_TIMEOUT", global = true, default_value_t = 60, value_name = "SECONDS",
+    #[arg(long, env = "CLOUD_DUMP_IO_TIMEOUT", global = true, default_value_t = 300, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub io_timeout: u64,
 

@@ -59,9 +59,25 @@ fn load_config_file() -> std::result::Result<(), String> {
     Ok(())
 }
 
-/// A variable that is one of cloud-dump's settings (not a credential).
+/// A variable that is one of cloud-dump's settings or says where the store is (not a
+/// credential): the settings file decides these.
 fn is_setting(name: &str) -> bool {
-    name.starts_with("CLOUD_DUMP_") || name.starts_with("WAL_") || name.starts_with("STORJ_")
+    const PLACES: &[&str] = &[
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_ENDPOINT",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_ALLOW_HTTP",
+        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+        "AWS_S3_EXPRESS",
+        "GOOGLE_BUCKET",
+        "AZURE_STORAGE_ENDPOINT",
+        "AZURE_STORAGE_USE_EMULATOR",
+        "AZURE_ALLOW_HTTP",
+        "AZURE_STORAGE_ACCOUNT_NAME",
+    ];
+    name.starts_with("CLOUD_DUMP_") || name.starts_with("WAL_") || name.starts_with("STORJ_") || PLACES.contains(&name)
 }
 
 fn main() -> ExitCode {
@@ -106,6 +122,24 @@ fn init_logging(level: LogLevel) {
         .init();
 }
 
+/// Turns true on SIGINT or SIGTERM, so a long command stops through its failure path
+/// (uploads aborted, partial objects removed) instead of dying mid-way.
+fn cancel_on_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("signal received: stopping the backup and removing what it stored");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
 async fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
     match &cli.command {
@@ -147,6 +181,7 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
         max_rate_kb: a.max_rate.as_deref().map(setup::parse_rate).transpose()?,
         parallel: g.parallel as usize,
         label: a.label.clone(),
+        cancel: Some(cancel_on_signal()?),
     };
     let repo = setup::create_repo(g).await?;
     let progress = progress::make(g.progress);

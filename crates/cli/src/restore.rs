@@ -199,7 +199,8 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
 
     if let (Some(settings), Some(config)) = (settings, wal_config) {
         let t = settings.target.clone();
-        std::fs::create_dir_all(&spool)?;
+        // A new folder (never one that came from the backup: extraction refuses those).
+        std::fs::create_dir(&spool).with_context(|| format!("cannot create {}", spool.display()))?;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -304,6 +305,13 @@ async fn wal_settings(
     if !identities.is_empty() {
         put(wal::IDENTITY_ENV, &identities.join(","));
     }
+    // Plain WAL is refused when the operator gave WAL keys or the archive is encrypted;
+    // a backup key alone does not make an unencrypted archive unreadable.
+    let strict = a.wal_passphrase.is_some()
+        || a.wal_identity_key.is_some()
+        || repo.head(&format!("{wal_dir}{}", repokey::KEY_OBJECT)).await?.is_some()
+        || cloud_dump_postgres::WalArchive::new(repo, &req.layout).any_encrypted().await?;
+    put(wal::REQUIRE_ENCRYPTED_ENV, if strict { "true" } else { "false" });
     Ok(out)
 }
 

@@ -41,8 +41,17 @@ fn keys(pass: Option<cloud_dump_pipeline::SecretString>, identity_file: &Option<
             );
         }
     }
-    Ok(WalKeys { passphrase: pass, identities })
+    // Keys configured means an encrypted archive: plain WAL is refused. `restore` states it
+    // explicitly (it may carry a backup key to an archive whose WAL is not encrypted).
+    let require_encrypted = match std::env::var(REQUIRE_ENCRYPTED_ENV) {
+        Ok(v) => v == "true",
+        Err(_) => pass.is_some() || !identities.is_empty(),
+    };
+    Ok(WalKeys { passphrase: pass, identities, require_encrypted })
 }
+
+/// `true`/`false`: whether wal-fetch refuses unencrypted WAL (written by `restore`).
+pub const REQUIRE_ENCRYPTED_ENV: &str = "CLOUD_DUMP_WAL_REQUIRE_ENCRYPTED";
 
 pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
     let compression = if a.compress == Some(false) {
@@ -128,11 +137,26 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
             // the end of the archive (whatever the segment size).
             if is_segment(&a.name) {
                 if let Some(next) = wal.segments_after(&a.name, 1).await?.first() {
-                    bail!(
-                        "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
-                        a.name,
-                        wal.dir()
-                    );
+                    // A primary archiving into this repository may have pushed it meanwhile.
+                    if let Some(data) = wal.fetch(&a.name, &keys).await? {
+                        write_atomically(&a.dest, &data)
+                            .with_context(|| format!("cannot write {}", a.dest.display()))?;
+                        return Ok(true);
+                    }
+                    // PostgreSQL asks a newer timeline for segments from before it began
+                    // (then the older one): that is not a hole. A timeline with a history
+                    // file begins at its first archived segment.
+                    let tli = &a.name[..8];
+                    let before_timeline = tli != "00000001"
+                        && wal.find(&format!("{tli}.history")).await?.is_some()
+                        && wal.first_segment(tli).await?.is_none_or(|first| a.name < first);
+                    if !before_timeline {
+                        bail!(
+                            "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
+                            a.name,
+                            wal.dir()
+                        );
+                    }
                 }
             }
             Ok(false)

@@ -3,9 +3,11 @@
 
 mod integration {
     mod backup_restore;
+    mod backup_trust;
     mod bad_input;
     pub mod common;
     mod connect;
+    mod drills;
     mod pitr;
     mod sqlite;
     mod wal;

@@ -29,6 +29,9 @@ pub struct BackupRequest {
     /// Archives whose upload may still be finishing while the next one streams.
     pub parallel: usize,
     pub label: Option<String>,
+    /// Turns true when the backup must stop (SIGINT/SIGTERM): it then fails like any other
+    /// failure — uploads aborted, its objects removed.
+    pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// One row of the tablespace header: `None` oid is the main data directory.
@@ -89,7 +92,21 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
         Err(cloud_dump_storage::StorageError::AlreadyExists { .. }) => {
             return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() })
         }
-        Err(e) => return Err(e.into()),
+        // A write reported as failed may have landed: ours if it holds our token.
+        Err(e) => match repo.get(&claim_key).await {
+            Ok(b) if b == claim.as_bytes() => {}
+            _ => return Err(e.into()),
+        },
+    }
+    if !repo.create_is_atomic() {
+        // Where the store may check-then-write, two claims can both "succeed": the later
+        // write wins. Read it back once a racing write would have landed.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        match repo.get(&claim_key).await {
+            Ok(b) if b == claim.as_bytes() => {}
+            Ok(_) => return Err(Error::BackupExists { name: req.name.clone(), repo: repo.url().to_owned() }),
+            Err(e) => return Err(e.into()),
+        }
     }
     let owned = Owned { repo, claim_key, claim };
     let mut written = Vec::new();
@@ -149,6 +166,7 @@ async fn backup_claimed(
     tracing::info!("base backup started ({} checkpoint)", if req.fast_checkpoint { "fast" } else { "spread" });
 
     let mut state = Streamer {
+        cancel: req.cancel.clone(),
         repo,
         dir: &dir,
         spec: req.spec.clone(),
@@ -236,7 +254,22 @@ async fn backup_claimed(
         tablespaces,
         objects,
     };
-    repo.put_new(&format!("{dir}{}", layout::MANIFEST_FILE), Bytes::from(manifest.to_json())).await?;
+    let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
+    let json = manifest.to_json();
+    if let Err(e) = repo.put_new(&manifest_key, Bytes::from(json.clone())).await {
+        // The manifest makes the backup visible. A write reported as failed may have
+        // landed; only a manifest known to be absent lets the archives be removed.
+        match repo.get(&manifest_key).await {
+            Ok(b) if b == json => {}
+            Err(cloud_dump_storage::StorageError::NotFound { .. }) => return Err(e.into()),
+            _ => {
+                written.clear();
+                return Err(Error::Restore(format!(
+                    "{e}; whether {manifest_key} was stored is unknown: the archives are left in place (list shows the backup if it was)"
+                )));
+            }
+        }
+    }
     tracing::info!(
         "backup {} complete: {} objects, {} bytes stored, LSN {} → {}",
         manifest.name,
@@ -283,10 +316,25 @@ impl Owned<'_> {
     }
 }
 
+/// Completes when `cancel` turns true; never without one.
+async fn until_cancelled(cancel: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match cancel {
+        Some(rx) => {
+            if rx.wait_for(|c| *c).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Now, to the microsecond: point-in-time restores compare targets with a backup's end,
+/// and a time rounded down to the second could make a backup that ended after the target
+/// look usable for it.
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .unwrap_or_else(|_| time::OffsetDateTime::now_utc())
+    let t = time::OffsetDateTime::now_utc();
+    t.replace_nanosecond(t.microsecond() * 1000)
+        .unwrap_or(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
@@ -294,6 +342,7 @@ fn now_rfc3339() -> String {
 type Seal = JoinHandle<std::io::Result<(age::x25519::Identity, String)>>;
 
 struct Streamer<'a> {
+    cancel: Option<tokio::sync::watch::Receiver<bool>>,
     repo: &'a Repo,
     dir: &'a str,
     spec: Arc<EncodeSpec>,
@@ -315,7 +364,13 @@ impl Streamer<'_> {
     async fn stream(&mut self, conn: &mut Connection) -> Result<()> {
         let mut failure = None;
         loop {
-            match conn.read_message().await? {
+            let msg = tokio::select! {
+                m = conn.read_message() => m?,
+                _ = until_cancelled(&mut self.cancel) => {
+                    return Err(Error::Restore("interrupted (SIGINT/SIGTERM)".into()));
+                }
+            };
+            match msg {
                 Message::RowDescription(_) => self.result_sets.push(Vec::new()),
                 Message::DataRow(r) => {
                     let row = data_row(&r)?;

@@ -166,6 +166,9 @@ fn parse_entries(
             }
             return Err(refuse("it names the target itself".into()));
         }
+        if let Err(why) = pg_wal_rule(&rel, kind) {
+            return Err(refuse(why));
+        }
         if placed.contains_key(&rel) {
             return Err(refuse("the path appears twice in the archive".into()));
         }
@@ -226,6 +229,41 @@ fn parse_entries(
         }
     }
     Ok(stats)
+}
+
+/// What a base backup may hold under `pg_wal/`: the directory itself, WAL and timeline
+/// files, `archive_status/*.done|.ready` and `summaries/` (PostgreSQL 17) — no links, no
+/// other names. cloud-dump keeps its own state in `pg_wal/.cloud-dump` (restore settings,
+/// prefetched WAL, key proofs), so an archive must never be able to plant anything there;
+/// nor anywhere else under a `.cloud-dump` name.
+fn pg_wal_rule(rel: &Path, kind: tar::EntryType) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = rel.components().filter_map(|c| c.as_os_str().to_str()).collect();
+    if rel.components().any(|c| c.as_os_str() == ".cloud-dump") {
+        return Err("cloud-dump's own state folder may not come from an archive".into());
+    }
+    if parts.first() != Some(&"pg_wal") {
+        return Ok(());
+    }
+    let dir = kind == tar::EntryType::Directory;
+    let file = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
+    let wal_name = |n: &str| {
+        let (stem, rest) = n.split_once('.').unwrap_or((n, ""));
+        stem.len() >= 8 && stem.bytes().all(|b| b.is_ascii_hexdigit()) && matches!(rest, "" | "history" | "partial")
+            || (rest.ends_with(".backup") && stem.len() == 24)
+    };
+    let ok = match parts.as_slice() {
+        ["pg_wal"] => dir,
+        ["pg_wal", "archive_status" | "summaries"] => dir,
+        ["pg_wal", n] => file && wal_name(n),
+        ["pg_wal", "archive_status", n] => file && (n.ends_with(".done") || n.ends_with(".ready")),
+        ["pg_wal", "summaries", n] => file && n.ends_with(".summary"),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err("a base backup holds only WAL files, archive_status and summaries in pg_wal".into())
+    }
 }
 
 fn link_name<R: Read>(entry: &tar::Entry<'_, R>, t: &ExtractTarget<'_>) -> Result<PathBuf> {
@@ -499,6 +537,35 @@ mod tests {
             ),
             ("relative link with a harmless-looking ..", Box::new(|b| entry(b, Symlink, "a/b/c", "../d", 0o777, b""))),
             ("write through a link that was on disk", Box::new(|b| entry(b, Regular, "planted/x", "", 0o600, b"x"))),
+            (
+                "planted restore settings",
+                Box::new(|b| {
+                    entry(b, Directory, "pg_wal", "", 0o700, b"");
+                    entry(b, Regular, "pg_wal/.cloud-dump/restore.conf", "", 0o600, b"CLOUD_DUMP_REPO=file:///evil\n");
+                }),
+            ),
+            (
+                "planted prefetched WAL",
+                Box::new(|b| {
+                    entry(b, Regular, "pg_wal/.cloud-dump/prefetch/000000010000000000000005", "", 0o600, b"x");
+                }),
+            ),
+            (
+                "pg_wal state folder as a link",
+                Box::new(|b| {
+                    entry(b, Directory, "pg_wal/archive_status", "", 0o700, b"");
+                    entry(b, Symlink, "pg_wal/.cloud-dump", "archive_status", 0o777, b"");
+                }),
+            ),
+            (
+                "pg_wal itself a link",
+                Box::new(|b| {
+                    entry(b, Directory, "base", "", 0o700, b"");
+                    entry(b, Symlink, "pg_wal", "base", 0o777, b"");
+                }),
+            ),
+            ("a key-proof marker elsewhere", Box::new(|b| entry(b, Regular, "base/.cloud-dump/x", "", 0o600, b"x"))),
+            ("other files in pg_wal", Box::new(|b| entry(b, Regular, "pg_wal/notes.txt", "", 0o600, b"x"))),
             ("directory at a link that was on disk", Box::new(|b| entry(b, Directory, "planted", "", 0o777, b""))),
         ];
         let mut maps = HashMap::new();
@@ -535,7 +602,7 @@ mod tests {
         let absolute = |b: &mut tar::Builder<Vec<u8>>| file(b, "/tmp/evil", b"x");
         let (_, r) = run(&tar_with(absolute), &HashMap::new());
         assert!(r.unwrap_err().to_string().contains("absolute"));
-        let link_out = |b: &mut tar::Builder<Vec<u8>>| link(b, "pg_wal", "/etc");
+        let link_out = |b: &mut tar::Builder<Vec<u8>>| link(b, "x", "/etc");
         let (_, r) = run(&tar_with(link_out), &HashMap::new());
         assert!(r.unwrap_err().to_string().contains("points out"));
         let through = |b: &mut tar::Builder<Vec<u8>>| {
@@ -544,6 +611,20 @@ mod tests {
         };
         let (_, r) = run(&tar_with(through), &HashMap::new());
         assert!(r.unwrap_err().to_string().contains("made a file or link"));
+    }
+
+    #[test]
+    fn pg_wal_as_base_backups_have_it() {
+        let bytes = tar_with(|b| {
+            entry(b, tar::EntryType::Directory, "pg_wal", "", 0o700, b"");
+            entry(b, tar::EntryType::Directory, "pg_wal/archive_status", "", 0o700, b"");
+            entry(b, tar::EntryType::Regular, "pg_wal/000000010000000000000002", "", 0o600, b"w");
+            entry(b, tar::EntryType::Regular, "pg_wal/00000002.history", "", 0o600, b"h");
+            entry(b, tar::EntryType::Regular, "pg_wal/archive_status/000000010000000000000002.done", "", 0o600, b"");
+            entry(b, tar::EntryType::Directory, "pg_wal/summaries", "", 0o700, b"");
+        });
+        let (_, r) = run(&bytes, &HashMap::new());
+        r.unwrap();
     }
 
     #[test]

@@ -81,14 +81,17 @@ pub fn pg_time(t: OffsetDateTime) -> String {
     )
 }
 
+/// When the backup ended, never earlier than it did: manifests written before times had
+/// fractions hold the second rounded down, so they count as one second later.
 fn stop_time(m: &BackupManifest) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(&m.stop_time, &time::format_description::well_known::Rfc3339).ok()
+    let t = OffsetDateTime::parse(&m.stop_time, &time::format_description::well_known::Rfc3339).ok()?;
+    Some(if m.stop_time.contains('.') { t } else { t + time::Duration::seconds(1) })
 }
 
 /// The newest backup whose end precedes the target (`backups` newest first).
 pub fn choose_backup<'a>(backups: &'a [BackupManifest], target: &RecoveryTarget) -> Option<&'a BackupManifest> {
     backups.iter().find(|m| match target {
-        RecoveryTarget::Time(_, t) => stop_time(m).is_some_and(|s| s <= *t),
+        RecoveryTarget::Time(_, t) => stop_time(m).is_some_and(|s| s < *t),
         RecoveryTarget::Lsn(l) => m.end_lsn <= *l,
         _ => true,
     })
@@ -101,7 +104,7 @@ pub fn check_target(m: &BackupManifest, target: &RecoveryTarget) -> Result<()> {
             "recovery target LSN {l} is before the end of backup {} ({}): a backup is consistent only from its end; choose an older backup",
             m.name, m.end_lsn
         ))),
-        RecoveryTarget::Time(text, t) if stop_time(m).is_some_and(|s| *t < s) => Err(Error::Config(format!(
+        RecoveryTarget::Time(text, t) if stop_time(m).is_some_and(|s| *t <= s) => Err(Error::Config(format!(
             "recovery target time {text} is before backup {} completed ({}); choose an older backup",
             m.name, m.stop_time
         ))),
@@ -171,13 +174,18 @@ const RECOVERY_GUCS: &[&str] = &[
     "pause_at_recovery_target",
 ];
 
-/// The setting a postgresql.conf line assigns, lower-cased (`name = value`, `name value`).
+/// The setting a postgresql.conf line assigns, lower-cased: PostgreSQL's configuration
+/// lexer reads a name (letters, digits, `_`, `.`, bytes ≥ 0x80), then optional space and
+/// `=`, then the value — `name = v`, `name v` and `name'v'` all assign.
 fn setting_of(line: &str) -> Option<String> {
     let t = line.trim_start();
-    if t.starts_with('#') || t.is_empty() {
+    let first = t.chars().next()?;
+    if !(first.is_alphabetic() || first == '_' || !first.is_ascii()) {
         return None;
     }
-    let end = t.find(|c: char| c == '=' || c.is_whitespace()).unwrap_or(t.len());
+    let end = t
+        .find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.' || c == '$' || !c.is_ascii()))
+        .unwrap_or(t.len());
     Some(t[..end].to_ascii_lowercase())
 }
 
@@ -202,6 +210,32 @@ pub fn neutralise_recovery_settings(text: &str) -> (String, Vec<String>) {
     (out, disabled)
 }
 
+/// The files `include`, `include_if_exists` and `include_dir` name in `text` (relative
+/// names are relative to `dir`).
+fn included_files(text: &str, dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(name) = setting_of(line) else { continue };
+        if !matches!(name.as_str(), "include" | "include_if_exists" | "include_dir") {
+            continue;
+        }
+        let rest = line.trim_start()[name.len()..].trim_start().trim_start_matches('=').trim();
+        let Some(v) = rest.strip_prefix('\'').and_then(|r| r.split('\'').next()) else { continue };
+        let p = dir.join(v);
+        if name == "include_dir" {
+            if let Ok(rd) = std::fs::read_dir(&p) {
+                let mut files: Vec<_> =
+                    rd.flatten().map(|e| e.path()).filter(|f| f.extension().is_some_and(|x| x == "conf")).collect();
+                files.sort();
+                out.extend(files);
+            }
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// What `write_recovery` changed besides adding its own settings, for the operator.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Neutralised {
@@ -209,6 +243,9 @@ pub struct Neutralised {
     pub settings: Vec<(String, String)>,
     /// Files removed (standby.signal, an old recovery.conf).
     pub removed: Vec<String>,
+    /// Included files outside PGDATA that set recovery settings (left alone; the operator
+    /// is told).
+    pub outside: Vec<String>,
 }
 
 /// The settings lines a restore writes; an error (a control character) before anything
@@ -242,18 +279,31 @@ pub fn write_recovery(pgdata: &Path, version_num: u32, s: &RecoverySettings) -> 
     // Every value is checked before anything is written.
     let lines = recovery_lines(s)?;
     let mut done = Neutralised::default();
-    for name in ["postgresql.auto.conf", "postgresql.conf"] {
-        let p = pgdata.join(name);
+    // postgresql.conf, postgresql.auto.conf and what they include, inside PGDATA.
+    let mut queue: Vec<std::path::PathBuf> = vec![pgdata.join("postgresql.auto.conf"), pgdata.join("postgresql.conf")];
+    let mut seen = Vec::new();
+    while let Some(p) = queue.pop() {
+        if seen.contains(&p) || seen.len() > 64 {
+            continue;
+        }
+        seen.push(p.clone());
+        let shown = p.strip_prefix(pgdata).unwrap_or(&p).display().to_string();
         let text = match std::fs::read_to_string(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(io(&p, e)),
         };
+        queue.extend(included_files(&text, p.parent().unwrap_or(pgdata)));
         let (new, disabled) = neutralise_recovery_settings(&text);
-        if !disabled.is_empty() {
-            crate::wal_archive::write_atomically(&p, new.as_bytes()).map_err(|e| io(&p, e))?;
-            done.settings.extend(disabled.into_iter().map(|d| (name.to_owned(), d)));
+        if disabled.is_empty() {
+            continue;
         }
+        if !p.starts_with(pgdata) {
+            done.outside.push(shown);
+            continue;
+        }
+        crate::wal_archive::write_atomically(&p, new.as_bytes()).map_err(|e| io(&p, e))?;
+        done.settings.extend(disabled.into_iter().map(|d| (shown.clone(), d)));
     }
     for name in ["standby.signal", "recovery.signal", "recovery.conf"] {
         let p = pgdata.join(name);
@@ -296,8 +346,13 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let auto = "# Do not edit this file manually!\nwork_mem = '4MB'\nrestore_command = 'old'\n  Recovery_Target_Time='2020-01-01'\nrecovery_target_action = 'shutdown'\nprimary_conninfo = 'host=src'\n";
         std::fs::write(d.path().join("postgresql.auto.conf"), auto).unwrap();
-        std::fs::write(d.path().join("postgresql.conf"), "shared_buffers = 128MB\nrecovery_target_xid 77 # old\n")
-            .unwrap();
+        std::fs::write(
+            d.path().join("postgresql.conf"),
+            "shared_buffers = 128MB\nrecovery_target_xid 77 # old\ninclude_dir 'conf.d'\n",
+        )
+        .unwrap();
+        std::fs::create_dir(d.path().join("conf.d")).unwrap();
+        std::fs::write(d.path().join("conf.d/10-recovery.conf"), "recovery_min_apply_delay'1d'\n").unwrap();
         std::fs::write(d.path().join("standby.signal"), "").unwrap();
         let done = write_recovery(d.path(), 150000, &settings(RecoveryTarget::Latest)).unwrap();
         assert_eq!(done.removed, vec!["standby.signal".to_owned()]);
@@ -305,24 +360,44 @@ mod tests {
         assert_eq!(
             names,
             [
+                "recovery_target_xid",
+                "recovery_min_apply_delay",
                 "restore_command",
                 "recovery_target_time",
                 "recovery_target_action",
                 "primary_conninfo",
-                "recovery_target_xid"
             ]
         );
         let text = std::fs::read_to_string(d.path().join("postgresql.auto.conf")).unwrap()
-            + &std::fs::read_to_string(d.path().join("postgresql.conf")).unwrap();
+            + &std::fs::read_to_string(d.path().join("postgresql.conf")).unwrap()
+            + &std::fs::read_to_string(d.path().join("conf.d/10-recovery.conf")).unwrap();
         // What is still in force is exactly what this restore asked for.
         let active: Vec<_> = text.lines().filter_map(setting_of).collect();
-        assert_eq!(active, ["work_mem", "restore_command", "recovery_end_command", "shared_buffers"]);
+        assert_eq!(active, ["work_mem", "restore_command", "recovery_end_command", "shared_buffers", "include_dir"]);
         assert!(d.path().join("recovery.signal").exists() && !d.path().join("standby.signal").exists());
         // A value with a newline writes nothing at all.
         let d2 = tempfile::tempdir().unwrap();
         let bad = settings(RecoveryTarget::Name("x\nrestore_command='evil'".into()));
         assert!(write_recovery(d2.path(), 150000, &bad).is_err());
         assert_eq!(std::fs::read_dir(d2.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_backup_ending_after_the_target_is_never_chosen() {
+        let mut old = crate::manifest::BackupManifest::example();
+        old.name = "old".into();
+        old.stop_time = "2026-03-22T02:00:00Z".into();
+        let mut precise = old.clone();
+        precise.name = "precise".into();
+        precise.stop_time = "2026-03-22T03:00:00.250000Z".into();
+        let backups = vec![precise.clone(), old.clone()];
+        let at = |s: &str| RecoveryTarget::Time(s.into(), parse_time(s).unwrap());
+        // Rounded-down second: 02:00:00 may have been 02:00:00.9.
+        assert!(choose_backup(&[old.clone()], &at("2026-03-22 02:00:00.5 UTC")).is_none());
+        assert_eq!(choose_backup(&backups, &at("2026-03-22 02:00:01.5 UTC")).unwrap().name, "old");
+        assert_eq!(choose_backup(&backups, &at("2026-03-22 03:00:00.2 UTC")).unwrap().name, "old");
+        assert_eq!(choose_backup(&backups, &at("2026-03-22 03:00:00.3 UTC")).unwrap().name, "precise");
+        assert!(check_target(&old, &at("2026-03-22 02:00:00.5 UTC")).is_err());
     }
 
     #[test]

@@ -291,7 +291,7 @@ async fn restore_inner(
 }
 
 /// De-escapes one `tablespace_map` file: lines `OID PATH`, where PostgreSQL 15+ writes a
-/// backslash before `\\`, newline and CR in PATH, and older servers before newline and CR.
+/// backslash before `\\`, newline and CR in PATH (14+), older servers before newline and CR.
 /// Returns (oid, path) pairs or the reason the file is not one.
 pub fn parse_tablespace_map(text: &str, version_num: u32) -> std::result::Result<Vec<(String, String)>, String> {
     let mut lines = Vec::new();
@@ -299,7 +299,7 @@ pub fn parse_tablespace_map(text: &str, version_num: u32) -> std::result::Result
     let mut escaped = false;
     for ch in text.chars() {
         if escaped {
-            if version_num < 150000 && ch != '\n' && ch != '\r' {
+            if version_num < 140000 && ch != '\n' && ch != '\r' {
                 cur.push('\\');
             }
             cur.push(ch);

@@ -37,12 +37,15 @@ const RECORD_MAGIC: &str = "cloud-dump-wal-record 1";
 pub struct WalKeys {
     pub passphrase: Option<SecretString>,
     pub identities: Vec<age::x25519::Identity>,
+    /// The archive is encrypted: unencrypted WAL objects are refused, never served. Set
+    /// when WAL keys are configured (and by `restore` when the archive is encrypted).
+    pub require_encrypted: bool,
 }
 
 impl WalKeys {
-    /// True when the operator configured a way to decrypt: plain WAL is then refused.
+    /// True when unencrypted objects must be refused.
     pub fn any(&self) -> bool {
-        self.passphrase.is_some() || !self.identities.is_empty()
+        self.require_encrypted
     }
 }
 
@@ -335,9 +338,38 @@ impl<'a> WalArchive<'a> {
     }
 
     /// Downloads, decodes and verifies `name`. `None` when it is not archived. Never
-    /// returns bytes that were not checked against the SHA-256 recorded at push time.
+    /// returns bytes that were not checked against the SHA-256 recorded at push time, and
+    /// never `None` for a file whose object the store lists: a 404 for an object that
+    /// exists (a flaky proxy, a lagging replica of the store) is an error, not "not found".
     pub async fn fetch(&self, name: &str, keys: &WalKeys) -> Result<Option<Vec<u8>>> {
         classify(name).map_err(Error::Config)?;
+        if let Some(v) = self.fetch_once(name, keys).await? {
+            return Ok(Some(v));
+        }
+        // Confirm "not found" with a listing (a record alone is a push still in progress).
+        let prefix = format!("{}{name}", self.dir);
+        let before = format!("{}{}", self.dir, &name[..name.len() - 1]);
+        let objects: Vec<String> = self
+            .repo
+            .list_after(&prefix, &before, 16)
+            .await?
+            .into_iter()
+            .map(|o| o.key)
+            .filter(|k| split_codec(k.strip_prefix(&self.dir).unwrap_or(k)).is_some_and(|(stem, _, _)| stem == name))
+            .collect();
+        if objects.is_empty() {
+            return Ok(None);
+        }
+        match self.fetch_once(name, keys).await? {
+            Some(v) => Ok(Some(v)),
+            None => Err(Error::Storage(StorageError::Config(format!(
+                "the store lists {} but answers \"not found\" for {name}; not treating it as the end of the archive",
+                objects.join(", ")
+            )))),
+        }
+    }
+
+    async fn fetch_once(&self, name: &str, keys: &WalKeys) -> Result<Option<Vec<u8>>> {
         let (key, want_sha, want_size) = match self.record(name).await? {
             Some(r) => (format!("{}{}", self.dir, r.object), r.sha256, Some(r.size)),
             None => {
@@ -422,6 +454,24 @@ impl<'a> WalArchive<'a> {
         out.dedup();
         out.truncate(max);
         Ok(out)
+    }
+
+    /// The first archived segment of timeline `tli` (8 hex digits), if any.
+    pub async fn first_segment(&self, tli: &str) -> Result<Option<String>> {
+        let prefix = format!("{}{tli}", self.dir);
+        for o in self.repo.list_after(&prefix, &prefix, 3).await? {
+            let rel = o.key.strip_prefix(&self.dir).unwrap_or(&o.key);
+            let stem = rel.split('.').next().unwrap_or("");
+            if classify(stem) == Ok(WalFileKind::Segment) {
+                return Ok(Some(stem.to_owned()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// True when any stored WAL object is age-encrypted (the archive is an encrypted one).
+    pub async fn any_encrypted(&self) -> Result<bool> {
+        Ok(self.repo.list(&self.dir).await?.iter().any(|o| o.key.ends_with(".age")))
     }
 
     /// Every archived file name (suffixes removed), sorted.
@@ -527,7 +577,7 @@ mod tests {
             encryption: Encryption::Recipients(vec![recipient]),
         };
         let seg = segment(7);
-        let keys = WalKeys { passphrase: Some(p.clone()), identities: vec![] };
+        let keys = WalKeys { passphrase: Some(p.clone()), identities: vec![], require_encrypted: true };
         wal.push(seg.path(), "000000010000000000000001", &spec, &keys).await.unwrap();
         let stored = repo.get("wal_archive/000000010000000000000001.gz.age").await.unwrap();
         assert!(!is_scrypt(&stored), "WAL must not pay scrypt per file");
@@ -535,7 +585,7 @@ mod tests {
             wal.fetch("000000010000000000000001", &keys).await.unwrap().unwrap(),
             std::fs::read(seg.path()).unwrap()
         );
-        let wrong = WalKeys { passphrase: Some("nope".to_owned().into()), identities: vec![] };
+        let wrong = WalKeys { passphrase: Some("nope".to_owned().into()), identities: vec![], require_encrypted: true };
         assert!(wal.fetch("000000010000000000000001", &wrong).await.is_err());
     }
 
@@ -602,7 +652,7 @@ mod tests {
             threads: 0,
             encryption: Encryption::Recipients(vec![id.to_public()]),
         };
-        let keys = WalKeys { passphrase: None, identities: vec![id] };
+        let keys = WalKeys { passphrase: None, identities: vec![id], require_encrypted: true };
         let name = "000000010000000000000001";
         let seg = segment(1);
         wal.push(seg.path(), name, &spec, &WalKeys::default()).await.unwrap();
@@ -655,7 +705,7 @@ mod tests {
         let obj = format!("wal_archive/{name}.lz4.age");
         repo.delete(&obj).await.unwrap();
         assert!(matches!(wal.push(seg.path(), name, &spec, &none).await.unwrap(), PushOutcome::Stored { .. }));
-        let keys = WalKeys { passphrase: None, identities: vec![id] };
+        let keys = WalKeys { passphrase: None, identities: vec![id], require_encrypted: true };
         assert_eq!(wal.fetch(name, &keys).await.unwrap().unwrap(), std::fs::read(seg.path()).unwrap());
     }
 

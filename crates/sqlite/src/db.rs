@@ -611,6 +611,15 @@ impl Db {
             // them. Looking at the frame header at our end before and after tells whether
             // the new WAL got there (a frame's header is written before its page).
             let old_end = sh.end;
+            // A WAL shorter than what we copied was truncated (wal_checkpoint(TRUNCATE),
+            // journal_size_limit): frames the old WAL committed after our copy may be gone
+            // with it. Nothing proves otherwise, so the chain is not continued.
+            let len = fs::metadata(&self.wal_path).map(|m| m.len()).unwrap_or(0);
+            if len < old_end {
+                return Ok(Copied::Discontinuity(format!(
+                    "the WAL was truncated to {len} bytes (wal_checkpoint(TRUNCATE) or journal_size_limit) before cloud-dump could prove it had copied all of it (it had {old_end})"
+                )));
+            }
             let new_salts = (header.salt1, header.salt2);
             let untouched_before = self.frame_salts_at(old_end)? != Some(new_salts);
             let recovered = if untouched_before { self.copy_frames()? } else { 0 };

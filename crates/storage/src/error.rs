@@ -25,7 +25,7 @@ pub enum StorageError {
     },
     #[error("Storj auth service {service}: {reason}")]
     StorjAuth { service: String, reason: String },
-    #[error("repository {url} does not exist (is its volume mounted?); a backup creates it")]
+    #[error("repository {url} does not exist or is empty (is its volume mounted?); the first backup creates it")]
     MissingRepository { url: String },
     #[error("upload of {key} was abandoned before it completed")]
     Abandoned { key: String },

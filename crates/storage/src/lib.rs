@@ -12,4 +12,4 @@ pub use bytes::Bytes;
 pub use error::{Result, StorageError};
 pub use layout::Layout;
 pub use location::Location;
-pub use repo::{part_size_for, ObjectInfo, Repo, StorageOptions, Upload};
+pub use repo::{part_size_for, ObjectInfo, Repo, StorageOptions, Upload, REPOSITORY_MARKER};

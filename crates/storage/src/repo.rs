@@ -34,7 +34,8 @@ pub struct StorageOptions {
     /// Parts of one multipart upload in flight at once (default 4).
     pub parts_in_flight: usize,
     /// Longest silence on a connection while a request streams (S3, GCS, Azure); a whole
-    /// transfer may take as long as it needs. `None`: 60 s.
+    /// transfer may take as long as it needs. `None`: 300 s. (With reqwest the timer also
+    /// runs while a request body is sent: an upload part must leave within it.)
     pub read_timeout: Option<std::time::Duration>,
 }
 
@@ -52,6 +53,10 @@ impl std::fmt::Debug for StorageOptions {
             .finish_non_exhaustive()
     }
 }
+
+/// The file a file:// repository's directory holds from its creation (first backup or
+/// replication): an empty directory without it is an unmounted volume, not a repository.
+pub const REPOSITORY_MARKER: &str = "cloud-dump-repository";
 
 /// Object sizes and checksums as the store reports them.
 #[derive(Debug, Clone)]
@@ -155,12 +160,27 @@ impl Repo {
                 prefix,
             ),
             Location::File { path } => {
+                let marker = path.join(REPOSITORY_MARKER);
                 if create {
                     std::fs::create_dir_all(&path).map_err(|e| {
                         StorageError::Config(format!("cannot create repository directory {}: {e}", path.display()))
                     })?;
-                } else if !path.is_dir() {
-                    return Err(StorageError::MissingRepository { url: url.to_owned() });
+                    if !marker.exists() {
+                        let mark = || -> std::io::Result<()> {
+                            std::fs::write(&marker, b"cloud-dump repository\n")?;
+                            std::fs::File::open(&marker)?.sync_all()?;
+                            std::fs::File::open(&path)?.sync_all()
+                        };
+                        mark().map_err(|e| StorageError::Config(format!("cannot write {}: {e}", marker.display())))?;
+                    }
+                } else {
+                    // A missing directory, or an empty one without the marker (the mount
+                    // point of an unmounted volume), is not a repository. Repositories from
+                    // before the marker hold objects.
+                    let empty = std::fs::read_dir(&path).map(|mut d| d.next().is_none()).unwrap_or(true);
+                    if !path.is_dir() || (!marker.exists() && empty) {
+                        return Err(StorageError::MissingRepository { url: url.to_owned() });
+                    }
                 }
                 let fs = LocalFileSystem::new_with_prefix(&path).map_err(cfg)?;
                 (Arc::new(fs.with_automatic_cleanup(true)), String::new())
@@ -192,6 +212,14 @@ impl Repo {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// True where a create-only write is atomic here (file://: a hard link; memory). Cloud
+    /// stores honour create-only writes when they implement conditional requests; some
+    /// S3-compatible stores check and write in two steps, so callers that must win a race
+    /// confirm it there.
+    pub fn create_is_atomic(&self) -> bool {
+        self.local_root.is_some() || self.url.starts_with("memory://")
     }
 
     fn path(&self, key: &str) -> Path {
@@ -458,7 +486,7 @@ fn client_options(opts: &StorageOptions, allow_http: bool) -> ClientOptions {
     let mut client = ClientOptions::new()
         .with_connect_timeout(std::time::Duration::from_secs(10))
         .with_timeout_disabled()
-        .with_read_timeout(opts.read_timeout.unwrap_or(std::time::Duration::from_secs(60)))
+        .with_read_timeout(opts.read_timeout.unwrap_or(std::time::Duration::from_secs(300)))
         .with_allow_http(allow_http);
     if opts.s3_skip_verify {
         client = client.with_allow_invalid_certificates(true);

@@ -39,7 +39,12 @@ fn push_and_fetch_every_mode_with_the_seed_layout() {
     let r = fetch(&repo, "000000010000000000000001", &work.path().join("x"), &[], &[]);
     assert!(r.code > 125 && r.stderr.contains("does not exist"), "exit {}: {}", r.code, r.stderr);
     assert!(!repo_dir.exists());
+    // The empty mount point of an unmounted volume is no repository either.
     std::fs::create_dir(&repo_dir).unwrap();
+    push(&repo, &s1, "000000010000000000000001", &[], &[]).fails_with("does not exist");
+    assert_eq!(std::fs::read_dir(&repo_dir).unwrap().count(), 0);
+    // The first backup writes this marker; here it stands in for one.
+    std::fs::write(repo_dir.join("cloud-dump-repository"), "cloud-dump repository\n").unwrap();
 
     // Uncompressed: stored bytes identical, no suffix.
     push(&repo, &s1, "000000010000000000000001", &["--compress", "false"], &[]).ok();
