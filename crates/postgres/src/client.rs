@@ -6,13 +6,13 @@ use std::collections::HashMap;
 
 use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS};
 use postgres_protocol::message::backend::{ErrorFields, Message};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::conninfo::{ConnConfig, SslMode};
+use crate::conninfo::{ChannelBindingMode, ConnConfig, SslMode};
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 
@@ -21,6 +21,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
 pub struct Connection {
     stream: Box<dyn Stream>,
+    /// `tls-server-end-point` data of the TLS connection (RFC 5929), for SCRAM channel
+    /// binding; `None` without TLS or when the certificate's hash cannot be told.
+    server_end_point: Option<Vec<u8>>,
+    tls: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
     params: HashMap<String, String>,
@@ -62,19 +66,21 @@ impl Connection {
     async fn connect_inner(cfg: &ConnConfig) -> Result<Connection> {
         let target = cfg.target();
         let conn_err = |source| Error::Connect { target: target.clone(), source };
-        let stream: Box<dyn Stream> = if cfg.is_unix_socket() {
+        let (stream, tls, server_end_point): (Box<dyn Stream>, bool, Option<Vec<u8>>) = if cfg.is_unix_socket() {
             let path = format!("{}/.s.PGSQL.{}", cfg.host, cfg.port);
-            Box::new(tokio::net::UnixStream::connect(&path).await.map_err(conn_err)?)
+            (Box::new(tokio::net::UnixStream::connect(&path).await.map_err(conn_err)?), false, None)
         } else {
             let tcp = TcpStream::connect((cfg.host.as_str(), cfg.port)).await.map_err(conn_err)?;
             tcp.set_nodelay(true).ok();
             match crate::tls::client_config(cfg)? {
-                None => Box::new(tcp),
+                None => (Box::new(tcp), false, None),
                 Some(tls) => Self::negotiate_tls(tcp, cfg, tls).await?,
             }
         };
         let mut conn = Connection {
             stream,
+            tls,
+            server_end_point,
             rbuf: BytesMut::with_capacity(1 << 20),
             wbuf: BytesMut::with_capacity(4096),
             params: HashMap::new(),
@@ -88,7 +94,7 @@ impl Connection {
         mut tcp: TcpStream,
         cfg: &ConnConfig,
         tls: std::sync::Arc<rustls::ClientConfig>,
-    ) -> Result<Box<dyn Stream>> {
+    ) -> Result<(Box<dyn Stream>, bool, Option<Vec<u8>>)> {
         let tls_err = |reason: String| Error::Tls { target: cfg.target(), reason };
         let mut buf = BytesMut::new();
         frontend::ssl_request(&mut buf);
@@ -103,9 +109,15 @@ impl Connection {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| tls_err(e.to_string()))?;
-                Ok(Box::new(s))
+                let end_point = s
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(|c| crate::tls::server_end_point(c.as_ref()));
+                Ok((Box::new(s), true, end_point))
             }
-            b'N' if matches!(cfg.sslmode, SslMode::Prefer | SslMode::Allow) => Ok(Box::new(tcp)),
+            b'N' if matches!(cfg.sslmode, SslMode::Prefer | SslMode::Allow) => Ok((Box::new(tcp), false, None)),
             b'N' => Err(tls_err("the server does not accept TLS (sslmode requires it)".into())),
             other => Err(Error::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
         }
@@ -146,15 +158,43 @@ impl Connection {
                 }
                 Message::AuthenticationSasl(body) => {
                     let mut mechs = body.mechanisms();
-                    let mut ok = false;
+                    let (mut plain, mut plus) = (false, false);
                     while let Some(m) = mechs.next()? {
-                        ok |= m == SCRAM_SHA_256;
+                        plain |= m == SCRAM_SHA_256;
+                        plus |= m == SCRAM_SHA_256_PLUS;
                     }
-                    if !ok {
-                        return Err(auth_err("the server offers no SASL mechanism we support (SCRAM-SHA-256)".into()));
+                    let password = need_password()?;
+                    // Channel binding as libpq does it: bound when TLS and the server offer
+                    // it (prefer, require); "supported but not offered" otherwise, so a
+                    // downgrade by a man in the middle fails the SCRAM exchange.
+                    let mode = cfg.channel_binding;
+                    let binding = match (&self.server_end_point, plus, mode) {
+                        (_, _, ChannelBindingMode::Disable) => None,
+                        (Some(ep), true, _) => Some(ChannelBinding::tls_server_end_point(ep.clone())),
+                        _ => None,
+                    };
+                    if binding.is_none() && mode == ChannelBindingMode::Require {
+                        return Err(auth_err(if !self.tls {
+                            "channel_binding=require, but the connection is not encrypted".into()
+                        } else if !plus {
+                            "channel_binding=require, but the server does not offer SCRAM-SHA-256-PLUS".into()
+                        } else {
+                            "channel_binding=require, but the server certificate's signature algorithm is not one cloud-dump can bind to".into()
+                        }));
                     }
-                    let s = ScramSha256::new(need_password()?.as_bytes(), ChannelBinding::unsupported());
-                    frontend::sasl_initial_response(SCRAM_SHA_256, s.message(), &mut self.wbuf)?;
+                    let (mech, s) = match binding {
+                        Some(b) => (SCRAM_SHA_256_PLUS, ScramSha256::new(password.as_bytes(), b)),
+                        None if !plain => {
+                            return Err(auth_err(
+                                "the server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
+                            ))
+                        }
+                        None if self.tls && mode != ChannelBindingMode::Disable => {
+                            (SCRAM_SHA_256, ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested()))
+                        }
+                        None => (SCRAM_SHA_256, ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported())),
+                    };
+                    frontend::sasl_initial_response(mech, s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                     scram = Some(s);
                 }

@@ -37,6 +37,15 @@ impl std::str::FromStr for SslMode {
     }
 }
 
+/// libpq's `channel_binding`: `prefer` binds SCRAM to the TLS connection when the server
+/// offers SCRAM-SHA-256-PLUS; `require` refuses to authenticate otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelBindingMode {
+    Disable,
+    Prefer,
+    Require,
+}
+
 #[derive(Clone)]
 pub struct ConnConfig {
     /// A host name, an IP address, or a directory holding the Unix socket.
@@ -48,6 +57,8 @@ pub struct ConnConfig {
     /// The `replication` startup parameter; `true` (physical) unless the URL says otherwise.
     pub replication: String,
     pub sslmode: SslMode,
+    /// SCRAM channel binding over TLS (`tls-server-end-point`), as libpq's `channel_binding`.
+    pub channel_binding: ChannelBindingMode,
     pub sslrootcert: Option<PathBuf>,
     pub application_name: String,
     pub connect_timeout: Duration,
@@ -111,6 +122,17 @@ impl ConnConfig {
             None => SslMode::Prefer,
         };
         let sslrootcert = take("sslrootcert", "PGSSLROOTCERT").map(PathBuf::from);
+        let channel_binding = match take("channel_binding", "PGCHANNELBINDING").as_deref() {
+            None | Some("prefer") => ChannelBindingMode::Prefer,
+            Some("disable") => ChannelBindingMode::Disable,
+            Some("require") => ChannelBindingMode::Require,
+            Some(other) => {
+                return Err(Error::Config(format!("invalid channel_binding {other:?}: use disable, prefer or require")))
+            }
+        };
+        if channel_binding == ChannelBindingMode::Require && sslmode == SslMode::Disable {
+            return Err(Error::Config("channel_binding=require needs TLS, but sslmode=disable".into()));
+        }
         let application_name = take("application_name", "PGAPPNAME").unwrap_or_else(|| "cloud-dump".into());
         let connect_timeout = match take("connect_timeout", "PGCONNECT_TIMEOUT") {
             Some(t) => Duration::from_secs(
@@ -140,6 +162,7 @@ impl ConnConfig {
             replication,
             sslmode,
             sslrootcert,
+            channel_binding,
             application_name,
             connect_timeout,
         })

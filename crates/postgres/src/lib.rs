@@ -20,7 +20,7 @@ mod wal_archive;
 pub use backup::{run_backup, BackupRequest};
 pub use catalog::{list_backups, load_manifest};
 pub use client::{version_num, Connection, SystemInfo};
-pub use conninfo::{ConnConfig, SslMode};
+pub use conninfo::{ChannelBindingMode, ConnConfig, SslMode};
 pub use error::{Error, Result};
 pub use extract::{extract, ExtractStats, ExtractTarget};
 pub use lsn::Lsn;

@@ -129,3 +129,65 @@ impl ServerCertVerifier for Lenient {
         self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
+
+/// RFC 5929 `tls-server-end-point`: the hash of the server certificate with the hash of its
+/// signature algorithm (SHA-256 for MD5 and SHA-1), as PostgreSQL computes it. `None` for
+/// algorithms without one (Ed25519, RSA-PSS): no channel binding then.
+pub fn server_end_point(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    let oid = signature_algorithm_oid(cert_der)?;
+    // 1.2.840.113549.1.1.{4 md5,5 sha1,11 sha256,12 sha384,13 sha512}; 1.2.840.10045.4.{1 sha1,3.2,3.3,3.4}
+    const RSA: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01];
+    const ECDSA: &[u8] = &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04];
+    let bits = match oid {
+        [p @ .., n] if p == RSA => match n {
+            4 | 5 | 11 => 256,
+            12 => 384,
+            13 => 512,
+            _ => return None,
+        },
+        [p @ .., 1] if p == ECDSA => 256,
+        [p @ .., 3, n] if p == ECDSA => match n {
+            2 => 256,
+            3 => 384,
+            4 => 512,
+            _ => return None,
+        },
+        _ => return None,
+    };
+    Some(match bits {
+        256 => sha2::Sha256::digest(cert_der).to_vec(),
+        384 => sha2::Sha384::digest(cert_der).to_vec(),
+        _ => sha2::Sha512::digest(cert_der).to_vec(),
+    })
+}
+
+/// One DER element at the start of `b`: (tag, content, rest).
+fn der(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)? as usize;
+    let (len, head) = if first < 0x80 {
+        (first, 2)
+    } else {
+        let n = first & 0x7f;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = (len << 8) | *b.get(2 + i)? as usize;
+        }
+        (len, 2 + n)
+    };
+    let end = head.checked_add(len)?;
+    Some((tag, b.get(head..end)?, b.get(end..)?))
+}
+
+/// The OID bytes of a certificate's outer `signatureAlgorithm`.
+fn signature_algorithm_oid(cert: &[u8]) -> Option<&[u8]> {
+    let (0x30, body, _) = der(cert)? else { return None };
+    let (0x30, _tbs, rest) = der(body)? else { return None };
+    let (0x30, alg, _) = der(rest)? else { return None };
+    let (0x06, oid, _) = der(alg)? else { return None };
+    Some(oid)
+}

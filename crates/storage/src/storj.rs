@@ -28,8 +28,10 @@ struct AccessResponse {
 pub async fn exchange_access_grant(auth_service: &str, access_grant: &str) -> Result<S3Credentials> {
     let service = auth_service.trim_end_matches('/').to_owned();
     let err = |reason: String| StorageError::StorjAuth { service: service.clone(), reason };
+    // The grant is a secret: never follow a redirect that would send it elsewhere.
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| err(e.to_string()))?;
     let resp = client
@@ -39,6 +41,9 @@ pub async fn exchange_access_grant(auth_service: &str, access_grant: &str) -> Re
         .await
         .map_err(|e| err(format!("cannot reach it: {}", e.without_url())))?;
     let status = resp.status();
+    if status.is_redirection() {
+        return Err(err(format!("answered with a redirect ({status}); the access grant is not sent on")));
+    }
     if !status.is_success() {
         let body = resp.text().await.unwrap_or_default();
         let body: String = body.chars().take(200).collect();
@@ -46,9 +51,43 @@ pub async fn exchange_access_grant(auth_service: &str, access_grant: &str) -> Re
     }
     let parsed: AccessResponse =
         resp.json().await.map_err(|e| err(format!("unexpected answer: {}", e.without_url())))?;
-    Ok(S3Credentials {
-        access_key_id: parsed.access_key_id,
-        secret_access_key: parsed.secret_key,
-        endpoint: parsed.endpoint.filter(|e| !e.is_empty()),
-    })
+    let endpoint = parsed.endpoint.filter(|e| !e.is_empty());
+    // An https auth service may not send the credentials' user to a plain-http gateway.
+    if let Some(e) = &endpoint {
+        if service.starts_with("https://") && !e.starts_with("https://") {
+            return Err(err(format!(
+                "named the gateway {e:?}, which is not https; refusing to send credentials there"
+            )));
+        }
+    }
+    Ok(S3Credentials { access_key_id: parsed.access_key_id, secret_access_key: parsed.secret_key, endpoint })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An auth service answering with a redirect: the grant is not sent on.
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let elsewhere = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = elsewhere.local_addr().unwrap();
+        let auth = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let auth_addr = auth.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = auth.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let resp = format!(
+                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://{target}/v1/access\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
+            let _ = s.write_all(resp.as_bytes()).await;
+        });
+        let err = exchange_access_grant(&format!("http://{auth_addr}"), "secret-grant").await.unwrap_err();
+        assert!(err.to_string().contains("redirect"), "{err}");
+        assert!(!err.to_string().contains("secret-grant"));
+        let followed = tokio::time::timeout(std::time::Duration::from_millis(300), elsewhere.accept()).await;
+        assert!(followed.is_err(), "the redirect was followed");
+    }
 }

@@ -74,6 +74,11 @@ impl PgServer {
     /// initdb (superuser `postgres`, trust locally, SCRAM for the `repl` replication role on
     /// TCP), start on a free port, and create the role `repl` with password `repl-secret`.
     pub fn start(major: u32) -> Result<PgServer, String> {
+        PgServer::start_with_initdb(major, &[])
+    }
+
+    /// [`PgServer::start`] with extra initdb arguments (e.g. `--wal-segsize 64`).
+    pub fn start_with_initdb(major: u32, initdb_args: &[&str]) -> Result<PgServer, String> {
         let bin = pg_bin_dir(major).ok_or_else(|| {
             format!("PostgreSQL {major} binaries not found (run scripts/test, or set CLOUD_DUMP_PG{major}_BIN)")
         })?;
@@ -83,6 +88,7 @@ impl PgServer {
             .args(["-D"])
             .arg(&data)
             .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .args(initdb_args)
             .output()
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {

@@ -24,11 +24,17 @@ fn tls_modes_behave_like_libpq() {
     backup_ok(&url, "verify-full", &db("localhost", &format!("sslmode=verify-full&sslrootcert={ca}")), &[]);
     let env = vec![("PGSSLMODE".into(), "verify-full".into()), ("PGSSLROOTCERT".into(), ca.to_owned())];
     backup_ok(&url, "from-env", &db("localhost", ""), &env);
+    // SCRAM bound to the TLS connection (SCRAM-SHA-256-PLUS), as libpq's channel_binding.
+    backup_ok(&url, "bound", &db("127.0.0.1", "sslmode=require&channel_binding=require"), &[]);
+    let env = vec![("PGCHANNELBINDING".into(), "require".into())];
+    backup_ok(&url, "bound-env", &db("127.0.0.1", "sslmode=require"), &env);
 
     let fail = |name: &str, db: String, needle: &str| {
         cloud_dump(&["backup", "--repo", &url, "--name", name, "--db-url", &db], &[]).fails_with(needle);
     };
     fail("disable", db("127.0.0.1", "sslmode=disable"), "pg_hba.conf rejects");
+    fail("cb-no-tls", db("127.0.0.1", "sslmode=disable&channel_binding=require"), "channel_binding=require needs TLS");
+    fail("cb-bad", db("127.0.0.1", "channel_binding=sometimes"), "invalid channel_binding");
     fail("wrong-name", db("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")), "TLS");
     fail("no-root", db("localhost", "sslmode=verify-full&sslrootcert=/nonexistent/root.crt"), "sslrootcert");
     let other_ca = tempfile::tempdir().unwrap();
@@ -46,7 +52,7 @@ fn tls_modes_behave_like_libpq() {
 
     let list = cloud_dump(&["list", "--repo", &url, "--json"], &[]).ok();
     let v: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 5, "{}", list.stdout);
+    assert_eq!(v.as_array().unwrap().len(), 7, "{}", list.stdout);
 }
 
 #[test]

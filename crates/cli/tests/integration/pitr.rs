@@ -205,3 +205,63 @@ fn pitr_refusals_and_a_hole_in_the_archive() {
         Err(e) => assert!(e.contains("hole"), "the server log should name the hole: {e}"),
     }
 }
+
+/// A cluster made with 64 MiB WAL segments: the restore's checks, hole detection and
+/// prefetch take the segment size from the cluster, not a 16 MiB constant.
+#[test]
+fn pitr_with_64_mib_wal_segments_and_a_two_segment_hole() {
+    let mut src =
+        PgServer::start_with_initdb(15, &["--wal-segsize", "64"]).expect("PostgreSQL 15 with 64 MiB segments");
+    assert_eq!(src.sql("postgres", "SHOW wal_segment_size"), "64MB");
+    let archive = file_archive();
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    src.reconfigure(&format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {} --cluster c --compression none'",
+        exe.display(),
+        archive.url
+    ))
+    .unwrap();
+    let env = vec![("CLOUD_DUMP_DB_URL".to_string(), src.repl_url())];
+    cloud_dump(&["backup", "--repo", &archive.url, "--cluster", "c", "--name", "b"], &env).ok();
+    src.sql("postgres", "CREATE TABLE pitr(id int)");
+    let mut segs = Vec::new();
+    for i in 0..4 {
+        src.sql("postgres", &format!("INSERT INTO pitr VALUES ({i})"));
+        segs.push(src.switch_and_wait_archived(Duration::from_secs(60)).unwrap());
+    }
+    let lsn = src.sql("postgres", "SELECT pg_current_wal_insert_lsn()");
+    src.sql("postgres", "INSERT INTO pitr VALUES (99)");
+    segs.push(src.switch_and_wait_archived(Duration::from_secs(60)).unwrap());
+    let work = scratch_dir("pitr-64");
+    // An LSN target inside the archive passes the restore's check (with 16 MiB arithmetic
+    // it would name a segment that does not exist and be refused as "after the newest").
+    let mut at_lsn = restore(&archive, &src, &work.path().join("lsn"), &["--recovery-target-lsn", &lsn], NO_ARCHIVE);
+    assert_eq!(count(&at_lsn), "4");
+    at_lsn.stop();
+    let mut latest = restore(&archive, &src, &work.path().join("latest"), &["--recovery-target", "latest"], NO_ARCHIVE);
+    assert_eq!(count(&latest), "5");
+    latest.stop();
+    // Two consecutive segments missing: a hole (not the end of the archive), fatal.
+    let wal = archive._dir.as_ref().unwrap().path().join("c/wal_archive");
+    for s in &segs[1..3] {
+        std::fs::remove_file(wal.join(s)).unwrap();
+    }
+    let dest = work.path().join("RECOVERYXLOG");
+    let r = cloud_dump(
+        &["wal-fetch", &segs[1], dest.to_str().unwrap(), "--repo", &archive.url, "--cluster", "c", "--prefetch", "0"],
+        &[],
+    );
+    assert!(r.code > 125 && r.stderr.contains("hole"), "exit {}: {}", r.code, r.stderr);
+    let pgdata = work.path().join("holed");
+    let out = std::process::Command::new(&exe)
+        .args(["restore", "--repo", &archive.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()])
+        .args(["--recovery-target", "latest", "--progress", "none"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    give_to_postgres(&pgdata);
+    match PgServer::start_existing_with(&src.bin, &pgdata, NO_ARCHIVE) {
+        Ok(s) => assert!(s.wait_promoted(Duration::from_secs(20)).is_err(), "promoted past a two-segment hole"),
+        Err(e) => assert!(e.contains("hole"), "the server log should name the hole: {e}"),
+    }
+}
