@@ -62,22 +62,10 @@ fn load_config_file() -> std::result::Result<(), String> {
 /// A variable that is one of cloud-dump's settings or says where the store is (not a
 /// credential): the settings file decides these.
 fn is_setting(name: &str) -> bool {
-    const PLACES: &[&str] = &[
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "AWS_ENDPOINT",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ALLOW_HTTP",
-        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
-        "AWS_S3_EXPRESS",
-        "GOOGLE_BUCKET",
-        "AZURE_STORAGE_ENDPOINT",
-        "AZURE_STORAGE_USE_EMULATOR",
-        "AZURE_ALLOW_HTTP",
-        "AZURE_STORAGE_ACCOUNT_NAME",
-    ];
-    name.starts_with("CLOUD_DUMP_") || name.starts_with("WAL_") || name.starts_with("STORJ_") || PLACES.contains(&name)
+    name.starts_with("CLOUD_DUMP_")
+        || name.starts_with("WAL_")
+        || name.starts_with("STORJ_")
+        || setup::STORE_SETTINGS.contains(&name)
 }
 
 fn main() -> ExitCode {

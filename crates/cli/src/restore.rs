@@ -320,32 +320,20 @@ async fn wal_settings(
 /// supply on the server itself (instance metadata, web identity, profiles) and short-lived
 /// session credentials are not: a frozen copy would expire during a long recovery.
 fn copied_credential(name: &str, is_set: impl Fn(&str) -> bool) -> bool {
-    const STATIC: &[&str] = &[
-        "AWS_REGION",
-        "AWS_DEFAULT_REGION",
-        "AWS_ENDPOINT",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_ALLOW_HTTP",
+    // Settings, plus credentials that are files or long-lived keys.
+    const LONG_LIVED: &[&str] = &[
         "AWS_CA_BUNDLE",
-        "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
-        "AWS_S3_EXPRESS",
         "GOOGLE_APPLICATION_CREDENTIALS",
         "GOOGLE_SERVICE_ACCOUNT",
         "GOOGLE_SERVICE_ACCOUNT_PATH",
         "GOOGLE_SERVICE_ACCOUNT_KEY",
-        "GOOGLE_BUCKET",
-        "AZURE_STORAGE_ACCOUNT_NAME",
         "AZURE_STORAGE_ACCOUNT_KEY",
         "AZURE_STORAGE_ACCESS_KEY",
-        "AZURE_STORAGE_USE_EMULATOR",
-        "AZURE_STORAGE_ENDPOINT",
-        "AZURE_ALLOW_HTTP",
     ];
     match name {
         // Long-lived keys, unless they come with a session token (then they expire).
         "AWS_ACCESS_KEY_ID" | "AWS_SECRET_ACCESS_KEY" => !is_set("AWS_SESSION_TOKEN"),
-        n => STATIC.contains(&n),
+        n => setup::STORE_SETTINGS.contains(&n) || LONG_LIVED.contains(&n),
     }
 }
 

@@ -8,6 +8,24 @@ use cloud_dump_storage::{Layout, Repo, StorageOptions};
 
 use crate::args::{DecryptArgs, EncryptArgs, GlobalArgs, StorageKind};
 
+/// Variables that say where the store is and how to talk to it, not who we are: the
+/// restore settings file carries them, and for wal-fetch it decides them.
+pub const STORE_SETTINGS: &[&str] = &[
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ENDPOINT",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ALLOW_HTTP",
+    "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
+    "AWS_S3_EXPRESS",
+    "GOOGLE_BUCKET",
+    "AZURE_STORAGE_ENDPOINT",
+    "AZURE_STORAGE_USE_EMULATOR",
+    "AZURE_ALLOW_HTTP",
+    "AZURE_STORAGE_ACCOUNT_NAME",
+];
+
 pub fn repo_url(g: &GlobalArgs) -> Result<String> {
     if let Some(r) = &g.repo {
         return Ok(r.clone());

@@ -148,9 +148,9 @@ fn pitr_pg17_s3() {
     scenario(17, s3_archive(), false);
 }
 
-#[test]
-fn pitr_refusals_and_a_hole_in_the_archive() {
-    let mut src = pg(15);
+/// Archiving into a file:// archive (cluster `c`), backup `b`, then `n` rows each in its own
+/// archived segment. Returns the archive, the binary PostgreSQL runs, the segment names.
+fn archived_segments(src: &mut PgServer, n: usize) -> (Archive, std::path::PathBuf, Vec<String>) {
     let archive = file_archive();
     let exe = cloud_dump_testkit::public_copy(&bin());
     src.reconfigure(&format!(
@@ -162,11 +162,19 @@ fn pitr_refusals_and_a_hole_in_the_archive() {
     let env = vec![("CLOUD_DUMP_DB_URL".to_string(), src.repl_url())];
     cloud_dump(&["backup", "--repo", &archive.url, "--cluster", "c", "--name", "b"], &env).ok();
     src.sql("postgres", "CREATE TABLE pitr(id int)");
-    let mut segs = Vec::new();
-    for i in 0..3 {
-        src.sql("postgres", &format!("INSERT INTO pitr VALUES ({i})"));
-        segs.push(src.switch_and_wait_archived(Duration::from_secs(60)).unwrap());
-    }
+    let segs = (0..n)
+        .map(|i| {
+            src.sql("postgres", &format!("INSERT INTO pitr VALUES ({i})"));
+            src.switch_and_wait_archived(Duration::from_secs(60)).unwrap()
+        })
+        .collect();
+    (archive, exe, segs)
+}
+
+#[test]
+fn pitr_refusals_and_a_hole_in_the_archive() {
+    let mut src = pg(15);
+    let (archive, exe, segs) = archived_segments(&mut src, 3);
     let work = scratch_dir("pitr-bad");
     let pgdata = work.path().join("d");
     let base = ["restore", "--repo", &archive.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()];
@@ -213,25 +221,17 @@ fn pitr_with_64_mib_wal_segments_and_a_two_segment_hole() {
     let mut src =
         PgServer::start_with_initdb(15, &["--wal-segsize", "64"]).expect("PostgreSQL 15 with 64 MiB segments");
     assert_eq!(src.sql("postgres", "SHOW wal_segment_size"), "64MB");
-    let archive = file_archive();
-    let exe = cloud_dump_testkit::public_copy(&bin());
-    src.reconfigure(&format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {} --cluster c --compression none'",
-        exe.display(),
-        archive.url
-    ))
-    .unwrap();
-    let env = vec![("CLOUD_DUMP_DB_URL".to_string(), src.repl_url())];
-    cloud_dump(&["backup", "--repo", &archive.url, "--cluster", "c", "--name", "b"], &env).ok();
-    src.sql("postgres", "CREATE TABLE pitr(id int)");
-    let mut segs = Vec::new();
-    for i in 0..4 {
-        src.sql("postgres", &format!("INSERT INTO pitr VALUES ({i})"));
-        segs.push(src.switch_and_wait_archived(Duration::from_secs(60)).unwrap());
-    }
+    let (archive, exe, mut segs) = archived_segments(&mut src, 4);
     let lsn = src.sql("postgres", "SELECT pg_current_wal_insert_lsn()");
     src.sql("postgres", "INSERT INTO pitr VALUES (99)");
     segs.push(src.switch_and_wait_archived(Duration::from_secs(60)).unwrap());
+    // (synchronous_commit is off here: wait until the segment holding the target is archived.)
+    let need = src.sql("postgres", &format!("SELECT pg_walfile_name('{lsn}')"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while src.sql("postgres", "SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver") < need {
+        assert!(std::time::Instant::now() < deadline, "{need} was not archived");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let work = scratch_dir("pitr-64");
     // An LSN target inside the archive passes the restore's check (with 16 MiB arithmetic
     // it would name a segment that does not exist and be refused as "after the newest").
