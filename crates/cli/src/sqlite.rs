@@ -10,6 +10,7 @@ use cloud_dump_sqlite::config::{parse_duration, Config, DbSpec, ReplicaSpec};
 use cloud_dump_sqlite::layout::{Entry, Kind};
 use cloud_dump_sqlite::replica::list_entries;
 use cloud_dump_sqlite::restore::{self, format_ms, Target};
+use cloud_dump_sqlite::SqliteError;
 use cloud_dump_storage::Repo;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -310,26 +311,42 @@ async fn restore(g: &GlobalArgs, a: &SqliteRestoreArgs) -> Result<ExitCode> {
         index,
         timestamp_ms: a.timestamp.as_deref().map(parse_timestamp).transpose()?,
     };
-    // Plan on every candidate replica (one LIST each); restore from the newest.
+    // Plan on every candidate replica (one LIST each); restore from the newest. A replica
+    // that cannot be read or planned is an error, never skipped: restoring from another,
+    // lagging replica would return an older state as if it were the newest.
     let mut best: Option<(ReplicaSpec, Repo, restore::Plan)> = None;
-    let mut errors = Vec::new();
+    let (mut empty, mut errors) = (Vec::new(), Vec::new());
     for r in replicas {
-        let repo = Repo::open(&r.url, &r.storage).await?;
-        match restore::plan_from(&repo, &target).await {
-            Ok(p) => {
+        let planned = match Repo::open(&r.url, &r.storage).await {
+            Ok(repo) => restore::plan_from(&repo, &target).await.map(|p| (repo, p)),
+            Err(e) => Err(e.into()),
+        };
+        match planned {
+            Ok((repo, p)) => {
                 if best.as_ref().is_none_or(|(_, _, b)| p.time_ms > b.time_ms) {
                     best = Some((r, repo, p));
                 }
             }
+            Err(SqliteError::EmptyReplica(why))
+            | Err(SqliteError::Storage(cloud_dump_storage::StorageError::MissingRepository { url: why })) => {
+                empty.push(format!("{}: {why}", r.url))
+            }
             Err(e) => errors.push(format!("{}: {e}", r.url)),
         }
     }
+    if !errors.is_empty() {
+        bail!(
+            "cannot restore: {}{}",
+            errors.join("; "),
+            if best.is_some() { " (give --replica NAME to restore from another replica)" } else { "" }
+        );
+    }
     let Some((spec, repo, plan)) = best else {
         if a.if_replica_exists {
-            println!("no backup found; nothing to do (--if-replica-exists): {}", errors.join("; "));
+            println!("no backup found; nothing to do (--if-replica-exists): {}", empty.join("; "));
             return Ok(ExitCode::SUCCESS);
         }
-        bail!("nothing to restore: {}", errors.join("; "));
+        bail!("nothing to restore: {}", empty.join("; "));
     };
     let wal_bytes: u64 = plan.wal.iter().map(|w| w.size).sum();
     println!(

@@ -140,9 +140,28 @@ impl Connection {
                 .ok_or_else(|| auth_err("the server asks for a password and none was given (URL or PGPASSWORD)".into()))
         };
         let mut scram: Option<ScramSha256> = None;
+        let (mut bound, mut scram_done) = (false, false);
+        let require = cfg.channel_binding == ChannelBindingMode::Require;
+        let not_bound = |how: &str| {
+            auth_err(format!(
+                "channel_binding=require, but the server {how}; not sending the password (is something between us and the server?)"
+            ))
+        };
         loop {
             match self.read_message().await? {
-                Message::AuthenticationOk => {}
+                Message::AuthenticationOk => {
+                    // As libpq: a server that skips or cuts short the exchange proves nothing.
+                    if scram.is_some() && !scram_done {
+                        return Err(auth_err("the server ended SCRAM authentication before proving itself".into()));
+                    }
+                    if require && !(bound && scram_done) {
+                        return Err(not_bound("accepted the login without SCRAM channel binding"));
+                    }
+                }
+                Message::AuthenticationCleartextPassword if require => {
+                    return Err(not_bound("asked for the password in clear"))
+                }
+                Message::AuthenticationMd5Password(_) if require => return Err(not_bound("asked for an MD5 password")),
                 Message::AuthenticationCleartextPassword => {
                     frontend::password_message(need_password()?.as_bytes(), &mut self.wbuf)?;
                     self.flush().await?;
@@ -189,7 +208,10 @@ impl Connection {
                                 "the server offers no SASL mechanism we support (SCRAM-SHA-256)".into(),
                             ))
                         }
-                        None if self.tls && mode != ChannelBindingMode::Disable => {
+                        // "Supported, but you did not offer it" — only when that is true: with
+                        // PLUS offered but a certificate we cannot hash, say "unsupported"
+                        // (the server would take "y" for a downgrade attack).
+                        None if self.tls && mode != ChannelBindingMode::Disable && !plus => {
                             (SCRAM_SHA_256, ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested()))
                         }
                         None => (SCRAM_SHA_256, ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported())),
@@ -197,6 +219,7 @@ impl Connection {
                     frontend::sasl_initial_response(mech, s.message(), &mut self.wbuf)?;
                     self.flush().await?;
                     scram = Some(s);
+                    bound = mech == SCRAM_SHA_256_PLUS;
                 }
                 Message::AuthenticationSaslContinue(body) => {
                     let s = scram.as_mut().ok_or_else(|| Error::Protocol("SASL continue without start".into()))?;
@@ -207,6 +230,7 @@ impl Connection {
                 Message::AuthenticationSaslFinal(body) => {
                     let s = scram.as_mut().ok_or_else(|| Error::Protocol("SASL final without start".into()))?;
                     s.finish(body.data()).map_err(|e| auth_err(format!("the server's SCRAM proof is wrong: {e}")))?;
+                    scram_done = true;
                 }
                 Message::ParameterStatus(p) => {
                     self.params.insert(p.name()?.to_owned(), p.value()?.to_owned());

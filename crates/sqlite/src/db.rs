@@ -81,8 +81,9 @@ pub struct Shared {
     /// any descriptor of a file drops every POSIX lock the process holds on it, SQLite's
     /// included (the application would then delete the WAL under us). Snapshots read it.
     pub db_file: Mutex<Option<Arc<File>>>,
-    /// The shadow directory's lock file, locked for the life of the process.
-    pub lock: Mutex<Option<File>>,
+    /// The shadow directory's lock file and the database file, flocked for the life of
+    /// the process.
+    pub lock: Mutex<Vec<File>>,
     pub metrics: DbMetrics,
 }
 
@@ -95,7 +96,7 @@ impl Shared {
             gate: RwLock::new(()),
             replica_pos: Mutex::new(vec![None; replicas]),
             db_file: Mutex::new(None),
-            lock: Mutex::new(None),
+            lock: Mutex::new(Vec::new()),
             metrics: DbMetrics::default(),
         })
     }
@@ -150,7 +151,24 @@ pub fn lock_shadow_dir(shared: &Shared) -> Result<()> {
     let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     let me = format!("pid {} on {} since {}\n", std::process::id(), host.trim(), crate::restore::format_ms(now_ms()));
     file.set_len(0).and_then(|_| (&file).write_all(me.as_bytes())).map_err(|e| SqliteError::io(path.display(), e))?;
-    *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    let mut held = vec![file];
+    // The same database reached through another path (a symlink, a hard link) has another
+    // shadow directory: lock the database file itself too (flock; SQLite's own locks are
+    // POSIX record locks, which flock does not touch). Kept open for the life of the
+    // process, like every descriptor of the database file (see `db_file`).
+    if let Ok(f) = File::open(&shared.path) {
+        match f.try_lock() {
+            Ok(()) => held.push(f),
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SqliteError::db(
+                    &db,
+                    "another replicator is replicating this database file (through another path); run one `cloud-dump sqlite replicate` per database",
+                ))
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(SqliteError::io(&db, e)),
+        }
+    }
+    *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = held;
     Ok(())
 }
 
@@ -355,6 +373,24 @@ impl Db {
 
     fn unlock(&self) -> Result<()> {
         self.sql(self.locker.execute_batch("ROLLBACK"))
+    }
+
+    /// Commits a no-op write in the locked transaction (see `checkpoint_gated`).
+    fn restart_wal_and_unlock(&self) -> Result<()> {
+        let v: i64 = match self.locker.query_row("PRAGMA user_version", [], |r| r.get(0)) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = self.unlock();
+                return Err(SqliteError::sql(self.p(), e));
+            }
+        };
+        if let Err(e) = self.locker.execute_batch(&format!("PRAGMA user_version = {v}; COMMIT")) {
+            if !self.locker.is_autocommit() {
+                let _ = self.locker.execute_batch("ROLLBACK");
+            }
+            return Err(SqliteError::sql(self.p(), e));
+        }
+        Ok(())
     }
 
     fn begin_read(&self) -> Result<()> {
@@ -775,7 +811,14 @@ impl Db {
             return Ok(false);
         }
         let r = self.checkpoint_locked(forced);
-        let u = self.unlock();
+        // After a complete checkpoint, restart the WAL ourselves, still under the lock, with
+        // a write that changes nothing (user_version set to its own value) on a connection
+        // with no journal_size_limit: the application's next commit then appends instead
+        // of restarting — and truncating — a WAL whose last frames we might not have copied.
+        let u = match &r {
+            Ok(true) => self.restart_wal_and_unlock(),
+            _ => self.unlock(),
+        };
         let full = r?;
         u?;
         Ok(full)

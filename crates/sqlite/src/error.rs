@@ -33,6 +33,10 @@ pub enum SqliteError {
     /// Stored objects that do not fit together (missing WAL, broken checksum chain, …).
     #[error("{0}")]
     Replica(String),
+    /// The replica holds nothing (no generation at all): the only failure that
+    /// `restore --if-replica-exists` turns into "nothing to do".
+    #[error("{0}")]
+    EmptyReplica(String),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

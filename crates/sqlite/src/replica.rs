@@ -94,14 +94,16 @@ impl Replica {
     }
 
     /// Runs until `stop` turns true, then uploads what is left and returns.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+    /// Replicates until `stop`; true when the final sync (after the stop) succeeded.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> bool {
         let mut pos_rx = self.shared.pos.subscribe();
         self.next_retention_ms = now_ms() + self.spec.retention_check_interval.as_millis() as i64;
         self.next_validation_ms = self.spec.validation_interval.map(|v| now_ms() + v.as_millis() as i64);
         loop {
             let stopping = *stop.borrow();
             let started = tokio::time::Instant::now();
-            if let Err(e) = self.sync().await {
+            let synced = self.sync().await;
+            if let Err(e) = &synced {
                 self.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(replica = %self.name(), error = %e, "replication failed; retrying at the next sync");
             }
@@ -117,7 +119,7 @@ impl Replica {
                 self.validate().await;
             }
             if stopping {
-                break;
+                return synced.is_ok();
             }
             // At most one sync per interval; then wait for new data (or the stop signal).
             let next = started + self.spec.sync_interval;
@@ -128,7 +130,7 @@ impl Replica {
             let next_timer = self.next_validation_ms.map_or(self.next_retention_ms, |v| v.min(self.next_retention_ms));
             let until_retention = Duration::from_millis((next_timer - now_ms()).max(0) as u64);
             tokio::select! {
-                r = pos_rx.changed() => { if r.is_err() { break; } }
+                r = pos_rx.changed() => { if r.is_err() { break false; } }
                 _ = stop.changed() => {}
                 _ = tokio::time::sleep(until_retention) => {}
             }
@@ -168,7 +170,8 @@ impl Replica {
     /// Finds where this replica stands in `generation` (one LIST).
     async fn resume(&mut self, generation: &str) -> Result<()> {
         let entries = list_entries(&self.repo, Some(generation)).await?;
-        self.last_snapshot_ms = entries.iter().filter(|e| e.is_snapshot()).map(|e| e.time_ms).max();
+        // Only complete snapshots (with their checksum marker) count.
+        self.last_snapshot_ms = entries.iter().filter(|e| e.is_snapshot() && e.marked).map(|e| e.time_ms).max();
         let last_wal = entries.iter().filter(|e| !e.is_snapshot()).max_by_key(|e| (e.index, e.end()));
         self.at = match (self.last_snapshot_ms, last_wal) {
             (Some(_), Some(w)) => Some(Uploaded { generation: generation.into(), index: w.index, offset: w.end() }),
@@ -430,7 +433,9 @@ pub fn retention_plan(entries: &[Entry], cutoff: i64, current: &str) -> Vec<Entr
             doomed.extend(es.iter().map(|e| (*e).clone()));
             continue;
         }
-        let mut snaps: Vec<&&Entry> = es.iter().filter(|e| e.is_snapshot()).collect();
+        // The floor is a complete snapshot (marked); generations from before markers have none.
+        let any_marked = es.iter().any(|e| e.is_snapshot() && e.marked);
+        let mut snaps: Vec<&&Entry> = es.iter().filter(|e| e.is_snapshot() && (e.marked || !any_marked)).collect();
         snaps.sort_by_key(|e| (e.index, e.end()));
         let floor = snaps.iter().rev().find(|s| s.time_ms <= cutoff).or(snaps.first());
         let Some(floor) = floor else { continue };

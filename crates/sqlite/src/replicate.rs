@@ -19,7 +19,8 @@ pub const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 
 struct Running {
     thread: std::thread::JoinHandle<()>,
-    replicas: Vec<tokio::task::JoinHandle<()>>,
+    /// Each replica's task; `Ok(false)` when its final sync failed.
+    replicas: Vec<(String, tokio::task::JoinHandle<bool>)>,
     stop_replicas: watch::Sender<bool>,
 }
 
@@ -51,7 +52,7 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
             }
             let rep = Replica::new(r.clone(), repo, shared.clone(), slot);
             w.replicas.push((r.name.clone(), rep.metrics.clone()));
-            tasks.push(tokio::spawn(rep.run(stop_rx.clone())));
+            tasks.push((r.name.clone(), tokio::spawn(rep.run(stop_rx.clone()))));
         }
         watched.push(w);
         let thread = spawn_db_thread(db, spec.clone(), stop.clone());
@@ -75,15 +76,24 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
         }
     }
     tracing::info!("stopping: copying and uploading what is left");
+    let mut unsynced = Vec::new();
     for r in running {
         let _ = tokio::task::spawn_blocking(move || r.thread.join()).await;
         let _ = r.stop_replicas.send(true);
-        for t in r.replicas {
-            let _ = t.await;
+        for (name, t) in r.replicas {
+            if !t.await.unwrap_or(false) {
+                unsynced.push(name);
+            }
         }
     }
     if let Some(s) = server {
         s.abort();
+    }
+    if !unsynced.is_empty() {
+        return Err(SqliteError::Replica(format!(
+            "the final sync failed for replica(s) {}: the last writes are not in the replica",
+            unsynced.join(", ")
+        )));
     }
     tracing::info!("replication stopped cleanly");
     Ok(())

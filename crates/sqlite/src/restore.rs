@@ -134,7 +134,7 @@ fn generation_order(es: &[&Entry]) -> (u64, i64) {
 /// verified snapshot, or fails naming what is missing.
 pub fn plan(entries: Vec<Entry>, target: &Target) -> Result<Plan> {
     if entries.is_empty() {
-        return Err(SqliteError::Replica("the replica holds no generations (nothing was replicated here)".into()));
+        return Err(SqliteError::EmptyReplica("the replica holds no generations (nothing was replicated here)".into()));
     }
     let mut gens: BTreeMap<String, Vec<&Entry>> = BTreeMap::new();
     for e in &entries {

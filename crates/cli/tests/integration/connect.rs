@@ -35,6 +35,11 @@ fn tls_modes_behave_like_libpq() {
     fail("disable", db("127.0.0.1", "sslmode=disable"), "pg_hba.conf rejects");
     fail("cb-no-tls", db("127.0.0.1", "sslmode=disable&channel_binding=require"), "channel_binding=require needs TLS");
     fail("cb-bad", db("127.0.0.1", "channel_binding=sometimes"), "invalid channel_binding");
+    // A server that asks for an MD5 password cannot prove the channel: nothing is sent.
+    src.sql("postgres", "SET password_encryption = 'md5'; CREATE ROLE md5user LOGIN REPLICATION PASSWORD 'md5pw'");
+    let md5 =
+        format!("postgres://md5user:md5pw@127.0.0.1:{}/postgres?sslmode=require&channel_binding=require", src.port);
+    fail("cb-md5", md5, "asked for an MD5 password");
     fail("wrong-name", db("127.0.0.1", &format!("sslmode=verify-full&sslrootcert={ca}")), "TLS");
     fail("no-root", db("localhost", "sslmode=verify-full&sslrootcert=/nonexistent/root.crt"), "sslrootcert");
     let other_ca = tempfile::tempdir().unwrap();

@@ -596,6 +596,13 @@ fn sqlite_one_replicator_bounded_metrics_and_stale_wal() {
     let (code, log) = wait_timeout(&mut second, Duration::from_secs(20));
     assert_ne!(code, 0, "a second replicator was allowed:\n{log}");
     assert!(log.contains("another replicator") && log.contains("pid"), "{log}");
+    // ...also through another path to the same file.
+    let alias = dir.path().join("alias.db");
+    std::os::unix::fs::symlink(&db, &alias).unwrap();
+    let mut third = replicate(&["--sync-interval", SYNC, alias.to_str().unwrap(), &format!("{url}-alias")], &[]);
+    let (code, log) = wait_timeout(&mut third, Duration::from_secs(20));
+    assert_ne!(code, 0, "a replicator through a symlink was allowed:\n{log}");
+    assert!(log.contains("another replicator"), "{log}");
     // Idle connections to the metrics endpoint cannot pile up or stall replication.
     let idle: Vec<std::net::TcpStream> =
         (0..100).filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).ok()).collect();
