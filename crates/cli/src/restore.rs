@@ -165,7 +165,7 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     // Open the WAL keys and check every setting before writing anything: a wrong
     // passphrase or a bad target name must stop us here.
     let wal_config = match &target {
-        Some(_) => Some(wal_settings(g, a, &req, &repo, wal.dir()).await?),
+        Some(_) => Some(wal_settings(g, a, &req, &repo, wal.dir(), seg_size).await?),
         None => None,
     };
     let spool = plan.pgdata.join("pg_wal/.cloud-dump");
@@ -250,6 +250,7 @@ async fn wal_settings(
     req: &RestoreRequest,
     repo: &cloud_dump_storage::Repo,
     wal_dir: &str,
+    req_segment_size: u64,
 ) -> Result<String> {
     let mut out = String::from("# cloud-dump settings for restore_command (wal-fetch); secrets: keep 0600\n");
     let mut put = |k: &str, v: &str| out.push_str(&format!("{k}={v}\n"));
@@ -312,6 +313,7 @@ async fn wal_settings(
         || repo.head(&format!("{wal_dir}{}", repokey::KEY_OBJECT)).await?.is_some()
         || cloud_dump_postgres::WalArchive::new(repo, &req.layout).any_encrypted().await?;
     put(wal::REQUIRE_ENCRYPTED_ENV, if strict { "true" } else { "false" });
+    put(wal::SEGMENT_SIZE_ENV, &req_segment_size.to_string());
     Ok(out)
 }
 

@@ -144,12 +144,12 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
                         return Ok(true);
                     }
                     // PostgreSQL asks a newer timeline for segments from before it began
-                    // (then the older one): that is not a hole. A timeline with a history
-                    // file begins at its first archived segment.
-                    let tli = &a.name[..8];
-                    let before_timeline = tli != "00000001"
-                        && wal.find(&format!("{tli}.history")).await?.is_some()
-                        && wal.first_segment(tli).await?.is_none_or(|first| a.name < first);
+                    // (then the older one): that is not a hole. Where the timeline began is
+                    // the last switch point in its (verified) history file.
+                    let before_timeline = match timeline_begin(&wal, &a.name[..8], &keys).await? {
+                        Some(begin) => segment_number(&a.name) < begin / segment_size(),
+                        None => false,
+                    };
                     if !before_timeline {
                         bail!(
                             "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
@@ -162,6 +162,40 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
             Ok(false)
         }
     }
+}
+
+/// The WAL segment size restore wrote into the settings file (16 MiB when absent).
+pub const SEGMENT_SIZE_ENV: &str = "CLOUD_DUMP_WAL_SEGMENT_SIZE";
+
+fn segment_size() -> u64 {
+    std::env::var(SEGMENT_SIZE_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|s: &u64| s.is_power_of_two())
+        .unwrap_or(16 << 20)
+}
+
+/// The segment number of a segment name (log * segments-per-log + seg).
+fn segment_number(name: &str) -> u64 {
+    let log = u64::from_str_radix(&name[8..16], 16).unwrap_or(0);
+    let seg = u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
+    log * (0x1_0000_0000 / segment_size()) + seg
+}
+
+/// Where timeline `tli` began (the LSN of its last switch point), from its history file;
+/// `None` for timeline 1 or when no history file is archived.
+async fn timeline_begin(wal: &WalArchive<'_>, tli: &str, keys: &WalKeys) -> Result<Option<u64>> {
+    if tli == "00000001" {
+        return Ok(None);
+    }
+    let Some(text) = wal.fetch(&format!("{tli}.history"), keys).await? else { return Ok(None) };
+    let text = String::from_utf8_lossy(&text);
+    let last = text
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<cloud_dump_postgres::Lsn>().ok())
+        .next_back();
+    Ok(last.map(|l| l.0))
 }
 
 fn start_prefetch(a: &WalFetchArgs, spool: &Path) {
@@ -207,8 +241,14 @@ pub async fn prefetch(g: &GlobalArgs, a: &WalFetchArgs) -> Result<()> {
         let repo = setup::open_repo(g).await?;
         let wal = WalArchive::new(&repo, &layout);
         let keys = keys(passphrase(&a.passphrase, &a.passphrase_file)?, &a.identity_key)?;
-        let wanted: Vec<String> =
-            wal.segments_after(&a.name, a.prefetch).await?.into_iter().filter(|n| !spool.join(n).exists()).collect();
+        let wanted: Vec<String> = match std::env::var(SEGMENT_SIZE_ENV) {
+            // restore told us the cluster's segment size: the next names, no listing.
+            Ok(_) => cloud_dump_postgres::wal::next_segments(&a.name, a.prefetch, segment_size()),
+            Err(_) => wal.segments_after(&a.name, a.prefetch).await?,
+        }
+        .into_iter()
+        .filter(|n| !spool.join(n).exists())
+        .collect();
         let wal = &wal;
         let keys = &keys;
         let spool = &spool;

@@ -808,6 +808,12 @@ impl Db {
         }
         if !self.lock(if forced { FORCE_WAIT } else { LOCK_WAIT })? {
             tracing::debug!(db = %self.p(), forced, "checkpoint postponed: the application held the write lock");
+            // The passive step may have moved frames past our position into the database
+            // file: copy up to the WAL's end first, so a snapshot waiting on the gate is
+            // labelled with a position at least that far.
+            if let Copied::Bytes(_) = self.copy_inner()? {
+                self.publish();
+            }
             return Ok(false);
         }
         let r = self.checkpoint_locked(forced);

@@ -243,12 +243,20 @@ fn pitr_with_64_mib_wal_segments_and_a_two_segment_hole() {
     latest.stop();
     // Two consecutive segments missing: a hole (not the end of the archive), fatal.
     let wal = archive._dir.as_ref().unwrap().path().join("c/wal_archive");
-    for s in &segs[1..3] {
+    let mut archived: Vec<String> = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() == 24)
+        .collect();
+    archived.sort();
+    assert!(archived.len() >= 4, "{archived:?} ({segs:?})");
+    let holed = &archived[archived.len() - 3..archived.len() - 1];
+    for s in holed {
         std::fs::remove_file(wal.join(s)).unwrap();
     }
     let dest = work.path().join("RECOVERYXLOG");
     let r = cloud_dump(
-        &["wal-fetch", &segs[1], dest.to_str().unwrap(), "--repo", &archive.url, "--cluster", "c", "--prefetch", "0"],
+        &["wal-fetch", &holed[0], dest.to_str().unwrap(), "--repo", &archive.url, "--cluster", "c", "--prefetch", "0"],
         &[],
     );
     assert!(r.code > 125 && r.stderr.contains("hole"), "exit {}: {}", r.code, r.stderr);
