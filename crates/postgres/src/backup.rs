@@ -258,14 +258,14 @@ async fn backup_claimed(
     let json = manifest.to_json();
     if let Err(e) = repo.put_new(&manifest_key, Bytes::from(json.clone())).await {
         // The manifest makes the backup visible. A write reported as failed may have
-        // landed; only a manifest known to be absent lets the archives be removed.
+        // landed, or land later (a timed-out PUT): the archives stay, so whatever becomes
+        // visible is complete; only the operator removes them.
         match repo.get(&manifest_key).await {
             Ok(b) if b == json => {}
-            Err(cloud_dump_storage::StorageError::NotFound { .. }) => return Err(e.into()),
             _ => {
                 written.clear();
                 return Err(Error::Restore(format!(
-                    "{e}; whether {manifest_key} was stored is unknown: the archives are left in place (list shows the backup if it was)"
+                    "{e}; {manifest_key} may or may not be stored: the archives are left in place (list shows the backup if it was stored; otherwise remove {dir} by hand)"
                 )));
             }
         }
