@@ -218,6 +218,17 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
         for file in &done.removed {
             tracing::warn!("removed {file} inherited from the backup");
         }
+        for file in &done.outside {
+            tracing::warn!(
+                "{file} (outside PGDATA) sets recovery settings; it was left as it is: check it before starting"
+            );
+        }
+        if !matches!(a.recovery_target_action, TargetAction::Promote) {
+            println!(
+                "note: with this recovery target action recovery does not end by itself; once done, remove {} (it holds the repository's settings and keys)",
+                spool.display()
+            );
+        }
         println!(
             "restored backup {} into {} ({} in {:.1} s); PostgreSQL will replay archived WAL from {} up to {}: pg_ctl start -D {}",
             m.name,
