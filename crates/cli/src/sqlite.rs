@@ -327,8 +327,13 @@ async fn restore(g: &GlobalArgs, a: &SqliteRestoreArgs) -> Result<ExitCode> {
                     best = Some((r, repo, p));
                 }
             }
-            Err(SqliteError::EmptyReplica(why))
-            | Err(SqliteError::Storage(cloud_dump_storage::StorageError::MissingRepository { url: why })) => {
+            Err(SqliteError::EmptyReplica(why)) => empty.push(format!("{}: {why}", r.url)),
+            // A file:// replica whose directory does not exist at all was never written; an
+            // empty directory without the marker is an unmounted volume: an error.
+            Err(SqliteError::Storage(cloud_dump_storage::StorageError::MissingRepository { url: why }))
+                if cloud_dump_storage::Location::parse(&r.url)
+                    .is_ok_and(|l| matches!(l, cloud_dump_storage::Location::File { ref path } if !path.exists())) =>
+            {
                 empty.push(format!("{}: {why}", r.url))
             }
             Err(e) => errors.push(format!("{}: {e}", r.url)),

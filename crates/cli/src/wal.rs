@@ -146,9 +146,15 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
                     // PostgreSQL asks a newer timeline for segments from before it began
                     // (then the older one): that is not a hole. Where the timeline began is
                     // the last switch point in its (verified) history file.
-                    let before_timeline = match timeline_begin(&wal, &a.name[..8], &keys).await? {
-                        Some(begin) => segment_number(&a.name) < begin / segment_size(),
+                    let tli = &a.name[..8];
+                    let before_timeline = match timeline_begin(&wal, tli, &keys).await? {
                         None => false,
+                        Some(begin) if std::env::var(SEGMENT_SIZE_ENV).is_ok() => {
+                            segment_number(&a.name) < begin / segment_size()
+                        }
+                        // Segment size unknown (a restore_command written by hand): the
+                        // timeline begins at its first archived segment.
+                        Some(_) => wal.first_segment(tli).await?.is_none_or(|first| a.name < first),
                     };
                     if !before_timeline {
                         bail!(

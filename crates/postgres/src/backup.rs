@@ -110,8 +110,10 @@ pub async fn run_backup(repo: &Repo, req: &BackupRequest, progress: &dyn Progres
     }
     let owned = Owned { repo, claim_key, claim };
     let mut written = Vec::new();
-    let result = backup_claimed(repo, req, &dir, progress, &mut written).await;
-    if result.is_err() {
+    let mut unknown = false;
+    let result = backup_claimed(repo, req, &dir, progress, &mut written, &mut unknown).await;
+    // An unknown manifest outcome leaves everything, claim included, as it is.
+    if result.is_err() && !unknown {
         owned.cleanup(&written).await;
     }
     result
@@ -125,6 +127,7 @@ async fn backup_claimed(
     dir: &str,
     progress: &dyn Progress,
     written: &mut Vec<String>,
+    unknown: &mut bool,
 ) -> Result<BackupManifest> {
     let dir = dir.to_owned();
 
@@ -263,7 +266,7 @@ async fn backup_claimed(
         match repo.get(&manifest_key).await {
             Ok(b) if b == json => {}
             _ => {
-                written.clear();
+                *unknown = true;
                 return Err(Error::Restore(format!(
                     "{e}; {manifest_key} may or may not be stored: the archives are left in place (list shows the backup if it was stored; otherwise remove {dir} by hand)"
                 )));

@@ -247,6 +247,11 @@ pub struct Db {
     max_wal_bytes: u64,
     /// Reused read buffer for the WAL.
     buf: Vec<u8>,
+    /// The shadow end at our last complete checkpoint, while the read transaction begun
+    /// right after it is still open: until that transaction ends nobody can checkpoint, so
+    /// the only possible WAL restart is at the very next write, with nothing appended after
+    /// this position — a restart that also truncated the file lost nothing.
+    clean_end: std::cell::Cell<Option<u64>>,
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {
@@ -331,6 +336,7 @@ impl Db {
             min_checkpoint_pages: spec.min_checkpoint_pages,
             max_wal_bytes: spec.max_wal_bytes,
             buf: Vec::new(),
+            clean_end: std::cell::Cell::new(None),
         };
         db.start()?;
         Ok(db)
@@ -375,24 +381,6 @@ impl Db {
         self.sql(self.locker.execute_batch("ROLLBACK"))
     }
 
-    /// Commits a no-op write in the locked transaction (see `checkpoint_gated`).
-    fn restart_wal_and_unlock(&self) -> Result<()> {
-        let v: i64 = match self.locker.query_row("PRAGMA user_version", [], |r| r.get(0)) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = self.unlock();
-                return Err(SqliteError::sql(self.p(), e));
-            }
-        };
-        if let Err(e) = self.locker.execute_batch(&format!("PRAGMA user_version = {v}; COMMIT")) {
-            if !self.locker.is_autocommit() {
-                let _ = self.locker.execute_batch("ROLLBACK");
-            }
-            return Err(SqliteError::sql(self.p(), e));
-        }
-        Ok(())
-    }
-
     fn begin_read(&self) -> Result<()> {
         self.sql(self.reader.execute_batch("BEGIN DEFERRED"))?;
         self.sql(self.reader.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)))?;
@@ -400,6 +388,7 @@ impl Db {
     }
 
     fn end_read(&self) -> Result<()> {
+        self.clean_end.set(None);
         if !self.reader.is_autocommit() {
             self.sql(self.reader.execute_batch("ROLLBACK"))?;
         }
@@ -651,7 +640,7 @@ impl Db {
             // journal_size_limit): frames the old WAL committed after our copy may be gone
             // with it. Nothing proves otherwise, so the chain is not continued.
             let len = fs::metadata(&self.wal_path).map(|m| m.len()).unwrap_or(0);
-            if len < old_end {
+            if len < old_end && self.clean_end.get() != Some(old_end) {
                 return Ok(Copied::Discontinuity(format!(
                     "the WAL was truncated to {len} bytes (wal_checkpoint(TRUNCATE) or journal_size_limit) before cloud-dump could prove it had copied all of it (it had {old_end})"
                 )));
@@ -671,6 +660,7 @@ impl Db {
             let sh = self.shadow.as_ref().expect("a shadow WAL");
             let (generation, seq, index) = (sh.generation.clone(), sh.seq, sh.index + 1);
             self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation, seq, index, raw, header)?);
+            self.clean_end.set(None);
             tracing::debug!(db = %self.p(), index, "the WAL restarted after our checkpoint; next shadow WAL");
         }
         Ok(Copied::Bytes(self.copy_frames()?))
@@ -794,17 +784,32 @@ impl Db {
 
     fn checkpoint_gated(&mut self, forced: bool) -> Result<bool> {
         if !forced {
-            match self.copy_inner()? {
-                Copied::Bytes(_) => self.publish(),
+            // A read transaction on the locker, begun before the copy, keeps the passive
+            // step from checkpointing frames we have not copied: the WAL cannot be fully
+            // checkpointed — so not restarted and truncated by the application — meanwhile.
+            self.sql(self.locker.execute_batch("BEGIN DEFERRED"))?;
+            self.sql(self.locker.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)))?;
+            let copied = self.copy_inner();
+            let discontinuity = matches!(copied, Ok(Copied::Discontinuity(_)));
+            let step = match copied {
+                Ok(Copied::Bytes(_)) => {
+                    self.publish();
+                    // The bulk of the work, writers going on.
+                    self.end_read().and_then(|_| {
+                        let first = self.passive();
+                        self.begin_read()?;
+                        first
+                    })
+                }
+                Ok(Copied::Discontinuity(_)) => Ok(false),
+                Err(e) => Err(e),
+            };
+            let _ = self.locker.execute_batch("ROLLBACK");
+            step?;
+            if discontinuity {
                 // The next tick starts the new generation (it needs the gate we hold).
-                Copied::Discontinuity(_) => return Ok(false),
+                return Ok(false);
             }
-            // The bulk of the work, writers going on. (Complete or not, the WAL restarts
-            // only where we can follow it: see the locked step.)
-            self.end_read()?;
-            let first = self.passive();
-            self.begin_read()?;
-            first?;
         }
         if !self.lock(if forced { FORCE_WAIT } else { LOCK_WAIT })? {
             tracing::debug!(db = %self.p(), forced, "checkpoint postponed: the application held the write lock");
@@ -817,14 +822,7 @@ impl Db {
             return Ok(false);
         }
         let r = self.checkpoint_locked(forced);
-        // After a complete checkpoint, restart the WAL ourselves, still under the lock, with
-        // a write that changes nothing (user_version set to its own value) on a connection
-        // with no journal_size_limit: the application's next commit then appends instead
-        // of restarting — and truncating — a WAL whose last frames we might not have copied.
-        let u = match &r {
-            Ok(true) => self.restart_wal_and_unlock(),
-            _ => self.unlock(),
-        };
+        let u = self.unlock();
         let full = r?;
         u?;
         Ok(full)
@@ -856,6 +854,11 @@ impl Db {
         };
         self.begin_read()?;
         let full = full?;
+        if full {
+            // Everything is copied (under the lock) and checkpointed; our new read
+            // transaction pins this state (see `clean_end`).
+            self.clean_end.set(self.shadow.as_ref().map(|s| s.end));
+        }
         self.shared.metrics.checkpoints.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(db = %self.p(), full, forced, "checkpoint");
         Ok(full)

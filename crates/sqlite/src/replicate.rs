@@ -18,7 +18,8 @@ use crate::replica::Replica;
 pub const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 
 struct Running {
-    thread: std::thread::JoinHandle<()>,
+    db: std::path::PathBuf,
+    thread: std::thread::JoinHandle<bool>,
     /// Each replica's task; `Ok(false)` when its final sync failed.
     replicas: Vec<(String, tokio::task::JoinHandle<bool>)>,
     stop_replicas: watch::Sender<bool>,
@@ -42,7 +43,8 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
         }
         // Open now, so a bad database fails the command instead of a background thread.
         let db = open_when_present(spec, shared.clone(), &mut stop).await?;
-        let Some(db) = db else { return Ok(()) };
+        // Stopped while waiting for this database: stop the ones already running, properly.
+        let Some(db) = db else { break };
         let (stop_replicas, stop_rx) = watch::channel(false);
         let mut w = Watched { db: shared.clone(), replicas: Vec::new() };
         let mut tasks = Vec::new();
@@ -56,7 +58,7 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
         }
         watched.push(w);
         let thread = spawn_db_thread(db, spec.clone(), stop.clone());
-        running.push(Running { thread, replicas: tasks, stop_replicas });
+        running.push(Running { db: spec.path.clone(), thread, replicas: tasks, stop_replicas });
         tracing::info!(db = %spec.path.display(), replicas = spec.replicas.len(), "replicating");
     }
     let server = match &config.addr {
@@ -78,7 +80,10 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
     tracing::info!("stopping: copying and uploading what is left");
     let mut unsynced = Vec::new();
     for r in running {
-        let _ = tokio::task::spawn_blocking(move || r.thread.join()).await;
+        let copied = matches!(tokio::task::spawn_blocking(move || r.thread.join()).await, Ok(Ok(true)));
+        if !copied {
+            unsynced.push(format!("{} (final copy of its WAL)", r.db.display()));
+        }
         let _ = r.stop_replicas.send(true);
         for (name, t) in r.replicas {
             if !t.await.unwrap_or(false) {
@@ -118,7 +123,8 @@ async fn open_when_present(spec: &DbSpec, shared: Arc<Shared>, stop: &mut watch:
         .map_err(|e| SqliteError::Replica(format!("database thread: {e}")))?
 }
 
-fn spawn_db_thread(mut db: Db, spec: DbSpec, stop: watch::Receiver<bool>) -> std::thread::JoinHandle<()> {
+/// The database thread; it returns true when its final copy of the WAL succeeded.
+fn spawn_db_thread(mut db: Db, spec: DbSpec, stop: watch::Receiver<bool>) -> std::thread::JoinHandle<bool> {
     std::thread::Builder::new()
         .name("cloud-dump-db".into())
         .spawn(move || {
@@ -129,8 +135,9 @@ fn spawn_db_thread(mut db: Db, spec: DbSpec, stop: watch::Receiver<bool>) -> std
                     if let Err(e) = db.close() {
                         shared.metrics.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::error!(db = %spec.path.display(), error = %e, "final copy of the WAL failed");
+                        return false;
                     }
-                    return;
+                    return true;
                 }
                 match db.tick() {
                     Ok(()) => {
@@ -150,7 +157,7 @@ fn spawn_db_thread(mut db: Db, spec: DbSpec, stop: watch::Receiver<bool>) -> std
                                     tracing::error!(db = %spec.path.display(), error = %e, "cannot reopen the database; retrying");
                                     std::thread::sleep(Duration::from_secs(1));
                                     if *stop.borrow() {
-                                        return;
+                                        return false;
                                     }
                                 }
                             }

@@ -249,7 +249,19 @@ pub fn format_ms(ms: i64) -> String {
 
 /// Plans a restore from a replica (one LIST).
 pub async fn plan_from(repo: &Repo, target: &Target) -> Result<Plan> {
-    plan(list_entries(repo, None).await?, target)
+    let entries = list_entries(repo, None).await?;
+    if entries.is_empty() {
+        // "Empty" only when nothing at all is stored under generations/: objects this
+        // version does not recognise are not "nothing was replicated".
+        let stored = repo.list(crate::layout::GENERATIONS).await?.len();
+        if stored > 0 {
+            return Err(SqliteError::Replica(format!(
+                "the replica holds {stored} objects under {}/ but none this cloud-dump recognises (written by a newer version?)",
+                crate::layout::GENERATIONS
+            )));
+        }
+    }
+    plan(entries, target)
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -553,3 +553,51 @@ fn drill_sqlite_kill_9_and_sigstop_with_truncating_writer() {
         marks.len()
     );
 }
+
+/// An application with journal_size_limit=0 and its own TRUNCATE checkpoints, while one
+/// replicator runs with frequent checkpoints of its own: replication stays in one
+/// generation (no snapshot per checkpoint) and restores exactly.
+#[test]
+fn drill_sqlite_journal_size_limit_keeps_one_generation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sqlite_db(dir.path());
+    let rep_dir = dir.path().join("rep");
+    let cfg = dir.path().join("c.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    min-checkpoint-page-count: 50\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n",
+            db.display(),
+            rep_dir.display()
+        ),
+    )
+    .unwrap();
+    let rep = replicate(&["--config", cfg.to_str().unwrap()], &[]);
+    std::thread::sleep(Duration::from_millis(600));
+    let c = rusqlite::Connection::open(&db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch("PRAGMA journal_size_limit=0").unwrap();
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < Duration::from_secs(4) {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(1500))", []).unwrap();
+        n += 1;
+        if n.is_multiple_of(40) {
+            let _ = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(c);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(sigterm_and_wait(rep), 0);
+    let url = file_url(&rep_dir);
+    let gens = cloud_dump(&["sqlite", "generations", "--json", &url], &[]).ok();
+    let g = serde_json::from_str::<serde_json::Value>(&gens.stdout).unwrap().as_array().unwrap().len();
+    let out = dir.path().join("r.db");
+    cloud_dump(&["sqlite", "restore", "-o", out.to_str().unwrap(), &url], &[]).ok();
+    assert_eq!(rows(&out), rows(&db));
+    println!(
+        "drill sqlite journal_size_limit: {n} commits with truncating checkpoints, {g} generation(s), restore exact"
+    );
+    assert_eq!(g, 1, "a running replicator started {g} generations");
+}
