@@ -198,20 +198,7 @@ fn pitr_refusals_and_a_hole_in_the_archive() {
     // Remove a segment in the middle: recovery must stop with an error, never promote.
     let middle = archive._dir.as_ref().unwrap().path().join("c/wal_archive").join(&segs[1]);
     std::fs::remove_file(&middle).unwrap();
-    let out = std::process::Command::new(&exe)
-        .args(["restore", "--repo", &archive.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()])
-        .args(["--recovery-target", "latest", "--progress", "none"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    give_to_postgres(&pgdata);
-    match PgServer::start_existing_with(&src.bin, &pgdata, NO_ARCHIVE) {
-        Ok(s) => {
-            assert!(s.wait_promoted(Duration::from_secs(20)).is_err(), "promoted past a hole in the archive");
-            assert!(s.log_text().contains("hole"), "{}", s.log_text());
-        }
-        Err(e) => assert!(e.contains("hole"), "the server log should name the hole: {e}"),
-    }
+    restore_latest_never_promotes(&exe, &archive, &src, &pgdata);
 }
 
 /// A cluster made with 64 MiB WAL segments: the restore's checks, hole detection and
@@ -260,16 +247,24 @@ fn pitr_with_64_mib_wal_segments_and_a_two_segment_hole() {
         &[],
     );
     assert!(r.code > 125 && r.stderr.contains("hole"), "exit {}: {}", r.code, r.stderr);
-    let pgdata = work.path().join("holed");
-    let out = std::process::Command::new(&exe)
+    restore_latest_never_promotes(&exe, &archive, &src, &work.path().join("holed"));
+}
+
+/// Restores to `latest` over an archive with a hole: PostgreSQL must stop on wal-fetch's
+/// fatal exit, never promote.
+fn restore_latest_never_promotes(exe: &std::path::Path, archive: &Archive, src: &PgServer, pgdata: &std::path::Path) {
+    let out = std::process::Command::new(exe)
         .args(["restore", "--repo", &archive.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()])
         .args(["--recovery-target", "latest", "--progress", "none"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    give_to_postgres(&pgdata);
-    match PgServer::start_existing_with(&src.bin, &pgdata, NO_ARCHIVE) {
-        Ok(s) => assert!(s.wait_promoted(Duration::from_secs(20)).is_err(), "promoted past a two-segment hole"),
+    give_to_postgres(pgdata);
+    match PgServer::start_existing_with(&src.bin, pgdata, NO_ARCHIVE) {
+        Ok(s) => {
+            assert!(s.wait_promoted(Duration::from_secs(20)).is_err(), "promoted past a hole in the archive");
+            assert!(s.log_text().contains("hole"), "{}", s.log_text());
+        }
         Err(e) => assert!(e.contains("hole"), "the server log should name the hole: {e}"),
     }
 }
