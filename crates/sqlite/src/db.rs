@@ -718,11 +718,11 @@ impl Db {
     }
 
     /// One monitoring step: copy what is new, checkpoint when the WAL is large.
-    /// `Err` with [`SqliteError::Database`] "replaced" means the caller must reopen.
+    /// `Err(`[`SqliteError::Replaced`]`)` means the caller must reopen.
     pub fn tick(&mut self) -> Result<()> {
         match fs::metadata(&self.shared.path) {
             Ok(m) if m.ino() == self.ino => {}
-            Ok(_) => return Err(SqliteError::db(self.p(), "the database file was replaced")),
+            Ok(_) => return Err(SqliteError::Replaced { path: self.p() }),
             Err(e) => return Err(SqliteError::io(self.p(), e)),
         }
         self.copy()?;

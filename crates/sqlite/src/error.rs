@@ -37,6 +37,10 @@ pub enum SqliteError {
     /// `restore --if-replica-exists` turns into "nothing to do".
     #[error("{0}")]
     EmptyReplica(String),
+    /// The database file at the path is another file than the one opened (replaced):
+    /// the caller reopens it.
+    #[error("{path}: the database file was replaced")]
+    Replaced { path: String },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

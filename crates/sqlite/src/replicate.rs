@@ -146,7 +146,7 @@ fn spawn_db_thread(mut db: Db, spec: DbSpec, stop: watch::Receiver<bool>) -> std
                             failing = false;
                         }
                     }
-                    Err(SqliteError::Database { reason, .. }) if reason.contains("replaced") => {
+                    Err(SqliteError::Replaced { .. }) => {
                         tracing::warn!(db = %spec.path.display(), "the database file was replaced; reopening it");
                         let shared = db.shared().clone();
                         drop(db);
