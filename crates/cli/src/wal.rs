@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{parse_recipients, repokey, Compression, EncodeSpec, Encryption};
+use cloud_dump_postgres::wal::{history_begin, next_segments, segment_number};
 use cloud_dump_postgres::{is_segment, write_atomically, PushOutcome, WalArchive, WalKeys};
 use futures::StreamExt;
 
@@ -150,7 +151,7 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
                     let before_timeline = match timeline_begin(&wal, tli, &keys).await? {
                         None => false,
                         Some(begin) if std::env::var(SEGMENT_SIZE_ENV).is_ok() => {
-                            segment_number(&a.name) < begin / segment_size()
+                            number_of(&a.name) < begin / segment_size()
                         }
                         // Segment size unknown (a restore_command written by hand): the
                         // timeline begins at its first archived segment.
@@ -181,27 +182,19 @@ fn segment_size() -> u64 {
         .unwrap_or(16 << 20)
 }
 
-/// The segment number of a segment name (log * segments-per-log + seg).
-fn segment_number(name: &str) -> u64 {
-    let log = u64::from_str_radix(&name[8..16], 16).unwrap_or(0);
-    let seg = u64::from_str_radix(&name[16..24], 16).unwrap_or(0);
-    log * (0x1_0000_0000 / segment_size()) + seg
+/// The segment number of `name` with the recorded segment size.
+fn number_of(name: &str) -> u64 {
+    segment_number(name, segment_size()).unwrap_or(0)
 }
 
-/// Where timeline `tli` began (the LSN of its last switch point), from its history file;
+/// Where timeline `tli` began (its last switch point), from its verified history file;
 /// `None` for timeline 1 or when no history file is archived.
 async fn timeline_begin(wal: &WalArchive<'_>, tli: &str, keys: &WalKeys) -> Result<Option<u64>> {
     if tli == "00000001" {
         return Ok(None);
     }
     let Some(text) = wal.fetch(&format!("{tli}.history"), keys).await? else { return Ok(None) };
-    let text = String::from_utf8_lossy(&text);
-    let last = text
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<cloud_dump_postgres::Lsn>().ok())
-        .next_back();
-    Ok(last.map(|l| l.0))
+    Ok(history_begin(&String::from_utf8_lossy(&text)).map(|l| l.0))
 }
 
 fn start_prefetch(a: &WalFetchArgs, spool: &Path) {
@@ -249,7 +242,7 @@ pub async fn prefetch(g: &GlobalArgs, a: &WalFetchArgs) -> Result<()> {
         let keys = keys(passphrase(&a.passphrase, &a.passphrase_file)?, &a.identity_key)?;
         let wanted: Vec<String> = match std::env::var(SEGMENT_SIZE_ENV) {
             // restore told us the cluster's segment size: the next names, no listing.
-            Ok(_) => cloud_dump_postgres::wal::next_segments(&a.name, a.prefetch, segment_size()),
+            Ok(_) => next_segments(&a.name, a.prefetch, segment_size()),
             Err(_) => wal.segments_after(&a.name, a.prefetch).await?,
         }
         .into_iter()

@@ -37,16 +37,31 @@ pub fn classify(name: &str) -> Result<WalFileKind, String> {
     }
 }
 
+/// The segment number of a segment name (log × segments per log + seg), for a cluster
+/// with `segment_size`-byte segments; `None` for other names.
+pub fn segment_number(segment: &str, segment_size: u64) -> Option<u64> {
+    if classify(segment) != Ok(WalFileKind::Segment) {
+        return None;
+    }
+    let log = u64::from_str_radix(&segment[8..16], 16).ok()?;
+    let seg = u64::from_str_radix(&segment[16..24], 16).ok()?;
+    Some(log * (0x1_0000_0000u64 / segment_size.max(1)) + seg)
+}
+
+/// Where a timeline began: the switch point on the last line of its history file
+/// (`<parent tli>\t<switch LSN>\t<reason>`); `None` when the text holds none.
+pub fn history_begin(text: &str) -> Option<crate::lsn::Lsn> {
+    text.lines()
+        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .next_back()
+}
+
 /// The `n` segment names after `segment` on the same timeline.
 pub fn next_segments(segment: &str, n: usize, segment_size: u64) -> Vec<String> {
-    if classify(segment) != Ok(WalFileKind::Segment) {
-        return Vec::new();
-    }
+    let Some(mut no) = segment_number(segment, segment_size) else { return Vec::new() };
     let tli = &segment[..8];
-    let log = u64::from_str_radix(&segment[8..16], 16).unwrap_or(0);
-    let seg = u64::from_str_radix(&segment[16..24], 16).unwrap_or(0);
     let per_log = 0x1_0000_0000u64 / segment_size.max(1);
-    let mut no = log * per_log + seg;
     (0..n)
         .map(|_| {
             no += 1;
@@ -70,6 +85,16 @@ mod tests {
         {
             assert!(classify(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn segment_numbers_and_history_switch_points() {
+        assert_eq!(segment_number("000000020000000100000003", 16 << 20), Some(256 + 3));
+        assert_eq!(segment_number("000000020000000100000003", 64 << 20), Some(64 + 3));
+        assert_eq!(segment_number("00000002.history", 16 << 20), None);
+        let h = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000A8\tbefore 2000-01-01\n";
+        assert_eq!(history_begin(h), Some("0/5000A8".parse().unwrap()));
+        assert_eq!(history_begin("# nothing\n"), None);
     }
 
     #[test]

@@ -118,28 +118,28 @@ fn is_scrypt(stored: &[u8]) -> bool {
     head.windows(10).any(|w| w == b"\n-> scrypt")
 }
 
-/// `N.zst.age` → (`N`, zstd, encrypted); None for names that are no stored WAL object.
-fn split_codec(object: &str) -> Option<(&str, Compression, bool)> {
+/// `…N.zst.age` → (`…N`, zstd, encrypted): an object name's codec suffixes.
+fn suffixes(object: &str) -> (&str, Compression, bool) {
     let (base, encrypted) = match object.strip_suffix(".age") {
         Some(b) => (b, true),
         None => (object, false),
     };
-    let (stem, compression) = match base.rsplit_once('.').and_then(|(s, ext)| Some((s, Compression::from_ext(ext)?))) {
-        Some((s, c)) => (s, c),
-        None => (base, Compression::None),
-    };
+    match base.rsplit_once('.').and_then(|(s, ext)| Some((s, Compression::from_ext(ext)?))) {
+        Some((stem, c)) => (stem, c, encrypted),
+        None => (base, Compression::None, encrypted),
+    }
+}
+
+/// `N.zst.age` → (`N`, zstd, encrypted); None for names that are no stored WAL object.
+fn split_codec(object: &str) -> Option<(&str, Compression, bool)> {
+    let (stem, compression, encrypted) = suffixes(object);
     classify(stem).ok()?;
     Some((stem, compression, encrypted))
 }
 
-/// (compression, encrypted) from an object name's suffixes.
+/// (compression, encrypted) from an object key's suffixes.
 fn codec_of(key: &str) -> (Compression, bool) {
-    let (base, encrypted) = match key.strip_suffix(".age") {
-        Some(b) => (b, true),
-        None => (key, false),
-    };
-    let compression =
-        base.rsplit_once('.').and_then(|(_, ext)| Compression::from_ext(ext)).unwrap_or(Compression::None);
+    let (_, compression, encrypted) = suffixes(key);
     (compression, encrypted)
 }
 

@@ -380,12 +380,9 @@ impl Repo {
         while let Some(m) = stream.next().await {
             let m = m.map_err(|e| StorageError::from_store(prefix, e))?;
             if !m.location.as_ref().starts_with(p.as_ref()) {
-                if m.location.as_ref() > p.as_ref()
-                    && !m.location.as_ref().starts_with(p.as_ref())
-                    && m.location.as_ref() > offset.as_ref()
-                    && self.local_root.is_none()
-                {
-                    // Keys come in order from the cloud stores: past the prefix, nothing more.
+                // Cloud stores list in key order: past the prefix, nothing more can match
+                // (a local directory walk has no order).
+                if self.local_root.is_none() && m.location.as_ref() > p.as_ref() {
                     break;
                 }
                 continue;

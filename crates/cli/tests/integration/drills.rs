@@ -36,9 +36,18 @@ fn with(mut a: Vec<(String, String)>, b: &[(String, String)]) -> Vec<(String, St
     a
 }
 
+/// A file:// repository as the first backup leaves it (its marker), for WAL-only drills.
 fn ensure_repo(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("cloud-dump-repository"), "cloud-dump repository\n").unwrap();
+    std::fs::write(dir.join(cloud_dump_storage::REPOSITORY_MARKER), "cloud-dump repository\n").unwrap();
+}
+
+/// Unix milliseconds as RFC 3339 (what `sqlite restore --timestamp` takes).
+fn ms_rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 /// wal-push exits 0 only when the segment is durably stored; wal-fetch never exits 0 with
@@ -444,10 +453,7 @@ fn drill_sqlite_random_point_in_time_and_faults() {
         let mut checked = 0;
         for i in 0..20 {
             let t = rng.gen_range(first + 300..last + 500);
-            let ts = time::OffsetDateTime::from_unix_timestamp_nanos(t as i128 * 1_000_000)
-                .unwrap()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap();
+            let ts = ms_rfc3339(t);
             let out = dir.path().join(format!("r{i}.db"));
             cloud_dump(&["sqlite", "restore", "-o", out.to_str().unwrap(), "--timestamp", &ts, &url], &[]).ok();
             let got = rows(&out);
@@ -533,10 +539,7 @@ fn drill_sqlite_kill_9_and_sigstop_with_truncating_writer() {
     // Every noted moment restores to a committed state no newer than it (chains crossing
     // the kills, not only the last snapshot).
     for (i, (t, rows_then)) in marks.iter().enumerate() {
-        let ts = time::OffsetDateTime::from_unix_timestamp_nanos(*t as i128 * 1_000_000)
-            .unwrap()
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap();
+        let ts = ms_rfc3339(*t);
         let out = dir.path().join(format!("mark{i}.db"));
         cloud_dump(&["sqlite", "restore", "-o", out.to_str().unwrap(), "--timestamp", &ts, &url], &[]).ok();
         let got = rows(&out);

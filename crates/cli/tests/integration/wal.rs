@@ -44,7 +44,7 @@ fn push_and_fetch_every_mode_with_the_seed_layout() {
     push(&repo, &s1, "000000010000000000000001", &[], &[]).fails_with("does not exist");
     assert_eq!(std::fs::read_dir(&repo_dir).unwrap().count(), 0);
     // The first backup writes this marker; here it stands in for one.
-    std::fs::write(repo_dir.join("cloud-dump-repository"), "cloud-dump repository\n").unwrap();
+    std::fs::write(repo_dir.join(cloud_dump_storage::REPOSITORY_MARKER), "cloud-dump repository\n").unwrap();
 
     // Uncompressed: stored bytes identical, no suffix.
     push(&repo, &s1, "000000010000000000000001", &["--compress", "false"], &[]).ok();
