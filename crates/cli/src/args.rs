@@ -42,6 +42,23 @@ pub enum Command {
     Keygen(KeygenArgs),
     /// SQLite: continuous WAL replication and point-in-time restore (Litestream-compatible).
     Sqlite(SqliteArgs),
+    /// Print the shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(CompletionsArgs),
+    /// Write the man pages (cloud-dump.1, cloud-dump-backup.1, …) into DIR.
+    #[command(hide = true)]
+    Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManpagesArgs {
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -227,6 +244,12 @@ pub enum LogLevel {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum ProgressMode {
     Auto,
     Bar,
@@ -263,6 +286,9 @@ pub struct GlobalArgs {
     pub parallel: u16,
     #[arg(long, env = "CLOUD_DUMP_LOG_LEVEL", global = true, value_enum, default_value = "info")]
     pub log_level: LogLevel,
+    /// `json`: one JSON object per log line on stderr (progress and the final error too).
+    #[arg(long, env = "CLOUD_DUMP_LOG_FORMAT", global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// Progress display: a bar on a terminal, periodic log lines otherwise.
     #[arg(long, env = "CLOUD_DUMP_PROGRESS", global = true, value_enum, default_value = "auto")]
     pub progress: ProgressMode,

@@ -1,6 +1,7 @@
 //! The `cloud-dump` binary: parses flags, assembles the libraries, maps errors to exit codes.
 
 mod args;
+mod docs;
 mod progress;
 mod restore;
 mod setup;
@@ -20,7 +21,24 @@ use cloud_dump_postgres::{list_backups, run_backup, BackupManifest, BackupReques
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogLevel};
+use crate::args::{BackupArgs, Checkpoint, Cli, Command, GlobalArgs, KeygenArgs, ListArgs, LogFormat, LogLevel};
+
+/// Set once from `--log-format`: whether errors and progress are JSON lines.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+pub(crate) fn json_logs() -> bool {
+    JSON_LOGS.get().copied().unwrap_or(false)
+}
+
+/// A command's failure, on one line: each cause once, outermost first.
+pub(crate) fn report_error(prefix: &str, e: &anyhow::Error) {
+    let msg = cloud_dump_storage::one_line(e.as_ref());
+    if json_logs() {
+        tracing::error!("{prefix}{msg}");
+    } else {
+        eprintln!("cloud-dump: error: {prefix}{msg}");
+    }
+}
 
 /// `wal-fetch --config FILE`: the settings file `restore` wrote. It is the whole truth for
 /// that command: its KEY=VALUE lines override the environment, and cloud-dump's own
@@ -74,7 +92,8 @@ fn main() -> ExitCode {
         return ExitCode::from(wal::FETCH_FATAL);
     }
     let cli = Cli::parse_from(sqlite::litestream_flags(std::env::args().collect()));
-    init_logging(cli.global.log_level);
+    let _ = JSON_LOGS.set(cli.global.log_format == LogFormat::Json);
+    init_logging(cli.global.log_level, cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -85,15 +104,13 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of causes, outermost first.
-            let msg = format!("{e:#}").replace('\n', "; ");
-            eprintln!("cloud-dump: error: {msg}");
+            report_error("", &e);
             ExitCode::from(1)
         }
     }
 }
 
-fn init_logging(level: LogLevel) {
+fn init_logging(level: LogLevel, format: LogFormat) {
     let filter = match level {
         LogLevel::Error => "error",
         LogLevel::Warn => "warn",
@@ -101,13 +118,14 @@ fn init_logging(level: LogLevel) {
         LogLevel::Debug => "debug,hyper=info,reqwest=info,rustls=info,h2=info",
         LogLevel::Trace => "trace",
     };
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .compact()
-        .init();
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).compact().init(),
+    }
 }
 
 /// Turns true on SIGINT or SIGTERM, so a long command stops through its failure path
@@ -139,6 +157,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::WalPrefetch(a) => wal::prefetch(g, a).await?,
         Command::Keygen(a) => keygen(a)?,
         Command::Sqlite(a) => return sqlite::run(g, &a.command).await,
+        Command::Completions(a) => docs::completions(a.shell),
+        Command::Manpages(a) => {
+            let pages = docs::man_pages(&a.dir)?;
+            println!("{} man pages written to {}", pages.len(), a.dir.display());
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -15,7 +15,7 @@ pub fn make(mode: ProgressMode) -> Box<dyn Progress> {
     match mode {
         ProgressMode::None => Box::new(cloud_dump_postgres::NoProgress),
         ProgressMode::Bar => Box::new(Bar::new()),
-        ProgressMode::Auto if tty => Box::new(Bar::new()),
+        ProgressMode::Auto if tty && !crate::json_logs() => Box::new(Bar::new()),
         ProgressMode::Auto | ProgressMode::Log => Box::new(LogLines::default()),
     }
 }
@@ -100,6 +100,20 @@ impl Progress for LogLines {
         let (phase, total) = (&p.name, &p.total);
         let secs = p.start.elapsed().as_secs_f64().max(0.001);
         let rate = done as f64 / secs;
+        if crate::json_logs() {
+            // Fields a log shipper can graph; the message stays readable.
+            let total = total.unwrap_or(0);
+            tracing::info!(
+                progress = %phase,
+                done_bytes = done,
+                total_bytes = total,
+                bytes_per_second = rate as u64,
+                elapsed_seconds = secs as u64,
+                "{phase}: {} done",
+                human(done as f64)
+            );
+            return;
+        }
         match total {
             Some(t) if *t > 0 => {
                 let pct = (done as f64 * 100.0 / *t as f64).min(100.0);

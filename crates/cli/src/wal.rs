@@ -106,7 +106,7 @@ pub async fn fetch(g: &GlobalArgs, a: &WalFetchArgs) -> ExitCode {
             ExitCode::from(1)
         }
         Err(e) => {
-            eprintln!("cloud-dump: error: wal-fetch {}: {}", a.name, format!("{e:#}").replace('\n', "; "));
+            crate::report_error(&format!("wal-fetch {}: ", a.name), &e);
             ExitCode::from(FETCH_FATAL)
         }
     }

@@ -9,6 +9,7 @@ mod integration {
     mod connect;
     mod drills;
     mod pitr;
+    mod service;
     mod sqlite;
     mod wal;
 }

@@ -6,6 +6,8 @@
 
 use thiserror::Error;
 
+pub use crate::diagnose::Problem;
+
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum StorageError {
@@ -17,12 +19,10 @@ pub enum StorageError {
     NotFound { key: String },
     #[error("object {key} already exists; refusing to overwrite it")]
     AlreadyExists { key: String },
-    #[error("storage operation on {key} failed: {source}")]
-    Backend {
-        key: String,
-        #[source]
-        source: object_store::Error,
-    },
+    /// A call the store did not complete, with its classified cause (one line, each
+    /// cause once, with a hint where one can be given).
+    #[error("cannot {op} {object}: {problem}")]
+    Backend { op: &'static str, object: String, problem: Box<Problem> },
     #[error("Storj auth service {service}: {reason}")]
     StorjAuth { service: String, reason: String },
     #[error("repository {url} does not exist or is empty (is its volume mounted?); the first backup creates it")]
@@ -32,27 +32,10 @@ pub enum StorageError {
 }
 
 impl StorageError {
-    pub(crate) fn from_store(key: &str, source: object_store::Error) -> Self {
-        match source {
-            object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
-            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
-                StorageError::AlreadyExists { key: key.into() }
-            }
-            source => StorageError::Backend { key: key.into(), source },
-        }
-    }
-
     /// True when repeating the call cannot help (bad configuration, missing object, …).
     pub fn is_permanent(&self) -> bool {
         match self {
-            StorageError::Backend { source, .. } => matches!(
-                source,
-                object_store::Error::PermissionDenied { .. }
-                    | object_store::Error::Unauthenticated { .. }
-                    | object_store::Error::NotSupported { .. }
-                    | object_store::Error::NotImplemented { .. }
-                    | object_store::Error::InvalidPath { .. }
-            ),
+            StorageError::Backend { problem, .. } => problem.is_permanent(),
             StorageError::StorjAuth { .. } => false,
             _ => true,
         }

@@ -14,6 +14,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, WriteMultipart};
 
+use crate::diagnose::{ObservingConnector, Problem, Service, Watch, OBSERVATION_AGE};
 use crate::error::{Result, StorageError};
 use crate::location::Location;
 use crate::storj;
@@ -75,6 +76,9 @@ pub struct Repo {
     parts_in_flight: usize,
     /// The directory of a file:// repository, whose writes we fsync ourselves.
     local_root: Option<std::path::PathBuf>,
+    /// For error messages: which store, and what its HTTP clients saw last.
+    service: Service,
+    watch: Arc<Watch>,
 }
 
 impl std::fmt::Debug for Repo {
@@ -107,15 +111,20 @@ impl Repo {
 
     async fn open_inner(url: &str, opts: &StorageOptions, create: bool) -> Result<Repo> {
         let location = Location::parse(url)?;
-        let cfg = |e: object_store::Error| StorageError::Config(e.to_string());
+        let cfg = |e: object_store::Error| StorageError::Config(crate::diagnose::one_line(&e));
+        let service = service_of(&location, opts);
+        let watch = Watch::new(metadata_hosts(&location));
+        let observe = || ObservingConnector(watch.clone());
         let local_root = match &location {
             Location::File { path } => Some(path.clone()),
             _ => None,
         };
         let (store, prefix): (Arc<dyn ObjectStore>, String) = match location {
-            Location::S3 { bucket, prefix } => (Arc::new(s3_builder(&bucket, opts)?.build().map_err(cfg)?), prefix),
+            Location::S3 { bucket, prefix } => {
+                (Arc::new(s3_builder(&bucket, opts)?.with_http_connector(observe()).build().map_err(cfg)?), prefix)
+            }
             Location::Storj { bucket, prefix } => {
-                let mut b = s3_builder(&bucket, opts)?;
+                let mut b = s3_builder(&bucket, opts)?.with_http_connector(observe());
                 let gateway = match (&opts.storj_access, &opts.s3_access_key_id) {
                     (Some(grant), _) => {
                         let service =
@@ -144,6 +153,7 @@ impl Repo {
                     GoogleCloudStorageBuilder::from_env()
                         .with_bucket_name(bucket)
                         .with_client_options(client_options(opts, false))
+                        .with_http_connector(observe())
                         .build()
                         .map_err(cfg)?,
                 ),
@@ -154,6 +164,7 @@ impl Repo {
                     MicrosoftAzureBuilder::from_env()
                         .with_container_name(container)
                         .with_client_options(client_options(opts, false))
+                        .with_http_connector(observe())
                         .build()
                         .map_err(cfg)?,
                 ),
@@ -196,7 +207,15 @@ impl Repo {
             }
             _ => store,
         };
-        Ok(Repo { store, prefix, url: url.to_owned(), parts_in_flight: opts.parts_in_flight.max(1), local_root })
+        Ok(Repo {
+            store,
+            prefix,
+            url: url.to_owned(),
+            parts_in_flight: opts.parts_in_flight.max(1),
+            local_root,
+            service,
+            watch,
+        })
     }
 
     /// Wraps an existing store (tests, fault injection).
@@ -207,6 +226,33 @@ impl Repo {
             url: url.into(),
             parts_in_flight: 4,
             local_root: None,
+            service: Service::Local,
+            watch: Watch::new(Vec::new()),
+        }
+    }
+
+    /// The error for a failed call on `key`: missing and existing objects are typed, the
+    /// rest name the object and, where it can be told, what to do about it.
+    pub(crate) fn fail(&self, op: &'static str, key: &str, e: object_store::Error) -> StorageError {
+        match e {
+            object_store::Error::NotFound { .. } => StorageError::NotFound { key: key.into() },
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. } => {
+                StorageError::AlreadyExists { key: key.into() }
+            }
+            e => StorageError::Backend {
+                op,
+                object: self.object_url(key),
+                problem: Box::new(Problem::classify(&e, &self.service, self.watch.recent(OBSERVATION_AGE))),
+            },
+        }
+    }
+
+    /// `key` as a URL below the repository's (the repository itself for "").
+    pub fn object_url(&self, key: &str) -> String {
+        let base = self.url.trim_end_matches('/');
+        match key.trim_start_matches('/') {
+            "" => format!("{base}/"),
+            k => format!("{base}/{k}"),
         }
     }
 
@@ -232,15 +278,15 @@ impl Repo {
     }
 
     pub async fn get(&self, key: &str) -> Result<Bytes> {
-        let r = self.store.get(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
-        r.bytes().await.map_err(|e| StorageError::from_store(key, e))
+        let r = self.store.get(&self.path(key)).await.map_err(|e| self.fail("read", key, e))?;
+        r.bytes().await.map_err(|e| self.fail("read", key, e))
     }
 
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         match self.store.head(&self.path(key)).await {
             Ok(m) => Ok(Some(ObjectInfo { key: key.to_owned(), size: m.size, last_modified: m.last_modified.into() })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(StorageError::from_store(key, e)),
+            Err(e) => Err(self.fail("look up", key, e)),
         }
     }
 
@@ -260,8 +306,8 @@ impl Repo {
                 .put(&path, PutPayload::from_bytes(data))
                 .await
                 .map(|_| ())
-                .map_err(|e| StorageError::from_store(key, e))?,
-            Err(e) => return Err(StorageError::from_store(key, e)),
+                .map_err(|e| self.fail("write", key, e))?,
+            Err(e) => return Err(self.fail("write", key, e)),
         }
         self.sync_local(key)
     }
@@ -297,17 +343,14 @@ impl Repo {
             }
             other => other,
         };
-        result.map_err(|e| StorageError::from_store(key, e))?;
+        result.map_err(|e| self.fail("write", key, e))?;
         self.sync_local(key)
     }
 
     /// Writes (or replaces) a small object with one request. On a file:// repository the
     /// file and its folder are fsynced: when this returns, the object is durable.
     pub async fn put_durable(&self, key: &str, data: Bytes) -> Result<()> {
-        self.store
-            .put(&self.path(key), PutPayload::from_bytes(data))
-            .await
-            .map_err(|e| StorageError::from_store(key, e))?;
+        self.store.put(&self.path(key), PutPayload::from_bytes(data)).await.map_err(|e| self.fail("write", key, e))?;
         self.sync_local(key)
     }
 
@@ -341,14 +384,14 @@ impl Repo {
         match self.store.get_opts(&self.path(key), opts).await {
             Ok(r) => Ok(r.attributes.get(&object_store::Attribute::Metadata(name.into())).map(|v| v.to_string())),
             Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound { key: key.into() }),
-            Err(e) => Err(StorageError::from_store(key, e)),
+            Err(e) => Err(self.fail("look up", key, e)),
         }
     }
 
     pub async fn delete(&self, key: &str) -> Result<()> {
         match self.store.delete(&self.path(key)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(StorageError::from_store(key, e)),
+            Err(e) => Err(self.fail("delete", key, e)),
         }
     }
 
@@ -356,8 +399,7 @@ impl Repo {
     pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         let p = self.path(dir);
         let prefix = if p.as_ref().is_empty() { None } else { Some(&p) };
-        let metas: Vec<_> =
-            self.store.list(prefix).try_collect().await.map_err(|e| StorageError::from_store(dir, e))?;
+        let metas: Vec<_> = self.store.list(prefix).try_collect().await.map_err(|e| self.fail("list", dir, e))?;
         Ok(metas
             .into_iter()
             .map(|m| ObjectInfo { key: self.strip(&m.location), size: m.size, last_modified: m.last_modified.into() })
@@ -378,7 +420,7 @@ impl Repo {
         let mut stream = self.store.list_with_offset(folder, &offset);
         let mut out = Vec::new();
         while let Some(m) = stream.next().await {
-            let m = m.map_err(|e| StorageError::from_store(prefix, e))?;
+            let m = m.map_err(|e| self.fail("list", prefix, e))?;
             if !m.location.as_ref().starts_with(p.as_ref()) {
                 // Cloud stores list in key order: past the prefix, nothing more can match
                 // (a local directory walk has no order).
@@ -400,7 +442,7 @@ impl Repo {
     pub async fn list_dirs(&self, dir: &str) -> Result<Vec<String>> {
         let p = self.path(dir);
         let prefix = if p.as_ref().is_empty() { None } else { Some(&p) };
-        let r = self.store.list_with_delimiter(prefix).await.map_err(|e| StorageError::from_store(dir, e))?;
+        let r = self.store.list_with_delimiter(prefix).await.map_err(|e| self.fail("list", dir, e))?;
         Ok(r.common_prefixes.iter().filter_map(|c| c.filename().map(str::to_owned)).collect())
     }
 
@@ -410,18 +452,19 @@ impl Repo {
         const RANGE: u64 = 8 << 20;
         let owned_key = key.to_owned();
         if concurrency <= 1 || size <= RANGE {
-            let r = self.store.get(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
-            return Ok(r.into_stream().map_err(move |e| StorageError::from_store(&owned_key, e)).boxed());
+            let r = self.store.get(&self.path(key)).await.map_err(|e| self.fail("read", key, e))?;
+            let repo = self.clone();
+            return Ok(r.into_stream().map_err(move |e| repo.fail("read", &owned_key, e)).boxed());
         }
-        let store = self.store.clone();
+        let repo = self.clone();
         let path = self.path(key);
         let ranges: Vec<Range<u64>> = (0..size).step_by(RANGE as usize).map(|s| s..(s + RANGE).min(size)).collect();
         Ok(futures::stream::iter(ranges)
             .map(move |r| {
-                let store = store.clone();
+                let repo = repo.clone();
                 let path = path.clone();
                 let key = owned_key.clone();
-                async move { store.get_range(&path, r).await.map_err(|e| StorageError::from_store(&key, e)) }
+                async move { repo.store.get_range(&path, r).await.map_err(|e| repo.fail("read", &key, e)) }
             })
             .buffered(concurrency)
             .boxed())
@@ -429,7 +472,7 @@ impl Repo {
 
     /// Starts a multipart upload. The object becomes visible only at [`Upload::finish`].
     pub async fn upload(&self, key: &str, size_hint: Option<u64>) -> Result<Upload> {
-        let up = self.store.put_multipart(&self.path(key)).await.map_err(|e| StorageError::from_store(key, e))?;
+        let up = self.store.put_multipart(&self.path(key)).await.map_err(|e| self.fail("write", key, e))?;
         Ok(Upload {
             key: key.to_owned(),
             writer: Some(WriteMultipart::new_with_chunk_size(up, part_size_for(size_hint))),
@@ -437,6 +480,79 @@ impl Repo {
             repo: self.clone(),
         })
     }
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+/// The store of a location, and whether its credentials can only come from the instance
+/// metadata service (nothing in the options or the environment names any).
+fn service_of(location: &Location, opts: &StorageOptions) -> Service {
+    let none_of = |vars: &[&str]| !vars.iter().any(|v| env_set(v));
+    match location {
+        Location::S3 { bucket, .. } => Service::S3 {
+            bucket: bucket.clone(),
+            credentials_from_metadata: opts.s3_access_key_id.is_none()
+                && none_of(&[
+                    "AWS_ACCESS_KEY_ID",
+                    "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "AWS_SKIP_SIGNATURE",
+                ]),
+        },
+        Location::Storj { bucket, .. } => Service::S3 { bucket: bucket.clone(), credentials_from_metadata: false },
+        Location::Gcs { bucket, .. } => Service::Gcs {
+            bucket: bucket.clone(),
+            credentials_from_metadata: none_of(&[
+                "GOOGLE_SERVICE_ACCOUNT",
+                "GOOGLE_SERVICE_ACCOUNT_PATH",
+                "GOOGLE_SERVICE_ACCOUNT_KEY",
+                "GOOGLE_APPLICATION_CREDENTIALS",
+                "GOOGLE_SKIP_SIGNATURE",
+            ]),
+        },
+        Location::Azure { container, .. } => Service::Azure {
+            container: container.clone(),
+            credentials_from_metadata: none_of(&[
+                "AZURE_STORAGE_ACCOUNT_KEY",
+                "AZURE_STORAGE_ACCESS_KEY",
+                "AZURE_STORAGE_MASTER_KEY",
+                "AZURE_STORAGE_SAS_KEY",
+                "AZURE_STORAGE_SAS_TOKEN",
+                "AZURE_STORAGE_TOKEN",
+                "AZURE_CLIENT_SECRET",
+                "AZURE_FEDERATED_TOKEN_FILE",
+                "AZURE_STORAGE_USE_EMULATOR",
+                "AZURE_SKIP_SIGNATURE",
+            ]),
+        },
+        Location::File { .. } | Location::Memory { .. } => Service::Local,
+    }
+}
+
+/// Hosts of the instance metadata services a backend may ask for credentials.
+fn metadata_hosts(location: &Location) -> Vec<String> {
+    let mut hosts = vec!["169.254.169.254".to_owned()];
+    let configured = match location {
+        Location::S3 { .. } => vec!["AWS_METADATA_ENDPOINT"],
+        Location::Gcs { .. } => {
+            hosts.push("metadata.google.internal".into());
+            vec!["GCE_METADATA_HOST", "GCE_METADATA_ROOT"]
+        }
+        Location::Azure { .. } => vec!["MSI_ENDPOINT", "IDENTITY_ENDPOINT"],
+        _ => vec![],
+    };
+    for var in configured {
+        if let Ok(v) = std::env::var(var) {
+            let with_scheme = if v.contains("://") { v } else { format!("http://{v}") };
+            if let Some(h) = url::Url::parse(&with_scheme).ok().and_then(|u| u.host_str().map(str::to_owned)) {
+                hosts.push(h);
+            }
+        }
+    }
+    hosts
 }
 
 fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
@@ -503,14 +619,14 @@ pub struct Upload {
 impl Upload {
     pub async fn put(&mut self, data: Bytes) -> Result<()> {
         let w = self.writer.as_mut().ok_or_else(|| StorageError::Abandoned { key: self.key.clone() })?;
-        w.wait_for_capacity(self.parts_in_flight).await.map_err(|e| StorageError::from_store(&self.key, e))?;
+        w.wait_for_capacity(self.parts_in_flight).await.map_err(|e| self.repo.fail("write", &self.key, e))?;
         w.put(data);
         Ok(())
     }
 
     pub async fn finish(mut self) -> Result<()> {
         let w = self.writer.take().ok_or_else(|| StorageError::Abandoned { key: self.key.clone() })?;
-        w.finish().await.map(|_| ()).map_err(|e| StorageError::from_store(&self.key, e))?;
+        w.finish().await.map(|_| ()).map_err(|e| self.repo.fail("write", &self.key, e))?;
         self.repo.sync_local(&self.key)
     }
 
@@ -520,7 +636,7 @@ impl Upload {
 
     pub async fn abort(mut self) -> Result<()> {
         match self.writer.take() {
-            Some(w) => w.abort().await.map_err(|e| StorageError::from_store(&self.key, e)),
+            Some(w) => w.abort().await.map_err(|e| self.repo.fail("abort the upload of", &self.key, e)),
             None => Ok(()),
         }
     }

@@ -7,7 +7,7 @@ mod s3;
 mod storj;
 
 pub use pg::{give_to_postgres, pg_bin_dir, psql, run_as_postgres, running_as_root, scratch_dir, PgServer};
-pub use s3::S3Server;
+pub use s3::{S3Server, ACCESS_KEY as S3_ACCESS_KEY, SECRET_KEY as S3_SECRET_KEY};
 pub use storj::FakeStorjAuth;
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
