@@ -61,6 +61,20 @@ pub struct ManpagesArgs {
     pub dir: PathBuf,
 }
 
+impl Command {
+    /// The config file a PostgreSQL command was given (already applied before parsing).
+    pub fn config_file(&self) -> Option<&std::path::Path> {
+        match self {
+            Command::Backup(a) => a.config.config.as_deref(),
+            Command::List(a) => a.config.config.as_deref(),
+            Command::Restore(a) => a.config.config.as_deref(),
+            Command::WalPush(a) => a.config.config.as_deref(),
+            Command::WalFetch(a) | Command::WalPrefetch(a) => a.config.as_deref(),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct SqliteArgs {
     #[command(subcommand)]
@@ -185,8 +199,19 @@ pub struct SqliteDatabasesArgs {
     pub json: bool,
 }
 
+/// The PostgreSQL commands' config file (read before the flags; see README "Config file").
+#[derive(Debug, Args)]
+pub struct PgConfigArg {
+    /// YAML config whose `postgres: clusters:` section supplies settings the flags and
+    /// environment leave out [default: /etc/cloud-dump.yml when it exists].
+    #[arg(long, env = "CLOUD_DUMP_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
 #[derive(Debug, Args)]
 pub struct WalPushArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
     /// Path of the WAL file (%p).
     pub path: PathBuf,
     /// Its name (%f).
@@ -219,8 +244,9 @@ pub struct WalFetchArgs {
     pub name: String,
     /// Where to put it (%p).
     pub dest: PathBuf,
-    /// KEY=VALUE settings file written by `restore` (flags and environment win).
-    #[arg(long, value_name = "FILE")]
+    /// The settings file `restore` wrote (KEY=VALUE lines: the whole truth for this
+    /// command), or the YAML config as for the other commands.
+    #[arg(long, env = "CLOUD_DUMP_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Segments to download ahead, in parallel, into pg_wal/.cloud-dump/prefetch (0: off).
     #[arg(long, env = "CLOUD_DUMP_PREFETCH", default_value_t = 8)]
@@ -364,6 +390,8 @@ pub struct DecryptArgs {
 
 #[derive(Debug, Args)]
 pub struct BackupArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
     /// Unique name of this backup (letters, digits, - _ . : +).
     #[arg(long, env = "CLOUD_DUMP_BACKUP_NAME")]
     pub name: String,
@@ -394,6 +422,8 @@ pub struct BackupArgs {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
     /// Print JSON (one array of manifests) for scripts.
     #[arg(long)]
     pub json: bool,
@@ -416,6 +446,8 @@ pub enum TargetAction {
 
 #[derive(Debug, Args)]
 pub struct RestoreArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
     /// Name of the backup to restore; with a recovery target, the default is the newest
     /// backup that ends before the target.
     #[arg(long, env = "CLOUD_DUMP_BACKUP_NAME")]

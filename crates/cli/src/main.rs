@@ -1,6 +1,7 @@
 //! The `cloud-dump` binary: parses flags, assembles the libraries, maps errors to exit codes.
 
 mod args;
+mod config;
 mod docs;
 mod progress;
 mod restore;
@@ -40,20 +41,118 @@ pub(crate) fn report_error(prefix: &str, e: &anyhow::Error) {
     }
 }
 
+/// The value of `--flag VALUE` or `--flag=VALUE` on the command line.
+fn flag_value(args: &[String], flag: &str) -> Option<String> {
+    let eq = format!("{flag}=");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == flag {
+            return it.next().cloned();
+        }
+        if let Some(v) = a.strip_prefix(&eq) {
+            return Some(v.to_owned());
+        }
+    }
+    None
+}
+
+fn flag_given(args: &[String], flag: &str) -> bool {
+    let eq = format!("{flag}=");
+    args.iter().any(|a| a == flag || a.starts_with(&eq))
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var_os(name).is_some_and(|v| !v.is_empty())
+}
+
+/// The PostgreSQL commands read the config file before their flags are parsed: its values
+/// become the environment variables the flags read (flag > environment > file). Two kinds
+/// of file: the YAML config (`postgres: clusters:`, default /etc/cloud-dump.yml), and the
+/// KEY=VALUE settings file `restore` writes for `wal-fetch --config`.
+fn load_config_file() -> std::result::Result<(), String> {
+    let args: Vec<String> = std::env::args().collect();
+    const PG_COMMANDS: &[&str] = &["backup", "list", "restore", "wal-push", "wal-fetch", "wal-prefetch"];
+    // The first word that is a command (global flags with values may come before it).
+    let Some(command) = args.iter().skip(1).find(|a| PG_COMMANDS.contains(&a.as_str()) || *a == "sqlite") else {
+        return Ok(());
+    };
+    // `sqlite …` reads the same file itself.
+    if command == "sqlite" {
+        return Ok(());
+    }
+    let explicit =
+        flag_value(&args, "--config").or_else(|| std::env::var("CLOUD_DUMP_CONFIG").ok().filter(|v| !v.is_empty()));
+    let path = match &explicit {
+        Some(p) => std::path::PathBuf::from(p),
+        None if std::path::Path::new(config::DEFAULT_CONFIG).exists() => config::DEFAULT_CONFIG.into(),
+        None => return Ok(()),
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if explicit.is_none() => {
+            tracing_free_warn(&format!("cannot read {}: {e}; going on without it", path.display()));
+            return Ok(());
+        }
+        Err(e) => return Err(format!("cannot read config file {}: {e}", path.display())),
+    };
+    if is_settings_file(&text) {
+        return load_settings_file(&path, &text);
+    }
+    check_file_permissions(&path, &text)?;
+    let section = config::parse(&text, &path.display().to_string())?;
+    let named =
+        flag_value(&args, "--cluster").or_else(|| std::env::var("CLOUD_DUMP_CLUSTER").ok().filter(|v| !v.is_empty()));
+    let cwd = match command.as_str() {
+        "wal-push" | "wal-fetch" | "wal-prefetch" => std::env::current_dir().ok(),
+        _ => None,
+    };
+    let repo_given = flag_given(&args, "--repo")
+        || env_set("CLOUD_DUMP_REPO")
+        || flag_given(&args, "--storj-bucket")
+        || env_set("STORJ_BUCKET");
+    let how = config::Selector { named: named.as_deref(), cwd: cwd.as_deref(), repo_given };
+    let Some((name, cluster)) = config::select(&section, &how).map_err(|e| format!("{}: {e}", path.display()))? else {
+        return Ok(());
+    };
+    for (k, v) in config::env_settings(name, cluster, &env_set, &|f| flag_given(&args, f)) {
+        std::env::set_var(k, v);
+    }
+    Ok(())
+}
+
+/// Logging starts after the flags are parsed; this runs before.
+fn tracing_free_warn(msg: &str) {
+    eprintln!("cloud-dump: warning: {msg}");
+}
+
+/// A file that holds secrets must be the owner's alone (see config::check_permissions).
+fn check_file_permissions(path: &std::path::Path, text: &str) -> std::result::Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let secrets = config::file_secrets(text);
+    if secrets.is_empty() {
+        return Ok(());
+    }
+    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    config::check_permissions(path, meta.mode(), meta.uid(), &secrets)
+}
+
+/// The restore settings file: every line `NAME=VALUE` with an upper-case name.
+fn is_settings_file(text: &str) -> bool {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).peekable();
+    lines.peek().is_some()
+        && lines.all(|l| {
+            l.split_once('=').is_some_and(|(k, _)| {
+                !k.is_empty() && k.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+            })
+        })
+}
+
 /// `wal-fetch --config FILE`: the settings file `restore` wrote. It is the whole truth for
 /// that command: its KEY=VALUE lines override the environment, and cloud-dump's own
 /// settings the file does not hold are removed from it (a server environment with
 /// `CLOUD_DUMP_*` for archive_command must not send wal-fetch to another repository).
 /// Credentials the file does not hold stay (the server's own credential chain).
-fn load_config_file() -> std::result::Result<(), String> {
-    let args: Vec<String> = std::env::args().collect();
-    // `sqlite … --config` is a YAML file, read by the sqlite commands themselves.
-    if args.iter().any(|a| a == "sqlite") {
-        return Ok(());
-    }
-    let Some(pos) = args.iter().position(|a| a == "--config") else { return Ok(()) };
-    let Some(path) = args.get(pos + 1) else { return Ok(()) };
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read --config {path}: {e}"))?;
+fn load_settings_file(path: &std::path::Path, text: &str) -> std::result::Result<(), String> {
     let mut pairs = Vec::new();
     for line in text.lines() {
         let line = line.trim();
@@ -61,7 +160,7 @@ fn load_config_file() -> std::result::Result<(), String> {
             continue;
         }
         let Some((k, v)) = line.split_once('=') else {
-            return Err(format!("--config {path}: bad line (expected KEY=VALUE)"));
+            return Err(format!("--config {}: bad line (expected KEY=VALUE)", path.display()));
         };
         pairs.push((k.trim().to_owned(), v.to_owned()));
     }
@@ -148,6 +247,9 @@ fn cancel_on_signal() -> Result<tokio::sync::watch::Receiver<bool>> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     let g = &cli.global;
+    if let Some(f) = cli.command.config_file() {
+        tracing::debug!(config = %f.display(), "settings from the config file");
+    }
     match &cli.command {
         Command::Backup(a) => backup(g, a).await?,
         Command::List(a) => list(g, a).await?,

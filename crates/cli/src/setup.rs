@@ -33,7 +33,7 @@ pub fn repo_url(g: &GlobalArgs) -> Result<String> {
     match (g.storage, &g.storj_bucket) {
         (Some(StorageKind::Storj) | None, Some(b)) => Ok(format!("storj://{b}")),
         (Some(StorageKind::Storj), None) => bail!("--storage storj needs --storj-bucket (or STORJ_BUCKET), or give --repo storj://bucket/prefix"),
-        _ => bail!("no repository: give --repo URL (or CLOUD_DUMP_REPO), e.g. --repo s3://bucket/pg or --repo file:///var/backups/pg"),
+        _ => bail!("no repository: give --repo URL (or CLOUD_DUMP_REPO, or a cluster in the config file), e.g. --repo s3://bucket/pg or --repo file:///var/backups/pg"),
     }
 }
 

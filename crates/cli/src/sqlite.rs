@@ -66,7 +66,9 @@ fn load_config(c: &SqliteConfigArg) -> Result<Config> {
     if c.config.is_none() && !path.exists() {
         bail!("no config file at {DEFAULT_CONFIG}: give --config FILE (or CLOUD_DUMP_CONFIG), or a database path and replica URL");
     }
-    let cfg = Config::load(&path)?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    crate::check_file_permissions(&path, &text).map_err(anyhow::Error::msg)?;
+    let cfg = Config::parse(&text, &path.display().to_string())?;
     for k in &cfg.ignored {
         tracing::warn!(config = %path.display(), key = %k, "unknown config key ignored");
     }

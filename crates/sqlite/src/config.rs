@@ -269,7 +269,8 @@ impl Config {
         } else {
             serde_yaml::from_str(&expanded).map_err(|e| cfg(e.to_string()))?
         };
-        let mut ignored: Vec<String> = file.other.keys().cloned().collect();
+        // `postgres:` describes PostgreSQL clusters for the other commands of the binary.
+        let mut ignored: Vec<String> = file.other.keys().filter(|k| *k != "postgres").cloned().collect();
         let mut dbs = Vec::new();
         for (i, db) in file.dbs.take().unwrap_or_default().into_iter().enumerate() {
             ignored.extend(db.other.keys().map(|k| format!("dbs[{i}].{k}")));

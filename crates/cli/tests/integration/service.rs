@@ -271,3 +271,145 @@ fn man_pages_and_completions_come_from_the_flags() {
     let out = Command::new(bin()).args(["completions", "tcsh"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "an unknown shell is a usage error");
 }
+
+/// `postgres: clusters:` in the config file: a backup and wal-push need nothing else;
+/// flag > environment > file; the data directory picks the cluster for WAL commands; a
+/// secret in a file others can read is refused; every bad file gets one line.
+#[test]
+fn config_file_describes_postgres_clusters() {
+    let src = pg(15);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let repo = d.join("repo");
+    let other = d.join("other-repo");
+    std::fs::write(d.join("pass"), "correct horse battery staple\n").unwrap();
+    let cfg = d.join("cloud-dump.yml");
+    let text = format!(
+        "# Litestream's keys stay untouched\ndbs:\n  - path: {db}\n    replicas:\n      - path: {db}-replica\n\
+         postgres:\n  clusters:\n    prod:\n      repo: file://{repo}\n      pgdata: {pgdata}\n      db-url: {url}\n\
+         \x20     compression: lz4\n      wal-compression: none\n      encrypt: true\n      passphrase-file: {pass}\n\
+         \x20   other:\n      repo: file://{other}\n",
+        db = d.join("app.db").display(),
+        repo = repo.display(),
+        pgdata = src.data.display(),
+        url = src.repl_url(),
+        pass = d.join("pass").display(),
+        other = other.display(),
+    );
+    std::fs::write(&cfg, &text).unwrap();
+    // The connection URL holds a password: the file is the owner's alone.
+    std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let c = cfg.to_str().unwrap().to_owned();
+    let with_cfg = |extra: &[(&str, &str)]| {
+        let mut env = vec![("CLOUD_DUMP_CONFIG".to_owned(), c.clone())];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    };
+    let list = |extra: &[(&str, &str)]| -> Vec<serde_json::Value> {
+        let r = cloud_dump(&["list", "--cluster", "prod", "--json"], &with_cfg(extra)).ok();
+        serde_json::from_str(&r.stdout).unwrap()
+    };
+
+    // Nothing but the cluster's name: repository, connection, compression, key from the file.
+    cloud_dump(&["backup", "--cluster", "prod", "--name", "from-file"], &with_cfg(&[])).ok();
+    let b = list(&[]);
+    assert_eq!(b.len(), 1);
+    assert_eq!(b[0]["compression"], "lz4");
+    assert_eq!(b[0]["encrypted"], true);
+    assert!(repo.join("prod/backup/from-file").is_dir(), "the cluster's name is its folder");
+
+    // The environment beats the file; a flag beats both.
+    cloud_dump(&["backup", "--cluster", "prod", "--name", "env"], &with_cfg(&[("CLOUD_DUMP_COMPRESSION", "gzip")]))
+        .ok();
+    cloud_dump(
+        &["backup", "--cluster", "prod", "--name", "flag", "--compression", "none"],
+        &with_cfg(&[("CLOUD_DUMP_COMPRESSION", "gzip")]),
+    )
+    .ok();
+    let by_name = |name: &str| list(&[]).into_iter().find(|m| m["name"] == name).unwrap();
+    assert_eq!(by_name("env")["compression"], "gzip");
+    assert_eq!(by_name("flag")["compression"], "none");
+    // A passphrase from the environment replaces the file's key file (no "both given").
+    cloud_dump(
+        &["backup", "--cluster", "prod", "--name", "env-pass", "--compression", "none"],
+        &with_cfg(&[("CLOUD_DUMP_PASSPHRASE", "another passphrase")]),
+    )
+    .ok();
+    // The repository from a flag: the file's other settings still apply.
+    let elsewhere = d.join("elsewhere");
+    cloud_dump(
+        &["backup", "--cluster", "prod", "--name", "flag-repo", "--repo", elsewhere.to_str().unwrap()],
+        &with_cfg(&[]),
+    )
+    .ok();
+    assert!(elsewhere.join("prod/backup/flag-repo").is_dir());
+
+    // wal-push as archive_command runs it: in PGDATA, no flags; two clusters, pgdata picks.
+    let seg = d.join("000000010000000000000042");
+    std::fs::write(&seg, vec![3u8; 16 << 20]).unwrap();
+    let out = Command::new(bin())
+        .args(["wal-push", seg.to_str().unwrap(), "000000010000000000000042"])
+        .current_dir(&src.data)
+        .env("CLOUD_DUMP_CONFIG", &c)
+        .env_remove("CLOUD_DUMP_REPO")
+        .env_remove("CLOUD_DUMP_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        repo.join("prod/wal_archive/000000010000000000000042.age").exists()
+            || repo.join("prod/wal_archive/000000010000000000000042").exists(),
+        "uncompressed (wal-compression: none) and encrypted WAL in prod's archive: {:?}",
+        std::fs::read_dir(repo.join("prod/wal_archive")).map(|d| d.map(|e| e.unwrap().file_name()).collect::<Vec<_>>())
+    );
+    // Elsewhere, with two clusters and nothing to choose by, the command says what to do.
+    let r = cloud_dump(&["list"], &with_cfg(&[]));
+    assert_eq!(
+        error_line(&r),
+        format!("cloud-dump: error: {c}: the config file describes clusters other, prod: choose one with --cluster (or CLOUD_DUMP_CLUSTER), or set its pgdata")
+    );
+
+    // A secret in the file: only its owner may read it.
+    let secret_cfg = d.join("secret.yml");
+    std::fs::write(
+        &secret_cfg,
+        format!("postgres:\n  clusters:\n    s:\n      repo: file://{}\n      passphrase: hunter2\n", repo.display()),
+    )
+    .unwrap();
+    let s = secret_cfg.to_str().unwrap();
+    std::fs::set_permissions(&secret_cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let r = cloud_dump(&["list", "--config", s], &[]);
+    assert_eq!(
+        error_line(&r),
+        format!("cloud-dump: error: config file {s} holds a secret (postgres.clusters.s.passphrase) but its mode 0644 lets others read it; run chmod 600 {s} (or chown root:GROUP and chmod 640)")
+    );
+    assert!(!r.stderr.contains("hunter2"));
+    std::fs::set_permissions(&secret_cfg, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    cloud_dump(&["list", "--config", s], &[]).ok();
+    // The same value through a variable is not a secret in the file.
+    std::fs::write(
+        &secret_cfg,
+        format!(
+            "postgres:\n  clusters:\n    s:\n      repo: file://{}\n      passphrase: $TEST_PASS\n",
+            repo.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&secret_cfg, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    cloud_dump(&["list", "--config", s], &[("TEST_PASS".into(), "x".into())]).ok();
+
+    // Bad files: one line each, naming the file and the key.
+    let bad = d.join("bad.yml");
+    let b = bad.to_str().unwrap();
+    std::fs::write(&bad, "postgres:\n  clusters:\n    p:\n      repo: file:///x\n      retain-ful: 3\n").unwrap();
+    let line = error_line(&cloud_dump(&["list", "--config", b], &[]));
+    assert!(
+        line.starts_with(&format!("cloud-dump: error: {b}: postgres.clusters.p: unknown field `retain-ful`")),
+        "{line}"
+    );
+    let r = cloud_dump(&["list", "--config", d.join("missing.yml").to_str().unwrap()], &[]);
+    assert!(error_line(&r).contains("cannot read config file"), "{}", r.stderr);
+    // The sqlite commands read the same file and ignore the postgres section.
+    let r = cloud_dump(&["sqlite", "databases", "--config", &c], &[]).ok();
+    assert!(r.stdout.contains("app.db") && !r.stderr.contains("unknown config key"), "{}{}", r.stdout, r.stderr);
+}

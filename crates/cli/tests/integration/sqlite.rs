@@ -364,21 +364,17 @@ fn sqlite_retention_keeps_the_window_restorable() {
     assert!(n <= rows_inside && n + 2000 > rows_inside, "restore inside the window: {n} rows, {rows_inside} then");
 }
 
-/// The S3 example of Litestream's README, byte for byte, except the database path.
+/// A config in the shape Litestream documents (tests/fixtures/litestream-s3.yml: top-level
+/// credentials, a database, an S3 replica URL), except the database path. It holds a
+/// secret, so it must be the owner's alone.
 #[test]
-fn sqlite_litestream_readme_config_replicates() {
-    let seed = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/seeds/litestream-0.3-docs.txt"),
-    )
-    .expect("../shared/seeds/litestream-0.3-docs.txt is needed for this test");
-    let start = seed.find("access-key-id:     AKIA").expect("S3 example in the seed README");
-    let end = start + seed[start..].find("Replicate to another file path").unwrap();
-    let example = &seed[start..end];
+fn sqlite_litestream_shaped_config_replicates() {
+    let example = include_str!("../fixtures/litestream-s3.yml");
     assert!(example.contains("url: s3://mybkt/db"), "{example}");
     let s3 = S3Server::start_with_credentials(
         &["mybkt"],
-        "AKIAxxxxxxxxxxxxxxxx",
-        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx/xxxxxxxxx",
+        "AKIAIOSFODNN7EXAMPLE",
+        "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
     );
     let dir = tempfile::tempdir().unwrap();
     let db = app_db(dir.path());
@@ -386,6 +382,19 @@ fn sqlite_litestream_readme_config_replicates() {
     std::fs::write(&cfg, example.replace("/path/to/db", db.to_str().unwrap())).unwrap();
     let env = vec![("AWS_ENDPOINT_URL".to_owned(), s3.endpoint.clone())];
     let c = cfg.to_str().unwrap();
+    let mode = |m: u32| std::fs::set_permissions(&cfg, std::os::unix::fs::PermissionsExt::from_mode(m)).unwrap();
+    mode(0o644);
+    let r = sqlite(&["databases", "-config", c], &env);
+    assert_eq!(
+        r.stderr.lines().last().unwrap_or(""),
+        format!(
+            "cloud-dump: error: config file {c} holds a secret (secret-access-key) but its mode 0644 lets others read it; \
+             run chmod 600 {c} (or chown root:GROUP and chmod 640)"
+        ),
+        "{}",
+        r.stderr
+    );
+    mode(0o600);
     let dbs = sqlite(&["databases", "-config", c], &env).ok();
     assert!(dbs.stdout.contains("s3://mybkt/db"), "{}", dbs.stdout);
     let mut cmd_env = env.clone();
