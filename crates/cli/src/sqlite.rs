@@ -132,9 +132,11 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(1);
     let replication = tokio::spawn({
         let cfg = cfg.clone();
-        async move { cloud_dump_sqlite::replicate::run(&cfg, stop_rx).await }
+        async move { cloud_dump_sqlite::replicate::run_reloading(&cfg, stop_rx, reload_rx).await }
     });
     tokio::pin!(replication);
     // With --exec, replication goes on until the application has exited (its last writes
@@ -169,6 +171,27 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
                 match child.as_ref() {
                     Some(c) => forward(c, Signal::SIGTERM),
                     None => break,
+                }
+            }
+            _ = sighup.recv() => {
+                if a.db.is_some() {
+                    tracing::warn!("SIGHUP: the database and replicas come from the command line; nothing to reload");
+                    continue;
+                }
+                match load_config(&a.config) {
+                    Ok(mut new) => {
+                        if let Some(addr) = &a.addr {
+                            new.addr = Some(addr.clone());
+                        }
+                        tracing::info!(config = %config_path(&a.config).display(), "SIGHUP: reloading the config");
+                        if reload_tx.try_send(new).is_err() {
+                            tracing::warn!("SIGHUP: a reload is already under way; send it again when it is done");
+                        }
+                    }
+                    Err(e) => tracing::error!(
+                        "SIGHUP: the config file is not usable, replication goes on as before: {}",
+                        cloud_dump_storage::one_line(e.as_ref())
+                    ),
                 }
             }
             status = child_wait => {

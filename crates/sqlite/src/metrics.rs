@@ -141,8 +141,7 @@ pub const CONNECTION_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// replication: at most [`MAX_CONNECTIONS`] at once, each closed after
 /// [`CONNECTION_TIMEOUT`], and accept errors (out of descriptors) back off instead of
 /// spinning.
-pub async fn serve(listener: TcpListener, all: Vec<Watched>) {
-    let all = Arc::new(all);
+pub async fn serve(listener: TcpListener, all: Arc<std::sync::RwLock<Vec<Watched>>>) {
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let mut sock = match listener.accept().await {
@@ -165,7 +164,7 @@ pub async fn serve(listener: TcpListener, all: Vec<Watched>) {
     }
 }
 
-async fn answer(sock: &mut tokio::net::TcpStream, all: &[Watched]) {
+async fn answer(sock: &mut tokio::net::TcpStream, all: &std::sync::RwLock<Vec<Watched>>) {
     let mut buf = vec![0u8; 4096];
     let mut n = 0;
     while n < buf.len() {
@@ -179,7 +178,7 @@ async fn answer(sock: &mut tokio::net::TcpStream, all: &[Watched]) {
     }
     let head = String::from_utf8_lossy(&buf[..n]);
     let (status, body) = if head.starts_with("GET /metrics ") || head.starts_with("GET /metrics?") {
-        ("200 OK", render(all))
+        ("200 OK", render(&all.read().unwrap_or_else(|e| e.into_inner())))
     } else {
         ("404 Not Found", "not found; metrics are at /metrics\n".to_owned())
     };

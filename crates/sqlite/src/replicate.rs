@@ -18,49 +18,97 @@ use crate::replica::Replica;
 pub const MONITOR_INTERVAL: Duration = Duration::from_millis(100);
 
 struct Running {
-    db: std::path::PathBuf,
+    spec: DbSpec,
+    shared: Arc<Shared>,
     thread: std::thread::JoinHandle<bool>,
     /// Each replica's task; `Ok(false)` when its final sync failed.
     replicas: Vec<(String, tokio::task::JoinHandle<bool>)>,
     stop_replicas: watch::Sender<bool>,
+    stop_db: watch::Sender<bool>,
+    replica_metrics: Vec<(String, Arc<crate::replica::ReplicaMetrics>)>,
+}
+
+/// What a new config changes: databases to stop (removed, or changed) and to start (new,
+/// or changed). A database whose settings are the same keeps running untouched.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadPlan {
+    pub keep: Vec<std::path::PathBuf>,
+    pub stop: Vec<std::path::PathBuf>,
+    pub start: Vec<std::path::PathBuf>,
+}
+
+/// The plan from the running databases' specs to the new config's.
+pub fn reload_plan(old: &[DbSpec], new: &[DbSpec]) -> ReloadPlan {
+    let mut plan = ReloadPlan::default();
+    for o in old {
+        match new.iter().find(|n| n.path == o.path) {
+            Some(n) if same_settings(o, n) => plan.keep.push(o.path.clone()),
+            _ => plan.stop.push(o.path.clone()),
+        }
+    }
+    for n in new {
+        if !plan.keep.contains(&n.path) {
+            plan.start.push(n.path.clone());
+        }
+    }
+    plan
+}
+
+/// Whether two specs replicate the same way (keys compared by their public halves).
+fn same_settings(a: &DbSpec, b: &DbSpec) -> bool {
+    let replica = |x: &crate::config::ReplicaSpec, y: &crate::config::ReplicaSpec| {
+        let keys = |r: &crate::config::ReplicaSpec| {
+            (
+                r.recipients.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+                r.identities.iter().map(|k| k.to_public().to_string()).collect::<Vec<_>>(),
+            )
+        };
+        x.name == y.name
+            && x.url == y.url
+            && x.storage == y.storage
+            && x.sync_interval == y.sync_interval
+            && x.snapshot_interval == y.snapshot_interval
+            && x.retention == y.retention
+            && x.retention_check_interval == y.retention_check_interval
+            && x.validation_interval == y.validation_interval
+            && x.compression == y.compression
+            && keys(x) == keys(y)
+    };
+    a.path == b.path
+        && a.min_checkpoint_pages == b.min_checkpoint_pages
+        && a.max_wal_bytes == b.max_wal_bytes
+        && a.replicas.len() == b.replicas.len()
+        && a.replicas.iter().zip(&b.replicas).all(|(x, y)| replica(x, y))
 }
 
 /// Opens every database and replica (errors here are the user's to fix), then replicates
 /// until `stop` turns true.
-pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()> {
+pub async fn run(config: &Config, stop: watch::Receiver<bool>) -> Result<()> {
+    let (_keep, reloads) = tokio::sync::mpsc::channel(1);
+    run_reloading(config, stop, reloads).await
+}
+
+/// Like [`run`]; each config received on `reloads` is applied without a restart: removed
+/// and changed databases stop cleanly (final sync), new and changed ones start, the others
+/// go on untouched. A restarted database continues its generation from its shadow WAL.
+pub async fn run_reloading(
+    config: &Config,
+    mut stop: watch::Receiver<bool>,
+    mut reloads: tokio::sync::mpsc::Receiver<Config>,
+) -> Result<()> {
     if config.dbs.is_empty() {
         return Err(SqliteError::Config("no databases to replicate: the config has no `dbs`".into()));
     }
-    let mut watched = Vec::new();
+    let watched = Arc::new(std::sync::RwLock::new(Vec::new()));
     let mut running = Vec::new();
     for spec in &config.dbs {
-        let shared = Shared::new(&spec.path, spec.replicas.len());
-        // One replicator per database: two would truncate each other's shadow WAL.
-        crate::db::lock_shadow_dir(&shared)?;
-        let mut repos = Vec::new();
-        for r in &spec.replicas {
-            repos.push(Repo::create(&r.url, &r.storage).await?);
+        match start(spec, &mut stop).await? {
+            Some(r) => running.push(r),
+            // Stopped while waiting for this database: stop the ones already running, properly.
+            None => break,
         }
-        // Open now, so a bad database fails the command instead of a background thread.
-        let db = open_when_present(spec, shared.clone(), &mut stop).await?;
-        // Stopped while waiting for this database: stop the ones already running, properly.
-        let Some(db) = db else { break };
-        let (stop_replicas, stop_rx) = watch::channel(false);
-        let mut w = Watched { db: shared.clone(), replicas: Vec::new() };
-        let mut tasks = Vec::new();
-        for (slot, (r, repo)) in spec.replicas.iter().zip(repos).enumerate() {
-            if r.validation_interval.is_some() && !r.recipients.is_empty() && r.identities.is_empty() {
-                tracing::warn!(replica = %r.name, "validation-interval needs age identities to decrypt the replica; validations will fail");
-            }
-            let rep = Replica::new(r.clone(), repo, shared.clone(), slot);
-            w.replicas.push((r.name.clone(), rep.metrics.clone()));
-            tasks.push((r.name.clone(), tokio::spawn(rep.run(stop_rx.clone()))));
-        }
-        watched.push(w);
-        let thread = spawn_db_thread(db, spec.clone(), stop.clone());
-        running.push(Running { db: spec.path.clone(), thread, replicas: tasks, stop_replicas });
-        tracing::info!(db = %spec.path.display(), replicas = spec.replicas.len(), "replicating");
     }
+    publish(&watched, &running);
     let server = match &config.addr {
         Some(addr) if !addr.is_empty() => {
             let bind = metrics::bind_address(addr);
@@ -68,28 +116,46 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
                 .await
                 .map_err(|e| SqliteError::Config(format!("cannot listen on {addr} for metrics: {e}")))?;
             tracing::info!(addr = %bind, "metrics at http://{bind}/metrics");
-            Some(tokio::spawn(metrics::serve(l, watched)))
+            Some(tokio::spawn(metrics::serve(l, watched.clone())))
         }
         _ => None,
     };
+    let mut unsynced = Vec::new();
+    let mut reloads_open = true;
     while !*stop.borrow() {
-        if stop.changed().await.is_err() {
-            break;
+        tokio::select! {
+            changed = stop.changed() => if changed.is_err() { break },
+            new = reloads.recv(), if reloads_open => {
+                let Some(new) = new else { reloads_open = false; continue };
+                if new.addr != config.addr {
+                    tracing::warn!("the metrics address changed in the config; it takes effect at the next start");
+                }
+                let old: Vec<DbSpec> = running.iter().map(|r| r.spec.clone()).collect();
+                let plan = reload_plan(&old, &new.dbs);
+                tracing::info!(kept = plan.keep.len(), stopped = plan.stop.len(), started = plan.start.len(), "config reloaded");
+                let (stopping, kept): (Vec<Running>, Vec<Running>) =
+                    running.into_iter().partition(|r| plan.stop.contains(&r.spec.path));
+                running = kept;
+                publish(&watched, &running);
+                for r in stopping {
+                    tracing::info!(db = %r.spec.path.display(), "stopping (removed or changed in the config)");
+                    unsynced.extend(finish(r).await);
+                }
+                for spec in new.dbs.iter().filter(|d| plan.start.contains(&d.path)) {
+                    match start(spec, &mut stop).await {
+                        Ok(Some(r)) => running.push(r),
+                        Ok(None) => break,
+                        // A database the new config cannot open: the others go on.
+                        Err(e) => tracing::error!(db = %spec.path.display(), error = %e, "cannot start replicating it"),
+                    }
+                }
+                publish(&watched, &running);
+            }
         }
     }
     tracing::info!("stopping: copying and uploading what is left");
-    let mut unsynced = Vec::new();
     for r in running {
-        let copied = matches!(tokio::task::spawn_blocking(move || r.thread.join()).await, Ok(Ok(true)));
-        if !copied {
-            unsynced.push(format!("{} (final copy of its WAL)", r.db.display()));
-        }
-        let _ = r.stop_replicas.send(true);
-        for (name, t) in r.replicas {
-            if !t.await.unwrap_or(false) {
-                unsynced.push(name);
-            }
-        }
+        unsynced.extend(finish(r).await);
     }
     if let Some(s) = server {
         s.abort();
@@ -102,6 +168,90 @@ pub async fn run(config: &Config, mut stop: watch::Receiver<bool>) -> Result<()>
     }
     tracing::info!("replication stopped cleanly");
     Ok(())
+}
+
+fn publish(watched: &std::sync::RwLock<Vec<Watched>>, running: &[Running]) {
+    let now: Vec<Watched> =
+        running.iter().map(|r| Watched { db: r.shared.clone(), replicas: r.replica_metrics.clone() }).collect();
+    *watched.write().unwrap_or_else(|e| e.into_inner()) = now;
+}
+
+/// Starts one database: its lock, replicas and thread. `None` if stopped while waiting
+/// for the database to exist.
+async fn start(spec: &DbSpec, stop: &mut watch::Receiver<bool>) -> Result<Option<Running>> {
+    let shared = Shared::new(&spec.path, spec.replicas.len());
+    // One replicator per database: two would truncate each other's shadow WAL.
+    crate::db::lock_shadow_dir(&shared)?;
+    let mut repos = Vec::new();
+    for r in &spec.replicas {
+        repos.push(Repo::create(&r.url, &r.storage).await?);
+    }
+    // Open now, so a bad database fails the command instead of a background thread.
+    let Some(db) = open_when_present(spec, shared.clone(), stop).await? else {
+        release(&shared);
+        return Ok(None);
+    };
+    let (stop_replicas, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let mut metrics = Vec::new();
+    for (slot, (r, repo)) in spec.replicas.iter().zip(repos).enumerate() {
+        if r.validation_interval.is_some() && !r.recipients.is_empty() && r.identities.is_empty() {
+            tracing::warn!(replica = %r.name, "validation-interval needs age identities to decrypt the replica; validations will fail");
+        }
+        let rep = Replica::new(r.clone(), repo, shared.clone(), slot);
+        metrics.push((r.name.clone(), rep.metrics.clone()));
+        tasks.push((r.name.clone(), tokio::spawn(rep.run(stop_rx.clone()))));
+    }
+    let (stop_db, stop_db_rx) = watch::channel(*stop.borrow());
+    // The database thread follows the process's stop too.
+    let mut global = stop.clone();
+    let forward = stop_db.clone();
+    tokio::spawn(async move {
+        while !*global.borrow() {
+            if global.changed().await.is_err() {
+                return;
+            }
+        }
+        let _ = forward.send(true);
+    });
+    let thread = spawn_db_thread(db, spec.clone(), stop_db_rx);
+    tracing::info!(db = %spec.path.display(), replicas = spec.replicas.len(), "replicating");
+    Ok(Some(Running {
+        spec: spec.clone(),
+        shared,
+        thread,
+        replicas: tasks,
+        stop_replicas,
+        stop_db,
+        replica_metrics: metrics,
+    }))
+}
+
+/// Stops one database: its thread copies what is left, then its replicas upload it. The
+/// names of replicas whose final sync failed come back.
+async fn finish(r: Running) -> Vec<String> {
+    let mut unsynced = Vec::new();
+    let _ = r.stop_db.send(true);
+    let db = r.spec.path.clone();
+    let copied = matches!(tokio::task::spawn_blocking(move || r.thread.join()).await, Ok(Ok(true)));
+    if !copied {
+        unsynced.push(format!("{} (final copy of its WAL)", db.display()));
+    }
+    let _ = r.stop_replicas.send(true);
+    for (name, t) in r.replicas {
+        if !t.await.unwrap_or(false) {
+            unsynced.push(name);
+        }
+    }
+    // SQLite has closed the database: its descriptors and locks can go, so that a
+    // restart in this process (a reload) can take them again.
+    release(&r.shared);
+    unsynced
+}
+
+fn release(shared: &Shared) {
+    *shared.db_file.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    shared.lock.lock().unwrap_or_else(|e| e.into_inner()).clear();
 }
 
 /// Waits (logging once) for a database that does not exist yet; `None` if stopped first.
@@ -176,4 +326,33 @@ fn spawn_db_thread(mut db: Db, spec: DbSpec, stop: watch::Receiver<bool>) -> std
             }
         })
         .expect("spawn the database thread")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ReplicaSpec;
+
+    fn spec(path: &str, url: &str) -> DbSpec {
+        DbSpec::new(path.into(), vec![ReplicaSpec::from_url(url, Default::default()).unwrap()])
+    }
+
+    #[test]
+    fn reload_keeps_what_did_not_change() {
+        let old = vec![spec("/a", "file:///ra"), spec("/b", "file:///rb"), spec("/c", "file:///rc")];
+        let mut b2 = spec("/b", "file:///rb");
+        b2.replicas[0].sync_interval = Duration::from_secs(5);
+        let new = vec![spec("/a", "file:///ra"), b2, spec("/d", "file:///rd")];
+        let plan = reload_plan(&old, &new);
+        assert_eq!(plan.keep, vec![std::path::PathBuf::from("/a")]);
+        assert_eq!(plan.stop, vec![std::path::PathBuf::from("/b"), "/c".into()]);
+        assert_eq!(plan.start, vec![std::path::PathBuf::from("/b"), "/d".into()]);
+        assert_eq!(reload_plan(&old, &old).keep.len(), 3);
+        // Credentials count as settings even though they never print.
+        let mut secret = spec("/a", "s3://bkt/a");
+        secret.replicas[0].storage.s3_secret_access_key = Some("one".into());
+        let mut other = secret.clone();
+        other.replicas[0].storage.s3_secret_access_key = Some("two".into());
+        assert_eq!(reload_plan(&[secret], &[other]).stop.len(), 1);
+    }
 }

@@ -20,7 +20,7 @@ use crate::location::Location;
 use crate::storj;
 
 /// How to reach the store. Secrets are kept out of `Debug`.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct StorageOptions {
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,

@@ -677,3 +677,72 @@ fn sqlite_exec_graceful_shutdown_keeps_the_last_writes() {
     let out = dir.path().join("r.db");
     assert_eq!(restore_fp(&url, &out, &[], &[]).0, 30, "writes made during the graceful shutdown were not replicated");
 }
+
+/// SIGHUP re-reads the config: an unchanged database keeps replicating untouched, a
+/// changed one restarts in its generation, a new one starts; an unusable file changes
+/// nothing. Every database restores to its source afterwards.
+#[test]
+fn sqlite_sighup_reloads_the_config_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (a_dir, b_dir, c_dir) = (d.join("a"), d.join("b"), d.join("c"));
+    for x in [&a_dir, &b_dir, &c_dir] {
+        std::fs::create_dir_all(x).unwrap();
+    }
+    let (a, b, c) = (app_db(&a_dir), app_db(&b_dir), app_db(&c_dir));
+    let entry = |db: &Path, sync: &str| {
+        format!(
+            "  - path: {}\n    replicas:\n      - path: {}-replica\n        sync-interval: {sync}\n",
+            db.display(),
+            db.display()
+        )
+    };
+    let cfg = d.join("c.yml");
+    std::fs::write(&cfg, format!("dbs:\n{}{}", entry(&a, SYNC), entry(&b, SYNC))).unwrap();
+    let rep = replicate(&["--config", cfg.to_str().unwrap()], &[]);
+    let insert = |db: &Path, n: usize| {
+        let conn = open(db);
+        for _ in 0..n {
+            conn.execute("INSERT INTO t(v) VALUES (randomblob(100))", []).unwrap();
+        }
+    };
+    insert(&a, 50);
+    insert(&b, 50);
+    std::thread::sleep(Duration::from_millis(1500));
+    let hup = || {
+        let st = Command::new("kill").arg("-HUP").arg(rep.id().to_string()).status().unwrap();
+        assert!(st.success());
+        std::thread::sleep(Duration::from_millis(1500));
+    };
+    // a unchanged, b changed (sync interval), c new.
+    std::fs::write(&cfg, format!("dbs:\n{}{}{}", entry(&a, SYNC), entry(&b, "300ms"), entry(&c, SYNC))).unwrap();
+    hup();
+    insert(&a, 50);
+    insert(&b, 50);
+    insert(&c, 50);
+    // An unusable file: replication goes on as it was.
+    std::fs::write(&cfg, "dbs: [ this is not yaml").unwrap();
+    hup();
+    insert(&a, 20);
+    insert(&b, 20);
+    insert(&c, 20);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    assert!(
+        log.contains("config reloaded")
+            && log.contains("kept=1")
+            && log.contains("stopped=1")
+            && log.contains("started=2"),
+        "{log}"
+    );
+    assert!(log.contains("SIGHUP: the config file is not usable, replication goes on as before"), "{log}");
+    for db in [&a, &b, &c] {
+        let replica = format!("file://{}-replica", db.display());
+        let out = d.join(format!("restored-{}", db.parent().unwrap().file_name().unwrap().to_str().unwrap()));
+        assert_eq!(restore_fp(&replica, &out, &[], &[]), fingerprint(db), "{}", db.display());
+        let gens: Vec<serde_json::Value> =
+            serde_json::from_str(&sqlite(&["generations", "--json", &replica], &[]).ok().stdout).unwrap();
+        assert_eq!(gens.len(), 1, "{} kept its place (one generation): {gens:?}", db.display());
+    }
+}
