@@ -209,8 +209,10 @@ pub fn select<'a>(section: &'a PgSection, how: &Selector) -> Result<Option<(&'a 
     }
     match section.clusters.len() {
         0 => Ok(None),
-        1 => Ok(section.clusters.iter().next().map(|(k, v)| (k.as_str(), v))),
+        // Given a repository, the command is about that one: a file's only cluster is not
+        // applied unasked.
         _ if how.repo_given => Ok(None),
+        1 => Ok(section.clusters.iter().next().map(|(k, v)| (k.as_str(), v))),
         _ => Err(format!(
             "the config file describes clusters {}: choose one with --cluster (or CLOUD_DUMP_CLUSTER), or set its pgdata",
             section.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -385,6 +387,7 @@ postgres:
         let one = parse("postgres:\n  clusters:\n    only:\n      repo: x\n", "f").unwrap();
         let got = select(&one, &Selector { named: None, cwd: None, repo_given: false }).unwrap();
         assert_eq!(got.map(|(n, _)| n), Some("only"));
+        assert!(select(&one, &Selector { named: None, cwd: None, repo_given: true }).unwrap().is_none());
     }
 
     #[test]
