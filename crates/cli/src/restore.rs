@@ -264,7 +264,16 @@ async fn wal_settings(
     req_segment_size: u64,
 ) -> Result<String> {
     let mut out = String::from("# cloud-dump settings for restore_command (wal-fetch); secrets: keep 0600\n");
-    let mut put = |k: &str, v: &str| out.push_str(&format!("{k}={v}\n"));
+    // One line per setting: a value with a line break cannot be carried (the file would
+    // not read back as it was written).
+    let mut multi_line = Vec::new();
+    let mut put = |k: &str, v: &str| {
+        if v.contains(['\n', '\r']) {
+            multi_line.push(k.to_owned());
+        } else {
+            out.push_str(&format!("{k}={v}\n"));
+        }
+    };
     put("CLOUD_DUMP_REPO", &setup::repo_url(g)?);
     if let Some(c) = &g.cluster {
         put("CLOUD_DUMP_CLUSTER", c);
@@ -325,6 +334,13 @@ async fn wal_settings(
         || cloud_dump_postgres::WalArchive::new(repo, &req.layout).any_encrypted().await?;
     put(wal::REQUIRE_ENCRYPTED_ENV, if strict { "true" } else { "false" });
     put(wal::SEGMENT_SIZE_ENV, &req_segment_size.to_string());
+    if !multi_line.is_empty() {
+        bail!(
+            "cannot carry {} into the restore settings file: the value spans several lines; give it as a file \
+             (e.g. GOOGLE_SERVICE_ACCOUNT=/path/key.json) or on one line",
+            multi_line.join(", ")
+        );
+    }
     Ok(out)
 }
 

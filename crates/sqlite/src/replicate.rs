@@ -122,17 +122,65 @@ pub async fn run_reloading(
     };
     let mut unsynced = Vec::new();
     let mut reloads_open = true;
+    // The databases the config asks for; those of them not running, and why.
+    let mut wanted: Vec<DbSpec> = config.dbs.clone();
+    let mut not_running: std::collections::BTreeMap<std::path::PathBuf, String> = Default::default();
+    // Databases added by a reload that do not exist yet come back here once they do.
+    let (appeared_tx, mut appeared) = tokio::sync::mpsc::channel::<DbSpec>(16);
     while !*stop.borrow() {
         tokio::select! {
             changed = stop.changed() => if changed.is_err() { break },
+            spec = appeared.recv() => {
+                let Some(spec) = spec else { continue };
+                let still_wanted = wanted.iter().any(|w| same_settings(w, &spec));
+                if !still_wanted || running.iter().any(|r| r.spec.path == spec.path) {
+                    continue;
+                }
+                match prepare(&spec).await {
+                    Ok(repos) => match launch(&spec, repos, &mut stop).await {
+                        Ok(Some(r)) => {
+                            not_running.remove(&spec.path);
+                            running.push(r);
+                        }
+                        Ok(None) => {}
+                        Err(e) => { not_running.insert(spec.path.clone(), e.to_string()); }
+                    },
+                    Err(e) => { not_running.insert(spec.path.clone(), e.to_string()); }
+                }
+                publish(&watched, &running);
+            }
             new = reloads.recv(), if reloads_open => {
                 let Some(new) = new else { reloads_open = false; continue };
+                if new.dbs.is_empty() {
+                    tracing::error!("reload refused: the config names no databases; replication goes on as before");
+                    continue;
+                }
                 if new.addr != config.addr {
                     tracing::warn!("the metrics address changed in the config; it takes effect at the next start");
                 }
                 let old: Vec<DbSpec> = running.iter().map(|r| r.spec.clone()).collect();
-                let plan = reload_plan(&old, &new.dbs);
-                tracing::info!(kept = plan.keep.len(), stopped = plan.stop.len(), started = plan.start.len(), "config reloaded");
+                let mut plan = reload_plan(&old, &new.dbs);
+                // Everything a database to start needs is made ready before anything stops: a
+                // changed database whose new settings do not work goes on with its old ones.
+                let mut ready = Vec::new();
+                let mut later = Vec::new();
+                for spec in new.dbs.iter().filter(|d| plan.start.contains(&d.path)) {
+                    if !spec.path.exists() {
+                        later.push(spec.clone());
+                        continue;
+                    }
+                    match prepare(spec).await {
+                        Ok(repos) => ready.push((spec.clone(), repos)),
+                        Err(e) => {
+                            tracing::error!(db = %spec.path.display(), error = %e, "the new settings do not work; this database goes on as it was");
+                            plan.stop.retain(|p| p != &spec.path);
+                            if !old.iter().any(|o| o.path == spec.path) {
+                                not_running.insert(spec.path.clone(), e.to_string());
+                            }
+                        }
+                    }
+                }
+                tracing::info!(kept = plan.keep.len(), stopped = plan.stop.len(), started = ready.len() + later.len(), "config reloaded");
                 let (stopping, kept): (Vec<Running>, Vec<Running>) =
                     running.into_iter().partition(|r| plan.stop.contains(&r.spec.path));
                 running = kept;
@@ -141,14 +189,40 @@ pub async fn run_reloading(
                     tracing::info!(db = %r.spec.path.display(), "stopping (removed or changed in the config)");
                     unsynced.extend(finish(r).await);
                 }
-                for spec in new.dbs.iter().filter(|d| plan.start.contains(&d.path)) {
-                    match start(spec, &mut stop).await {
-                        Ok(Some(r)) => running.push(r),
+                for (spec, repos) in ready {
+                    match launch(&spec, repos, &mut stop).await {
+                        Ok(Some(r)) => {
+                            not_running.remove(&spec.path);
+                            running.push(r);
+                        }
                         Ok(None) => break,
-                        // A database the new config cannot open: the others go on.
-                        Err(e) => tracing::error!(db = %spec.path.display(), error = %e, "cannot start replicating it"),
+                        Err(e) => {
+                            tracing::error!(db = %spec.path.display(), error = %e, "cannot start replicating it");
+                            not_running.insert(spec.path.clone(), e.to_string());
+                        }
                     }
                 }
+                for spec in later {
+                    tracing::warn!(db = %spec.path.display(), "the database does not exist yet; waiting for it to be created");
+                    not_running.insert(spec.path.clone(), "it did not exist yet".into());
+                    let tx = appeared_tx.clone();
+                    let mut stop = stop.clone();
+                    tokio::spawn(async move {
+                        while !spec.path.exists() {
+                            tokio::select! {
+                                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                                r = stop.changed() => if r.is_err() || *stop.borrow() { return },
+                            }
+                        }
+                        let _ = tx.send(spec).await;
+                    });
+                }
+                // What the config now asks for: the new specs, except changed databases
+                // that went on with their old settings.
+                wanted = new.dbs.iter().map(|d| {
+                    running.iter().find(|r| r.spec.path == d.path).map(|r| r.spec.clone()).unwrap_or_else(|| d.clone())
+                }).collect();
+                not_running.retain(|p, _| wanted.iter().any(|w| &w.path == p) && !running.iter().any(|r| &r.spec.path == p));
                 publish(&watched, &running);
             }
         }
@@ -166,6 +240,13 @@ pub async fn run_reloading(
             unsynced.join(", ")
         )));
     }
+    if !not_running.is_empty() {
+        let list: Vec<String> = not_running.iter().map(|(p, why)| format!("{} ({why})", p.display())).collect();
+        return Err(SqliteError::Replica(format!(
+            "the config asked for database(s) that were not replicated: {}",
+            list.join(", ")
+        )));
+    }
     tracing::info!("replication stopped cleanly");
     Ok(())
 }
@@ -179,17 +260,34 @@ fn publish(watched: &std::sync::RwLock<Vec<Watched>>, running: &[Running]) {
 /// Starts one database: its lock, replicas and thread. `None` if stopped while waiting
 /// for the database to exist.
 async fn start(spec: &DbSpec, stop: &mut watch::Receiver<bool>) -> Result<Option<Running>> {
-    let shared = Shared::new(&spec.path, spec.replicas.len());
-    // One replicator per database: two would truncate each other's shadow WAL.
-    crate::db::lock_shadow_dir(&shared)?;
+    let repos = prepare(spec).await?;
+    launch(spec, repos, stop).await
+}
+
+/// What can be checked before a database is (re)started: its replicas' stores.
+async fn prepare(spec: &DbSpec) -> Result<Vec<Repo>> {
     let mut repos = Vec::new();
     for r in &spec.replicas {
         repos.push(Repo::create(&r.url, &r.storage).await?);
     }
+    Ok(repos)
+}
+
+async fn launch(spec: &DbSpec, repos: Vec<Repo>, stop: &mut watch::Receiver<bool>) -> Result<Option<Running>> {
+    let shared = Shared::new(&spec.path, spec.replicas.len());
+    // One replicator per database: two would truncate each other's shadow WAL.
+    crate::db::lock_shadow_dir(&shared)?;
     // Open now, so a bad database fails the command instead of a background thread.
-    let Some(db) = open_when_present(spec, shared.clone(), stop).await? else {
-        release(&shared);
-        return Ok(None);
+    let db = match open_when_present(spec, shared.clone(), stop).await {
+        Ok(Some(db)) => db,
+        Ok(None) => {
+            release(&shared);
+            return Ok(None);
+        }
+        Err(e) => {
+            release(&shared);
+            return Err(e);
+        }
     };
     let (stop_replicas, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();

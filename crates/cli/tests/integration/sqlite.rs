@@ -679,17 +679,20 @@ fn sqlite_exec_graceful_shutdown_keeps_the_last_writes() {
 }
 
 /// SIGHUP re-reads the config: an unchanged database keeps replicating untouched, a
-/// changed one restarts in its generation, a new one starts; an unusable file changes
-/// nothing. Every database restores to its source afterwards.
+/// changed one restarts in its generation, a new one starts (or is waited for); a file that
+/// does not parse or names no databases changes nothing; new settings that do not work
+/// leave the database on its old ones; a database the config asks for but that never ran
+/// makes the exit non-zero. Every database restores to its source afterwards.
 #[test]
 fn sqlite_sighup_reloads_the_config_in_place() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (a_dir, b_dir, c_dir) = (d.join("a"), d.join("b"), d.join("c"));
-    for x in [&a_dir, &b_dir, &c_dir] {
+    let (a_dir, b_dir, c_dir, e_dir) = (d.join("a"), d.join("b"), d.join("c"), d.join("e"));
+    for x in [&a_dir, &b_dir, &c_dir, &e_dir] {
         std::fs::create_dir_all(x).unwrap();
     }
     let (a, b, c) = (app_db(&a_dir), app_db(&b_dir), app_db(&c_dir));
+    let e = e_dir.join("app.db");
     let entry = |db: &Path, sync: &str| {
         format!(
             "  - path: {}\n    replicas:\n      - path: {}-replica\n        sync-interval: {sync}\n",
@@ -720,15 +723,41 @@ fn sqlite_sighup_reloads_the_config_in_place() {
     insert(&a, 50);
     insert(&b, 50);
     insert(&c, 50);
-    // An unusable file: replication goes on as it was.
+    // A file that does not parse, then one without databases: nothing changes.
     std::fs::write(&cfg, "dbs: [ this is not yaml").unwrap();
+    hup();
+    std::fs::write(&cfg, "").unwrap();
     hup();
     insert(&a, 20);
     insert(&b, 20);
     insert(&c, 20);
-    std::thread::sleep(Duration::from_millis(1500));
+    // b's new replica cannot be made: b goes on with its old one. e does not exist yet: it
+    // is waited for, and replicated once created.
+    let bad_b = format!("  - path: {}\n    replicas:\n      - path: /proc/no-such-dir/replica\n", b.display());
+    std::fs::write(&cfg, format!("dbs:\n{}{}{}{}", entry(&a, SYNC), bad_b, entry(&c, SYNC), entry(&e, SYNC))).unwrap();
+    hup();
+    insert(&b, 30);
+    let e = app_db(&e_dir);
+    std::thread::sleep(Duration::from_millis(1200));
+    insert(&e, 40);
+    // f's replica cannot be made: it never runs, and the exit says so.
+    let f_dir = d.join("f");
+    std::fs::create_dir_all(&f_dir).unwrap();
+    let f = app_db(&f_dir);
+    let bad_f = format!("  - path: {}\n    replicas:\n      - path: /proc/no-such-dir/f\n", f.display());
+    std::fs::write(&cfg, format!("dbs:\n{}{}{}{}{}", entry(&a, SYNC), bad_b, entry(&c, SYNC), entry(&e, SYNC), bad_f))
+        .unwrap();
+    hup();
+    std::thread::sleep(Duration::from_millis(1000));
     let (code, log) = terminate(rep);
-    assert_eq!(code, 0, "{log}");
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.lines().last().unwrap_or("").starts_with(&format!(
+            "cloud-dump: error: the config asked for database(s) that were not replicated: {}",
+            f.display()
+        )),
+        "{log}"
+    );
     assert!(
         log.contains("config reloaded")
             && log.contains("kept=1")
@@ -737,7 +766,9 @@ fn sqlite_sighup_reloads_the_config_in_place() {
         "{log}"
     );
     assert!(log.contains("SIGHUP: the config file is not usable, replication goes on as before"), "{log}");
-    for db in [&a, &b, &c] {
+    assert!(log.contains("reload refused: the config names no databases"), "{log}");
+    assert!(log.contains("the new settings do not work; this database goes on as it was"), "{log}");
+    for db in [&a, &b, &c, &e] {
         let replica = format!("file://{}-replica", db.display());
         let out = d.join(format!("restored-{}", db.parent().unwrap().file_name().unwrap().to_str().unwrap()));
         assert_eq!(restore_fp(&replica, &out, &[], &[]), fingerprint(db), "{}", db.display());
