@@ -73,7 +73,8 @@ pub fn parse(text: &str, origin: &str) -> Result<PgSection, String> {
     if expanded.trim().is_empty() {
         return Ok(PgSection::default());
     }
-    let top: FileTop = serde_yaml::from_str(&expanded).map_err(|e| format!("{origin}: {e}"))?;
+    let top: FileTop = serde_yaml::from_str(&expanded)
+        .map_err(|e| format!("{origin}: {}", cloud_dump_sqlite::config::redact_yaml_values(&e.to_string())))?;
     let section = top.postgres.unwrap_or_default();
     for (name, c) in &section.clusters {
         cloud_dump_storage::Layout::new(Some(name), None)
@@ -139,16 +140,21 @@ pub fn file_secrets(text: &str) -> Vec<String> {
             );
         }
     }
-    if let Some(Value::Sequence(dbs)) = top.get("dbs") {
+    // `db` is Litestream's other spelling of `dbs`.
+    for dbs in [top.get("dbs"), top.get("db")].into_iter().flatten() {
+        let Value::Sequence(dbs) = dbs else { continue };
         for (i, db) in dbs.iter().enumerate() {
             if let Some(Value::Sequence(reps)) = db.get("replicas") {
                 for (j, r) in reps.iter().enumerate() {
                     let at = format!("dbs[{i}].replicas[{j}].");
                     check(&mut out, at.clone(), r, &s3);
-                    if let Some(Value::Sequence(ids)) = r.get("age").and_then(|a| a.get("identities")) {
-                        if ids.iter().any(literal) {
-                            out.push(format!("{at}age.identities"));
+                    match r.get("age").and_then(|a| a.get("identities")) {
+                        Some(Value::Sequence(ids)) if ids.iter().any(literal) => {
+                            out.push(format!("{at}age.identities"))
                         }
+                        // A single key written as a scalar is still a key in the file.
+                        Some(v @ Value::String(_)) if literal(v) => out.push(format!("{at}age.identities")),
+                        _ => {}
                     }
                 }
             }
@@ -157,13 +163,31 @@ pub fn file_secrets(text: &str) -> Vec<String> {
     out
 }
 
-/// `postgres://user:pw@host/…` or `password=…` in key=value form.
-fn url_has_password(url: &str) -> bool {
-    if let Some(rest) = url.strip_prefix("postgres://").or_else(|| url.strip_prefix("postgresql://")) {
-        let auth = rest.split(['/', '?']).next().unwrap_or("");
-        return auth.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'));
+/// Whether a connection string carries a password: in a URL's user info
+/// (`postgres://user:pw@host`) or its query (`?password=…`), or as libpq's `password`
+/// keyword (`password=…`, `password = …`).
+pub(crate) fn url_has_password(conn: &str) -> bool {
+    let t = conn.trim();
+    if let Some(rest) = t.strip_prefix("postgres://").or_else(|| t.strip_prefix("postgresql://")) {
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = before_query.split('/').next().unwrap_or("");
+        let in_userinfo = authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'));
+        let in_query = query.split('&').any(|kv| kv.split('=').next().is_some_and(|k| k.trim() == "password"));
+        return in_userinfo || in_query;
     }
-    url.split_whitespace().any(|kv| kv.trim_start().starts_with("password="))
+    // Keyword/value form: whitespace around '=' is allowed.
+    let mut words = t.split_whitespace().peekable();
+    while let Some(w) = words.next() {
+        let key = match w.split_once('=') {
+            Some((k, _)) => k,
+            None if words.peek().is_some_and(|n| n.starts_with('=')) => w,
+            None => continue,
+        };
+        if key == "password" {
+            return true;
+        }
+    }
+    false
 }
 
 /// A file that holds a secret must be readable by its owner only, or by a group when root
@@ -198,7 +222,15 @@ pub struct Selector<'a> {
 /// The cluster this command is about, if the file describes one for it.
 pub fn select<'a>(section: &'a PgSection, how: &Selector) -> Result<Option<(&'a str, &'a Cluster)>, String> {
     if let Some(name) = how.named {
-        return Ok(section.clusters.get_key_value(name).map(|(k, v)| (k.as_str(), v)));
+        return match section.clusters.get_key_value(name) {
+            Some((k, v)) => Ok(Some((k.as_str(), v))),
+            // Named but not described: fine when the command is told where to go otherwise.
+            None if how.repo_given || section.clusters.is_empty() => Ok(None),
+            None => Err(format!(
+                "cluster {name:?} is not in the config file (it describes {}), and no repository is given",
+                section.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+            )),
+        };
     }
     if let Some(cwd) = how.cwd {
         let same = |p: &Path| p == cwd || std::fs::canonicalize(p).is_ok_and(|c| c == cwd);
@@ -212,7 +244,20 @@ pub fn select<'a>(section: &'a PgSection, how: &Selector) -> Result<Option<(&'a 
         // Given a repository, the command is about that one: a file's only cluster is not
         // applied unasked.
         _ if how.repo_given => Ok(None),
-        1 => Ok(section.clusters.iter().next().map(|(k, v)| (k.as_str(), v))),
+        1 => {
+            let (name, c) = section.clusters.iter().next().expect("one cluster");
+            // A WAL command run in another data directory (a restored copy that kept the
+            // archive_command, another cluster on the host) must not archive into this one.
+            if let (Some(cwd), Some(pgdata)) = (how.cwd, &c.pgdata) {
+                return Err(format!(
+                    "this runs in {} but cluster {name:?} of the config file has pgdata {}: it is not that cluster's \
+                     WAL; give --cluster {name} if it really is",
+                    cwd.display(),
+                    pgdata.display()
+                ));
+            }
+            Ok(Some((name.as_str(), c)))
+        }
         _ => Err(format!(
             "the config file describes clusters {}: choose one with --cluster (or CLOUD_DUMP_CLUSTER), or set its pgdata",
             section.clusters.keys().cloned().collect::<Vec<_>>().join(", ")
@@ -220,7 +265,8 @@ pub fn select<'a>(section: &'a PgSection, how: &Selector) -> Result<Option<(&'a 
     }
 }
 
-/// Settings that go together: the file gives them only when nothing else gives any.
+/// Settings that go together, with every flag and variable that can give them: the file
+/// gives a group only when none of these is given (its values then come from one place).
 const GROUPS: &[(&[&str], &[&str])] = &[
     (
         &["--passphrase", "--passphrase-file", "--recipient-key", "--identity-key"],
@@ -234,7 +280,45 @@ const GROUPS: &[(&[&str], &[&str])] = &[
             "WAL_IDENTITY_KEY",
         ],
     ),
-    (&[], &["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"]),
+    // S3 credentials, and the other sources of them the AWS chain reads.
+    (
+        &[],
+        &[
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_WEB_IDENTITY_TOKEN_FILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        ],
+    ),
+    (&["--s3-endpoint"], &["CLOUD_DUMP_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]),
+    (&["--s3-region"], &["CLOUD_DUMP_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION"]),
+    (
+        &[],
+        &[
+            "GOOGLE_SERVICE_ACCOUNT",
+            "GOOGLE_SERVICE_ACCOUNT_PATH",
+            "GOOGLE_SERVICE_ACCOUNT_KEY",
+            "GOOGLE_APPLICATION_CREDENTIALS",
+        ],
+    ),
+    (
+        &[],
+        &[
+            "AZURE_STORAGE_ACCOUNT_NAME",
+            "AZURE_STORAGE_ACCOUNT_KEY",
+            "AZURE_STORAGE_ACCESS_KEY",
+            "AZURE_STORAGE_MASTER_KEY",
+            "AZURE_STORAGE_SAS_KEY",
+            "AZURE_STORAGE_SAS_TOKEN",
+            "AZURE_STORAGE_TOKEN",
+            "AZURE_CLIENT_ID",
+            "AZURE_CLIENT_SECRET",
+            "AZURE_FEDERATED_TOKEN_FILE",
+        ],
+    ),
+    (&["--storj-access"], &["STORJ_ACCESS"]),
     (&["--db-url"], &["CLOUD_DUMP_DB_URL"]),
 ];
 
@@ -344,6 +428,10 @@ postgres:
         )
         .is_empty());
         assert_eq!(file_secrets("secret-access-key: abc\n"), vec!["secret-access-key"]);
+        let alias = "db:\n  - path: /a\n    replicas:\n      - url: s3://b/a\n        secret-access-key: abc\n";
+        assert_eq!(file_secrets(alias), vec!["dbs[0].replicas[0].secret-access-key"]);
+        let scalar = "dbs:\n  - path: /a\n    replicas:\n      - url: s3://b/a\n        age:\n          identities: AGE-SECRET-KEY-1X\n";
+        assert_eq!(file_secrets(scalar), vec!["dbs[0].replicas[0].age.identities"]);
     }
 
     #[test]
@@ -352,6 +440,22 @@ postgres:
         assert!(!url_has_password("postgres://u@h/db?replication=yes"));
         assert!(!url_has_password("postgresql://h:5432/db"));
         assert!(url_has_password("host=h user=u password=pw"));
+        assert!(url_has_password("host=h user=u password = pw"));
+        assert!(url_has_password("host=h password =pw"));
+        assert!(url_has_password("postgres://u@h/db?sslmode=require&password=pw"));
+        assert!(!url_has_password("postgres://u@h/db?passfile=/x"));
+        assert!(!url_has_password("host=h passfile=/x"));
+    }
+
+    #[test]
+    fn yaml_errors_do_not_repeat_values() {
+        let e = parse("postgres:\n  clusters:\n    a:\n      encrypt: hunter2-secret\n", "f").unwrap_err();
+        assert!(!e.contains("hunter2"), "{e}");
+        assert!(e.contains("invalid type"), "{e}");
+        assert_eq!(
+            cloud_dump_sqlite::config::redact_yaml_values("invalid type: string \"AGE-SECRET\", expected a sequence"),
+            "invalid type: string, expected a sequence"
+        );
     }
 
     #[test]
@@ -380,11 +484,25 @@ postgres:
             select(&s, &Selector { named, cwd: cwd.map(Path::new), repo_given }).map(|o| o.map(|(n, _)| n.to_owned()))
         };
         assert_eq!(pick(Some("test"), None, false).unwrap().as_deref(), Some("test"));
-        assert_eq!(pick(Some("other"), None, false).unwrap(), None);
+        assert!(pick(Some("other"), None, false).is_err());
+        assert_eq!(pick(Some("other"), None, true).unwrap(), None);
         assert_eq!(pick(None, Some("/var/lib/postgresql/15/main"), false).unwrap().as_deref(), Some("prod"));
         assert!(pick(None, Some("/elsewhere"), false).unwrap_err().contains("clusters prod, test"));
         assert_eq!(pick(None, None, true).unwrap(), None);
         let one = parse("postgres:\n  clusters:\n    only:\n      repo: x\n", "f").unwrap();
+        let with_pgdata =
+            parse("postgres:\n  clusters:\n    only:\n      repo: x\n      pgdata: /data/a\n", "f").unwrap();
+        let e = select(&with_pgdata, &Selector { named: None, cwd: Some(Path::new("/data/b")), repo_given: false })
+            .unwrap_err();
+        assert!(e.contains("it is not that cluster's WAL"), "{e}");
+        assert!(select(
+            &with_pgdata,
+            &Selector { named: Some("only"), cwd: Some(Path::new("/data/b")), repo_given: false }
+        )
+        .unwrap()
+        .is_some());
+        let e = select(&s, &Selector { named: Some("prdo"), cwd: None, repo_given: false }).unwrap_err();
+        assert!(e.contains("cluster \"prdo\" is not in the config file"), "{e}");
         let got = select(&one, &Selector { named: None, cwd: None, repo_given: false }).unwrap();
         assert_eq!(got.map(|(n, _)| n), Some("only"));
         assert!(select(&one, &Selector { named: None, cwd: None, repo_given: true }).unwrap().is_none());
@@ -409,9 +527,12 @@ postgres:
         assert_eq!(get(&env_settings("prod", c, &pass_env, &none), "CLOUD_DUMP_PASSPHRASE_FILE"), None);
         let flag = |f: &str| f == "--recipient-key";
         assert_eq!(get(&env_settings("prod", c, &none, &flag), "CLOUD_DUMP_PASSPHRASE_FILE"), None);
-        // Half of the file's S3 credentials never pairs with half from the environment.
-        let id_env = |k: &str| k == "AWS_ACCESS_KEY_ID";
-        assert_eq!(get(&env_settings("prod", c, &id_env, &none), "AWS_SECRET_ACCESS_KEY"), None);
+        // Half of the file's S3 credentials never pairs with half from the environment, nor
+        // do they beat another credential source the environment names.
+        for var in ["AWS_ACCESS_KEY_ID", "AWS_WEB_IDENTITY_TOKEN_FILE"] {
+            let env = |k: &str| k == var;
+            assert_eq!(get(&env_settings("prod", c, &env, &none), "AWS_SECRET_ACCESS_KEY"), None, "{var}");
+        }
         assert_eq!(get(&all, "AWS_SECRET_ACCESS_KEY").as_deref(), Some("s3cr3t"));
     }
 }

@@ -87,14 +87,19 @@ fn load_config_file() -> std::result::Result<(), String> {
         None if std::path::Path::new(config::DEFAULT_CONFIG).exists() => config::DEFAULT_CONFIG.into(),
         None => return Ok(()),
     };
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if explicit.is_none() => {
-            tracing_free_warn(&format!("cannot read {}: {e}; going on without it", path.display()));
-            return Ok(());
-        }
-        Err(e) => return Err(format!("cannot read config file {}: {e}", path.display())),
-    };
+    // An unreadable file is an error even when it is the default one: what it says (a key
+    // to encrypt with, say) must not be dropped silently.
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        format!(
+            "cannot read config file {}: {e}{}",
+            path.display(),
+            if explicit.is_none() {
+                " (let this user read it, e.g. root:postgres mode 0640, or set CLOUD_DUMP_CONFIG=/dev/null to use none)"
+            } else {
+                ""
+            }
+        )
+    })?;
     if is_settings_file(&text) {
         return load_settings_file(&path, &text);
     }
@@ -118,11 +123,6 @@ fn load_config_file() -> std::result::Result<(), String> {
         std::env::set_var(k, v);
     }
     Ok(())
-}
-
-/// Logging starts after the flags are parsed; this runs before.
-fn tracing_free_warn(msg: &str) {
-    eprintln!("cloud-dump: warning: {msg}");
 }
 
 /// A file that holds secrets must be the owner's alone (see config::check_permissions).
@@ -185,18 +185,33 @@ fn is_setting(name: &str) -> bool {
         || setup::STORE_SETTINGS.contains(&name)
 }
 
-fn main() -> ExitCode {
-    if let Err(e) = load_config_file() {
-        eprintln!("cloud-dump: error: {e}");
-        return ExitCode::from(wal::FETCH_FATAL);
+/// An error before logging starts, in the format `--log-format` asks for.
+fn early_error(msg: &str) {
+    if json_logs() {
+        let now =
+            time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        eprintln!("{}", serde_json::json!({"timestamp": now, "level": "ERROR", "message": msg}));
+    } else {
+        eprintln!("cloud-dump: error: {msg}");
     }
-    let cli = Cli::parse_from(sqlite::litestream_flags(std::env::args().collect()));
-    let _ = JSON_LOGS.set(cli.global.log_format == LogFormat::Json);
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let json = flag_value(&args, "--log-format").or_else(|| std::env::var("CLOUD_DUMP_LOG_FORMAT").ok());
+    let _ = JSON_LOGS.set(json.as_deref() == Some("json"));
+    if let Err(e) = load_config_file() {
+        early_error(&e);
+        // wal-fetch's "stop recovery" code; a plain failure elsewhere.
+        let fetch = args.iter().any(|a| a == "wal-fetch" || a == "wal-prefetch");
+        return ExitCode::from(if fetch { wal::FETCH_FATAL } else { 1 });
+    }
+    let cli = Cli::parse_from(sqlite::litestream_flags(args));
     init_logging(cli.global.log_level, cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("cloud-dump: error: cannot start the async runtime: {e}");
+            early_error(&format!("cannot start the async runtime: {e}"));
             return ExitCode::from(1);
         }
     };

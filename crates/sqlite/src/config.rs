@@ -254,6 +254,22 @@ pub fn expand_env(text: &str) -> String {
     out
 }
 
+/// A YAML error without the values it quotes (`invalid type: string "AGE-SECRET-KEY-…"`):
+/// a mistyped secret must not reach a log.
+pub fn redact_yaml_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(" \"") {
+        out.push_str(&rest[..i]);
+        rest = match rest[i + 2..].find('"') {
+            Some(j) => &rest[i + 2 + j + 1..],
+            None => "",
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
@@ -267,7 +283,7 @@ impl Config {
         let mut file: FileConfig = if expanded.trim().is_empty() {
             FileConfig::default()
         } else {
-            serde_yaml::from_str(&expanded).map_err(|e| cfg(e.to_string()))?
+            serde_yaml::from_str(&expanded).map_err(|e| cfg(redact_yaml_values(&e.to_string())))?
         };
         // `postgres:` describes PostgreSQL clusters for the other commands of the binary.
         let mut ignored: Vec<String> = file.other.keys().filter(|k| *k != "postgres").cloned().collect();

@@ -41,6 +41,11 @@ impl Watch {
         *self.last.lock().expect("watch lock") = Some((Instant::now(), o));
     }
 
+    /// An answered request: what failed before it is no longer news.
+    fn clear(&self) {
+        *self.last.lock().expect("watch lock") = None;
+    }
+
     /// The observation made within the last `max_age` (the length of one call with its retries).
     pub(crate) fn recent(&self, max_age: Duration) -> Option<Observed> {
         let guard = self.last.lock().expect("watch lock");
@@ -91,6 +96,7 @@ impl HttpService for Observer {
         };
         let status = resp.status();
         if status.is_success() || status.is_redirection() || status.is_informational() {
+            self.watch.clear();
             return Ok(resp);
         }
         let small =
@@ -246,6 +252,13 @@ impl Problem {
     /// Classifies `err` from the typed parts of its chain and what the wire said.
     pub(crate) fn classify(err: &object_store::Error, service: &Service, seen: Option<Observed>) -> Problem {
         let transport = transport_failure(err);
+        // A refusal explains only an error that carries no transport failure of its own (a
+        // body cut off after a good status is not what an earlier 404 said).
+        let untransported = !has_http_error(err);
+        let seen = seen.filter(|o| match o {
+            Observed::Refused { .. } => untransported,
+            Observed::NoAnswer { .. } => transport.is_some(),
+        });
         let metadata_creds = match service {
             Service::S3 { credentials_from_metadata, .. }
             | Service::Gcs { credentials_from_metadata, .. }
@@ -368,6 +381,17 @@ enum TransportKind {
 struct Transport {
     kind: TransportKind,
     cause: String,
+}
+
+fn has_http_error(err: &object_store::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<HttpError>().is_some() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// A request that got no answer: from the typed `HttpError` in the chain and what lies
@@ -537,5 +561,8 @@ mod tests {
         assert!(matches!(Problem::classify(&err, &from_imds, Some(imds.clone())), Problem::NoCredentials { .. }));
         assert!(matches!(Problem::classify(&err, &s3, Some(imds)), Problem::Other(_)));
         assert_eq!(Problem::classify(&err, &s3, None).to_string(), "Generic S3 error: list failed");
+        // An observation of no answer does not explain an error that was answered.
+        let no_answer = Observed::NoAnswer { endpoint: "http://h:1".into(), metadata: false };
+        assert!(matches!(Problem::classify(&err, &s3, Some(no_answer)), Problem::Other(_)));
     }
 }

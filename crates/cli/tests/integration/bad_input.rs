@@ -72,6 +72,25 @@ fn restore_refusals_and_corruption() {
     assert!(dry.stdout.contains("base.tar.zst") && dry.stdout.contains("nothing was written"), "{}", dry.stdout);
     assert!(!empty.exists());
 
+    // A setting restore would carry into its one-line-per-setting file, spanning lines:
+    // refused before anything is written.
+    cloud_dump(
+        &[
+            "restore",
+            "--repo",
+            &url,
+            "--name",
+            "b1",
+            "--pgdata",
+            empty.to_str().unwrap(),
+            "--recovery-target",
+            "immediate",
+        ],
+        &[("GOOGLE_SERVICE_ACCOUNT_KEY".into(), "{\n \"type\": \"service_account\"\n}".into())],
+    )
+    .fails_with("cannot carry GOOGLE_SERVICE_ACCOUNT_KEY into the restore settings file");
+    assert!(!empty.exists(), "a refused restore wrote its target");
+
     // One flipped byte in the middle of the base archive.
     let obj = repo.path().join("b1/base.tar.zst");
     let mut bytes = std::fs::read(&obj).unwrap();

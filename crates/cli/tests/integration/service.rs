@@ -250,6 +250,15 @@ fn json_logs_are_json_to_the_last_line() {
     for l in bad.stderr.lines() {
         parse(l);
     }
+    // An error in the config file, found before logging starts, is JSON too, and exit 1
+    // (126 is wal-fetch's alone).
+    let cfg = missing.path().join("bad.yml");
+    std::fs::write(&cfg, "postgres:\n  clusters:\n    a:\n      repo: [\n").unwrap();
+    let r = cloud_dump(&["--log-format", "json", "list", "--config", cfg.to_str().unwrap()], &[]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let last = parse(r.stderr.lines().last().expect("an error line"));
+    assert_eq!(last["level"], "ERROR");
+    assert!(last["message"].as_str().unwrap().contains("bad.yml"), "{}", r.stderr);
 }
 
 #[test]
