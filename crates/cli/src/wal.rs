@@ -12,7 +12,7 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{parse_recipients, repokey, Compression, EncodeSpec, Encryption};
 use cloud_dump_postgres::wal::{history_begin, next_segments, segment_number};
-use cloud_dump_postgres::{is_segment, write_atomically, PushOutcome, WalArchive, WalKeys};
+use cloud_dump_postgres::{is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys};
 use futures::StreamExt;
 
 use crate::args::{GlobalArgs, WalFetchArgs, WalPushArgs};
@@ -84,6 +84,13 @@ pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
     };
     let spec = EncodeSpec { compression, level: compression.default_level(), threads: 0, encryption };
     let keys = keys(pass, &a.identity_key)?;
+    // WAL of another database system (a new initdb, pg_upgrade) must not enter this archive.
+    let mut head = [0u8; 40];
+    let read = std::fs::File::open(&a.path).and_then(|mut f| std::io::Read::read(&mut f, &mut head));
+    if let Some(system) = read.ok().and_then(|n| segment_system_id(&a.name, &head[..n])) {
+        let cache = a.path.parent().map(|d| d.join(".cloud-dump"));
+        wal.check_system(system, cache.as_deref()).await.with_context(|| format!("wal-push {} refused", a.name))?;
+    }
     match wal.push(&a.path, &a.name, &spec, &keys).await.with_context(|| format!("wal-push {} failed", a.name))? {
         PushOutcome::Stored { key, size } => tracing::info!("archived {} as {key} ({size} bytes)", a.name),
         PushOutcome::AlreadyArchived { key } => {

@@ -45,6 +45,8 @@ pub enum Error {
     WalUnverifiable { name: String, key: String, reason: String },
     #[error("WAL file {name} ({key}) is damaged: {reason}")]
     WalDamaged { name: String, key: String, reason: String },
+    #[error("this WAL comes from database system {this}, but the archive {dir} holds WAL of system {archived} (another cluster, or this one re-created by initdb or pg_upgrade); give this cluster its own archive: another --cluster (or --wal-prefix)")]
+    ForeignSystem { dir: String, archived: String, this: String },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

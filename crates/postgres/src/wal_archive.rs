@@ -29,6 +29,43 @@ use crate::wal::{classify, WalFileKind};
 pub const SHA_METADATA: &str = "cloud-dump-sha256";
 /// Suffix of the record that describes an archived WAL file.
 pub const RECORD_SUFFIX: &str = ".sum";
+/// The archive's system identifier, written once by the first wal-push.
+pub const SYSTEM_FILE: &str = "system-identifier";
+
+/// The database system identifier in the first page of the WAL segment `name` (or its
+/// `.partial`), when that page is the segment's long header: the XLP_LONG_HEADER flag, the
+/// timeline of the name, a power-of-two segment size (1 MiB to 1 GiB) and block size, and
+/// the page address of the segment the name says. Anything else (a file that is not a
+/// segment's start) gives `None`.
+pub fn segment_system_id(name: &str, head: &[u8]) -> Option<u64> {
+    const XLP_LONG_HEADER: u16 = 0x0002;
+    let seg = name.get(..24)?;
+    if classify(seg) != Ok(WalFileKind::Segment) {
+        return None;
+    }
+    let u16_at = |o: usize| Some(u16::from_le_bytes(head.get(o..o + 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(head.get(o..o + 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(head.get(o..o + 8)?.try_into().ok()?));
+    if u16_at(2)? & XLP_LONG_HEADER == 0 {
+        return None;
+    }
+    let tli = u32::from_str_radix(&seg[..8], 16).ok()?;
+    let seg_size = u32_at(32)? as u64;
+    let block = u32_at(36)?;
+    let sizes_ok = seg_size.is_power_of_two()
+        && ((1 << 20)..=(1 << 30)).contains(&seg_size)
+        && block.is_power_of_two()
+        && (1024..=65536).contains(&block);
+    if u32_at(4)? != tli || !sizes_ok {
+        return None;
+    }
+    let number = crate::wal::segment_number(seg, seg_size)?;
+    if u64_at(8)? != number.checked_mul(seg_size)? {
+        return None;
+    }
+    let id = u64_at(24)?;
+    (id != 0).then_some(id)
+}
 const RECORD_MAGIC: &str = "cloud-dump-wal-record 1";
 
 /// What may open encrypted WAL: a passphrase (scrypt files, or the repository key), and
@@ -475,6 +512,47 @@ impl<'a> WalArchive<'a> {
         Ok(self.repo.list(&self.dir).await?.iter().any(|o| o.key.ends_with(".age")))
     }
 
+    /// The system identifier this archive records, if any.
+    pub async fn recorded_system(&self) -> Result<Option<String>> {
+        match self.repo.get(&format!("{}{SYSTEM_FILE}", self.dir)).await {
+            Ok(b) => Ok(Some(String::from_utf8_lossy(&b).trim().to_owned())),
+            Err(StorageError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Refuses WAL of another database system than the archive's (recorded by the first
+    /// push, create-only). `cache` (pg_wal/.cloud-dump) remembers a match, so the check
+    /// costs one GET per archive and host, not per segment.
+    pub async fn check_system(&self, system: u64, cache: Option<&Path>) -> Result<()> {
+        let this = system.to_string();
+        let key = format!("{}{SYSTEM_FILE}", self.dir);
+        let tag = hex::encode(&Sha256::digest(format!("{}\n{key}", self.repo.url()))[..8]);
+        let cached = cache.map(|d| d.join(format!("system-{tag}")));
+        if cached.as_ref().and_then(|f| std::fs::read_to_string(f).ok()).is_some_and(|c| c.trim() == this) {
+            return Ok(());
+        }
+        let archived = match self.recorded_system().await? {
+            Some(s) => s,
+            None => match self.repo.put_new_durable(&key, Bytes::from(format!("{this}\n")), &[]).await {
+                Ok(()) => this.clone(),
+                // Another server wrote it first: compare with that.
+                Err(StorageError::AlreadyExists { .. }) => self.recorded_system().await?.unwrap_or_default(),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        if archived != this {
+            return Err(Error::ForeignSystem { dir: self.repo.object_url(&self.dir), archived, this });
+        }
+        if let Some(f) = cached {
+            if let Some(d) = f.parent() {
+                let _ = std::fs::create_dir_all(d);
+            }
+            let _ = write_atomically(&f, this.as_bytes());
+        }
+        Ok(())
+    }
+
     /// Every archived file name (suffixes removed), sorted.
     pub async fn list_names(&self) -> Result<Vec<(String, std::time::SystemTime)>> {
         let mut v: Vec<_> = self
@@ -521,6 +599,38 @@ pub fn write_atomically(dest: &Path, data: &[u8]) -> std::io::Result<()> {
 /// True for names whose absence in the middle of recovery means the archive has a hole.
 pub fn is_segment(name: &str) -> bool {
     classify(name) == Ok(WalFileKind::Segment)
+}
+
+#[cfg(test)]
+mod system_tests {
+    use super::segment_system_id;
+
+    fn header(tli: u32, pageaddr: u64, sysid: u64, seg_size: u32) -> Vec<u8> {
+        let mut h = vec![0u8; 40];
+        h[0..2].copy_from_slice(&0xD110u16.to_le_bytes());
+        h[2..4].copy_from_slice(&0x0002u16.to_le_bytes());
+        h[4..8].copy_from_slice(&tli.to_le_bytes());
+        h[8..16].copy_from_slice(&pageaddr.to_le_bytes());
+        h[24..32].copy_from_slice(&sysid.to_le_bytes());
+        h[32..36].copy_from_slice(&seg_size.to_le_bytes());
+        h[36..40].copy_from_slice(&8192u32.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn the_system_identifier_of_a_real_segment_header_only() {
+        let name = "000000020000000100000003";
+        let addr = (0x1_0000_0000u64 / (16 << 20)) * (16 << 20) + 3 * (16 << 20);
+        assert_eq!(segment_system_id(name, &header(2, addr, 7300000000000000001, 16 << 20)), Some(7300000000000000001));
+        assert_eq!(segment_system_id(&format!("{name}.partial"), &header(2, addr, 42, 16 << 20)), Some(42));
+        // Wrong timeline, wrong address, odd sizes, short, not a segment: no identifier.
+        assert_eq!(segment_system_id(name, &header(1, addr, 42, 16 << 20)), None);
+        assert_eq!(segment_system_id(name, &header(2, addr + 8192, 42, 16 << 20)), None);
+        assert_eq!(segment_system_id(name, &header(2, addr, 42, 3 << 20)), None);
+        assert_eq!(segment_system_id(name, &header(2, addr, 42, 16 << 20)[..30]), None);
+        assert_eq!(segment_system_id("00000002.history", &header(2, addr, 42, 16 << 20)), None);
+        assert_eq!(segment_system_id(name, &[0x03u8; 64]), None);
+    }
 }
 
 #[cfg(test)]

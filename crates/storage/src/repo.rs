@@ -395,6 +395,27 @@ impl Repo {
         }
     }
 
+    /// Deletes `keys` (S3: DeleteObjects, 1000 keys a request). A missing key counts as
+    /// deleted; the keys that could not be deleted come back with why (a locked object, a
+    /// refusal), each tried once more on its own for a typed error.
+    pub async fn delete_many(&self, keys: &[String]) -> Result<Vec<(String, StorageError)>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let paths: Vec<object_store::Result<Path>> = keys.iter().map(|k| Ok(self.path(k))).collect();
+        let done: std::collections::HashSet<Path> =
+            self.store.delete_stream(futures::stream::iter(paths).boxed()).filter_map(|r| async { r.ok() }).collect().await;
+        let mut failed = Vec::new();
+        for k in keys {
+            if !done.contains(&self.path(k)) {
+                if let Err(e) = self.delete(k).await {
+                    failed.push((k.clone(), e));
+                }
+            }
+        }
+        Ok(failed)
+    }
+
     /// Every object below `dir` (recursively), keys relative to the repository root.
     pub async fn list(&self, dir: &str) -> Result<Vec<ObjectInfo>> {
         let p = self.path(dir);

@@ -1,0 +1,286 @@
+//! The PostgreSQL repository in backup words: complete and unfinished backups, keep marks,
+//! deleting a backup, and the `expire` runner that executes [`crate::expire::plan`].
+//!
+//! Keep marks are write-once objects in the backup's folder, never a rewritten manifest:
+//! `keep-<µs>` keeps, `release-<µs>` releases; the newest of them says. Nothing here
+//! rewrites an object, so a bucket with Object Lock holds everything as written.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use cloud_dump_storage::{layout, Layout, ObjectInfo, Repo, StorageError};
+use futures::StreamExt;
+
+use crate::error::{Error, Result};
+use crate::expire::{self, BackupFacts, ExpirePlan, Policy, WalObject};
+use crate::manifest::BackupManifest;
+use crate::wal::classify;
+
+const KEEP_PREFIX: &str = "keep-";
+const RELEASE_PREFIX: &str = "release-";
+
+/// One complete backup: its manifest, its keep state and every object of its folder.
+#[derive(Debug, Clone)]
+pub struct StoredBackup {
+    pub manifest: BackupManifest,
+    pub kept: bool,
+    /// Keys relative to the repository root.
+    pub objects: Vec<ObjectInfo>,
+}
+
+impl StoredBackup {
+    pub fn name(&self) -> &str {
+        &self.manifest.name
+    }
+}
+
+/// What the backup folder holds: complete backups (newest first) and folders without a
+/// manifest (backups being written, or abandoned).
+#[derive(Debug, Clone, Default)]
+pub struct Inventory {
+    pub backups: Vec<StoredBackup>,
+    pub unfinished: Vec<String>,
+}
+
+pub struct PgRepository<'a> {
+    repo: &'a Repo,
+    layout: Layout,
+}
+
+/// Whether a backup folder's marks say "kept": the newest mark decides.
+pub fn kept_by_marks<'a>(names: impl Iterator<Item = &'a str>) -> bool {
+    let mut newest: Option<(&str, bool)> = None;
+    for n in names {
+        let (stamp, keep) = match (n.strip_prefix(KEEP_PREFIX), n.strip_prefix(RELEASE_PREFIX)) {
+            (Some(s), _) => (s, true),
+            (_, Some(s)) => (s, false),
+            _ => continue,
+        };
+        if stamp.len() != 20 || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Same stamp: a release wins (the safe reading is "not kept" only if asked later).
+        if newest.is_none_or(|(s, _)| stamp > s || (stamp == s && !keep)) {
+            newest = Some((stamp, keep));
+        }
+    }
+    newest.is_some_and(|(_, k)| k)
+}
+
+/// The WAL file an archive object belongs to (`…0002.zst`, `…0002.sum` → `…0002`;
+/// `00000002.history.zst` → `00000002.history`); `None` for anything else.
+pub fn wal_name_of(rel: &str) -> Option<String> {
+    let parts: Vec<&str> = rel.split('.').collect();
+    (1..=parts.len().min(3)).rev().map(|n| parts[..n].join(".")).find(|c| classify(c).is_ok())
+}
+
+impl<'a> PgRepository<'a> {
+    pub fn new(repo: &'a Repo, layout: &Layout) -> PgRepository<'a> {
+        PgRepository { repo, layout: layout.clone() }
+    }
+
+    pub fn repo(&self) -> &Repo {
+        self.repo
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// One recursive LIST of the backup folder, then the manifests (eight at a time).
+    pub async fn inventory(&self) -> Result<Inventory> {
+        let root = self.layout.backups_root();
+        let wal_dir = self.layout.wal_dir();
+        let mut folders: BTreeMap<String, Vec<ObjectInfo>> = BTreeMap::new();
+        for o in self.repo.list(&root).await? {
+            if o.key.starts_with(&wal_dir) {
+                continue;
+            }
+            let Some(rel) = o.key.strip_prefix(&root) else { continue };
+            let Some((folder, _)) = rel.split_once('/') else { continue };
+            if layout::validate_component("backup name", folder).is_err() {
+                continue;
+            }
+            folders.entry(folder.to_owned()).or_default().push(o);
+        }
+        let with_manifest: Vec<(String, Vec<ObjectInfo>)> = folders
+            .into_iter()
+            .collect::<Vec<_>>();
+        let mut unfinished = Vec::new();
+        let mut todo = Vec::new();
+        for (name, objects) in with_manifest {
+            let manifest_key = format!("{}{}", self.layout.backup_dir(&name), layout::MANIFEST_FILE);
+            if objects.iter().any(|o| o.key == manifest_key) {
+                todo.push((name, objects, manifest_key));
+            } else {
+                unfinished.push(name);
+            }
+        }
+        let loaded: Vec<_> = futures::stream::iter(todo)
+            .map(|(name, objects, key)| async move { (self.repo.get(&key).await, name, objects, key) })
+            .buffer_unordered(8)
+            .collect()
+            .await;
+        let mut backups = Vec::new();
+        for (got, name, objects, key) in loaded {
+            match got {
+                Ok(bytes) => {
+                    let manifest =
+                        BackupManifest::parse(&bytes).map_err(|reason| Error::BadManifest { key: key.clone(), reason })?;
+                    let dir = self.layout.backup_dir(&name);
+                    let kept = kept_by_marks(objects.iter().filter_map(|o| o.key.strip_prefix(&dir)));
+                    backups.push(StoredBackup { manifest, kept, objects });
+                }
+                // Deleted since the listing: it is gone.
+                Err(StorageError::NotFound { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        backups.sort_by(|a, b| b.manifest.stop_time.cmp(&a.manifest.stop_time).then(b.name().cmp(a.name())));
+        unfinished.sort();
+        Ok(Inventory { backups, unfinished })
+    }
+
+    /// Keeps a backup from `expire`, or releases it: a new write-once mark either way.
+    pub async fn set_keep(&self, name: &str, keep: bool) -> Result<()> {
+        crate::catalog::load_manifest(self.repo, &self.layout, name).await?;
+        let stamp = format!("{:020}", now_us().max(0));
+        let key = format!("{}{}{stamp}", self.layout.backup_dir(name), if keep { KEEP_PREFIX } else { RELEASE_PREFIX });
+        let body = format!("{}\n", if keep { "keep" } else { "release" });
+        self.repo.put_new(&key, Bytes::from(body)).await?;
+        Ok(())
+    }
+
+    /// Deletes one backup: the manifest first (the backup is gone from that moment on),
+    /// then its other objects, the claim last. Returns the keys that could not be deleted.
+    pub async fn delete_backup(&self, b: &StoredBackup) -> Result<Vec<(String, String)>> {
+        let dir = self.layout.backup_dir(b.name());
+        let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
+        self.repo.delete(&manifest_key).await?;
+        let claim_key = format!("{dir}{}", crate::backup::CLAIM_FILE);
+        let rest: Vec<String> = b
+            .objects
+            .iter()
+            .map(|o| o.key.clone())
+            .filter(|k| *k != manifest_key && *k != claim_key)
+            .collect();
+        let mut failed = self.repo.delete_many(&rest).await?;
+        if failed.is_empty() {
+            failed = self.repo.delete_many(std::slice::from_ref(&claim_key)).await?;
+        }
+        Ok(failed.into_iter().map(|(k, e)| (k, e.to_string())).collect())
+    }
+
+    /// The WAL archive's objects, with the WAL file each belongs to.
+    pub async fn wal_objects(&self) -> Result<Vec<(WalObject, ObjectInfo)>> {
+        let dir = self.layout.wal_dir();
+        Ok(self
+            .repo
+            .list(&dir)
+            .await?
+            .into_iter()
+            .filter_map(|o| {
+                let rel = o.key.strip_prefix(&dir)?;
+                let name = wal_name_of(rel)?;
+                Some((WalObject { key: o.key.clone(), name }, o))
+            })
+            .collect())
+    }
+
+    /// The system identifier the archive records (written by the first wal-push).
+    pub async fn archive_system(&self) -> Result<Option<String>> {
+        crate::wal_archive::WalArchive::new(self.repo, &self.layout).recorded_system().await
+    }
+
+    /// Plans an `expire` run (nothing is deleted).
+    pub async fn plan_expire(&self, policy: &Policy, segment_size: u64) -> Result<(Inventory, ExpirePlan)> {
+        let inv = self.inventory().await?;
+        let facts: Vec<BackupFacts> = inv
+            .backups
+            .iter()
+            .map(|b| BackupFacts {
+                name: b.name().to_owned(),
+                stop_time_us: parse_time_us(&b.manifest.stop_time),
+                start_lsn: b.manifest.start_lsn,
+                system_id: b.manifest.system_id.clone(),
+                kept: b.kept,
+            })
+            .collect();
+        let wal: Vec<WalObject> = self.wal_objects().await?.into_iter().map(|(w, _)| w).collect();
+        let system = self.archive_system().await?;
+        let plan = expire::plan(&facts, &wal, system.as_deref(), policy, segment_size).map_err(Error::Config)?;
+        Ok((inv, plan))
+    }
+
+    /// Carries out a plan: backups first (each manifest first), then WAL.
+    pub async fn execute_expire(&self, inv: &Inventory, plan: &ExpirePlan) -> Result<ExpireOutcome> {
+        let mut out = ExpireOutcome::default();
+        for (name, verdict) in &plan.backups {
+            if !verdict.is_delete() {
+                continue;
+            }
+            let Some(b) = inv.backups.iter().find(|b| b.name() == name) else { continue };
+            let failed = self.delete_backup(b).await?;
+            out.backups_deleted.push(name.clone());
+            out.failed.extend(failed);
+        }
+        let failed = self.repo.delete_many(&plan.wal_delete).await?;
+        out.wal_deleted = plan.wal_delete.len() - failed.len();
+        out.failed.extend(failed.into_iter().map(|(k, e)| (k, e.to_string())));
+        Ok(out)
+    }
+}
+
+/// What an expire run did.
+#[derive(Debug, Default, Clone)]
+pub struct ExpireOutcome {
+    pub backups_deleted: Vec<String>,
+    pub wal_deleted: usize,
+    /// Objects that could not be deleted (locked, denied): the next run tries again.
+    pub failed: Vec<(String, String)>,
+}
+
+pub(crate) fn now_us() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+/// RFC 3339 → µs since the epoch (0 for an unreadable time: oldest).
+pub fn parse_time_us(s: &str) -> i64 {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_mark_decides() {
+        let k = |s: &str| format!("keep-{s:0>20}");
+        let r = |s: &str| format!("release-{s:0>20}");
+        assert!(!kept_by_marks(std::iter::empty()));
+        assert!(kept_by_marks([k("5")].iter().map(String::as_str)));
+        assert!(!kept_by_marks([k("5"), r("6")].iter().map(String::as_str)));
+        assert!(kept_by_marks([k("5"), r("6"), k("7")].iter().map(String::as_str)));
+        assert!(!kept_by_marks([k("5"), r("5")].iter().map(String::as_str)));
+        assert!(!kept_by_marks(["keep-x", "base.tar.zst", "manifest.json"].into_iter()));
+    }
+
+    #[test]
+    fn wal_names_of_objects() {
+        let seg = "000000010000000000000002";
+        assert_eq!(wal_name_of(&format!("{seg}.zst")).as_deref(), Some(seg));
+        assert_eq!(wal_name_of(&format!("{seg}.sum")).as_deref(), Some(seg));
+        assert_eq!(wal_name_of(&format!("{seg}.zst.age")).as_deref(), Some(seg));
+        assert_eq!(wal_name_of(seg).as_deref(), Some(seg));
+        assert_eq!(wal_name_of("00000002.history.zst").as_deref(), Some("00000002.history"));
+        assert_eq!(wal_name_of(&format!("{seg}.partial.lz4")).as_deref(), Some(&*format!("{seg}.partial")));
+        assert_eq!(
+            wal_name_of(&format!("{seg}.00000028.backup.sum")).as_deref(),
+            Some(&*format!("{seg}.00000028.backup"))
+        );
+        assert_eq!(wal_name_of("system-identifier"), None);
+        assert_eq!(wal_name_of(".key"), None);
+    }
+}
