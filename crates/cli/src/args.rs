@@ -38,6 +38,14 @@ pub enum Command {
     /// Download the WAL files after NAME into the prefetch spool (started by wal-fetch).
     #[command(hide = true)]
     WalPrefetch(WalFetchArgs),
+    /// Delete the backups and WAL the retention policy no longer needs (--dry-run: say why).
+    Expire(ExpireArgs),
+    /// Delete one backup: its manifest first (it is gone at once), then its objects.
+    Delete(DeleteArgs),
+    /// Keep a backup from `expire` (write-once mark), or --release it.
+    Keep(KeepArgs),
+    /// What the repository holds and can restore: backups, WAL per timeline, the recovery window.
+    Info(InfoArgs),
     /// Create an age X25519 key pair for --recipient-key / --identity-key.
     Keygen(KeygenArgs),
     /// SQLite: continuous WAL replication and point-in-time restore (Litestream-compatible).
@@ -47,6 +55,54 @@ pub enum Command {
     /// Write the man pages (cloud-dump.1, cloud-dump-backup.1, …) into DIR.
     #[command(hide = true)]
     Manpages(ManpagesArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExpireArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
+    /// Keep the N newest backups (of each database system).
+    #[arg(long, env = "CLOUD_DUMP_RETAIN_FULL", value_name = "N")]
+    pub retain_full: Option<usize>,
+    /// Keep every point of the last D days restorable (D may be fractional: 0.5 is 12 hours).
+    #[arg(long, env = "CLOUD_DUMP_RETAIN_DAYS", value_name = "D")]
+    pub retain_days: Option<f64>,
+    /// Print every decision with its reason; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
+    /// The backup to delete.
+    #[arg(long)]
+    pub name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct KeepArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
+    /// The backup to keep (or release).
+    #[arg(long)]
+    pub name: String,
+    /// Release the backup: expire may delete it again.
+    #[arg(long)]
+    pub release: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
+    /// Print JSON.
+    #[arg(long, conflicts_with = "prometheus")]
+    pub json: bool,
+    /// Print node_exporter textfile metrics; with FILE, write them there atomically.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub prometheus: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +126,10 @@ impl Command {
             Command::Restore(a) => a.config.config.as_deref(),
             Command::WalPush(a) => a.config.config.as_deref(),
             Command::WalFetch(a) | Command::WalPrefetch(a) => a.config.as_deref(),
+            Command::Expire(a) => a.config.config.as_deref(),
+            Command::Delete(a) => a.config.config.as_deref(),
+            Command::Keep(a) => a.config.config.as_deref(),
+            Command::Info(a) => a.config.config.as_deref(),
             _ => None,
         }
     }
@@ -416,6 +476,9 @@ pub struct BackupArgs {
     /// Backup label recorded by PostgreSQL (default: "cloud-dump <name>").
     #[arg(long)]
     pub label: Option<String>,
+    /// Keep this backup from `expire` (a write-once keep mark; `keep --release` undoes it).
+    #[arg(long)]
+    pub keep: bool,
     #[command(flatten)]
     pub encrypt: EncryptArgs,
 }

@@ -52,6 +52,8 @@ pub struct Cluster {
     pub identity_key: Option<PathBuf>,
     pub prefetch: Option<u32>,
     pub parallel: Option<u16>,
+    pub retain_full: Option<usize>,
+    pub retain_days: Option<f64>,
     pub io_timeout: Option<u64>,
     pub s3_endpoint: Option<String>,
     pub s3_region: Option<String>,
@@ -356,6 +358,8 @@ pub fn env_settings(
     put("WAL_IDENTITY_KEY", path(&c.identity_key));
     put("CLOUD_DUMP_PREFETCH", c.prefetch.map(|v| v.to_string()));
     put("CLOUD_DUMP_PARALLEL", c.parallel.map(|v| v.to_string()));
+    put("CLOUD_DUMP_RETAIN_FULL", c.retain_full.map(|v| v.to_string()));
+    put("CLOUD_DUMP_RETAIN_DAYS", c.retain_days.map(|v| v.to_string()));
     put("CLOUD_DUMP_IO_TIMEOUT", c.io_timeout.map(|v| v.to_string()));
     put("CLOUD_DUMP_S3_ENDPOINT", c.s3_endpoint.clone());
     put("CLOUD_DUMP_S3_REGION", c.s3_region.clone());
@@ -410,6 +414,12 @@ postgres:
         assert_eq!(file_secrets(FILE), vec!["postgres.clusters.prod.secret-access-key"]);
         let e = parse("postgres:\n  clusters:\n    a:\n      repo: x\n      retain: 3\n", "f").unwrap_err();
         assert!(e.contains("unknown field `retain`"), "{e}");
+        let r = parse("postgres:\n  clusters:\n    a:\n      retain-full: 3\n      retain-days: 7.5\n", "f").unwrap();
+        let got = env_settings("a", &r.clusters["a"], &|_| false, &|_| false);
+        assert!(
+            got.contains(&("CLOUD_DUMP_RETAIN_FULL", "3".into()))
+                && got.contains(&("CLOUD_DUMP_RETAIN_DAYS", "7.5".into()))
+        );
         let e =
             parse("postgres:\n  clusters:\n    a:\n      passphrase: x\n      passphrase-file: y\n", "f").unwrap_err();
         assert!(e.contains("give one of"), "{e}");

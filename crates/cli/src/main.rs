@@ -3,6 +3,7 @@
 mod args;
 mod config;
 mod docs;
+mod lifecycle;
 mod progress;
 mod restore;
 mod setup;
@@ -71,7 +72,8 @@ fn env_set(name: &str) -> bool {
 /// KEY=VALUE settings file `restore` writes for `wal-fetch --config`.
 fn load_config_file() -> std::result::Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
-    const PG_COMMANDS: &[&str] = &["backup", "list", "restore", "wal-push", "wal-fetch", "wal-prefetch"];
+    const PG_COMMANDS: &[&str] =
+        &["backup", "list", "restore", "wal-push", "wal-fetch", "wal-prefetch", "expire", "delete", "keep", "info"];
     // The first word that is a command (global flags with values may come before it).
     let Some(command) = args.iter().skip(1).find(|a| PG_COMMANDS.contains(&a.as_str()) || *a == "sqlite") else {
         return Ok(());
@@ -273,6 +275,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::WalFetch(a) => return Ok(wal::fetch(g, a).await),
         Command::WalPrefetch(a) => wal::prefetch(g, a).await?,
         Command::Keygen(a) => keygen(a)?,
+        Command::Expire(a) => lifecycle::expire(g, a).await?,
+        Command::Delete(a) => lifecycle::delete(g, a).await?,
+        Command::Keep(a) => lifecycle::keep(g, a).await?,
+        Command::Info(a) => lifecycle::info(g, a).await?,
         Command::Sqlite(a) => return sqlite::run(g, &a.command).await,
         Command::Completions(a) => docs::completions(a.shell),
         Command::Manpages(a) => {
@@ -315,6 +321,12 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
     let progress = progress::make(g.progress);
     let started = std::time::Instant::now();
     let m = run_backup(&repo, &req, progress.as_ref()).await.context("backup failed")?;
+    if a.keep {
+        cloud_dump_postgres::PgRepository::new(&repo, &req.layout)
+            .set_keep(&m.name, true)
+            .await
+            .with_context(|| format!("backup {} is stored, but its keep mark could not be written", m.name))?;
+    }
     let secs = started.elapsed().as_secs_f64();
     println!(
         "backup {} stored in {}: {} of data as {} ({}, {}), {:.1} s, {:.0} MB/s, LSN {} to {}",

@@ -8,6 +8,7 @@ mod integration {
     pub mod common;
     mod connect;
     mod drills;
+    mod lifecycle;
     mod pitr;
     mod service;
     mod sqlite;

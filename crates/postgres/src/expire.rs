@@ -384,9 +384,10 @@ mod tests {
             let archive = if rng.gen_bool(0.8) { Some("A") } else { None };
             let p = plan(&backups, &wal(&names), archive, &pol, SEG).unwrap();
             for sys in ["A", "B"] {
-                let newest = backups.iter().filter(|x| x.system_id == sys).max_by(|x, y| {
-                    x.stop_time_us.cmp(&y.stop_time_us).then(x.name.cmp(&y.name))
-                });
+                let newest = backups
+                    .iter()
+                    .filter(|x| x.system_id == sys)
+                    .max_by(|x, y| x.stop_time_us.cmp(&y.stop_time_us).then(x.name.cmp(&y.name)));
                 if let Some(nb) = newest {
                     assert!(!verdict(&p, &nb.name).is_delete());
                 }

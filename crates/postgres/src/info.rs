@@ -221,7 +221,11 @@ pub fn prometheus(s: &Summary) -> String {
             "When the newest backup ended.",
             vec![(String::new(), seconds(&b.stop_time).unwrap_or(0.0))],
         );
-        gauge("cloud_dump_backup_newest_bytes", "Stored size of the newest backup.", vec![(String::new(), b.stored_bytes as f64)]);
+        gauge(
+            "cloud_dump_backup_newest_bytes",
+            "Stored size of the newest backup.",
+            vec![(String::new(), b.stored_bytes as f64)],
+        );
         gauge(
             "cloud_dump_backup_newest_duration_seconds",
             "How long the newest backup took.",
@@ -234,13 +238,21 @@ pub fn prometheus(s: &Summary) -> String {
             "When the newest WAL segment was archived.",
             vec![(String::new(), seconds(t).unwrap_or(0.0))],
         );
-        gauge("cloud_dump_wal_newest_age_seconds", "Age of the newest archived WAL segment.", vec![(String::new(), age)]);
+        gauge(
+            "cloud_dump_wal_newest_age_seconds",
+            "Age of the newest archived WAL segment.",
+            vec![(String::new(), age)],
+        );
     }
     let per_tli = |f: &dyn Fn(&TimelineSummary) -> f64| -> Vec<(String, f64)> {
         s.timelines.iter().map(|t| (format!("timeline=\"{}\"", t.timeline), f(t))).collect()
     };
     gauge("cloud_dump_wal_segments", "Archived WAL segments per timeline.", per_tli(&|t| t.segments as f64));
-    gauge("cloud_dump_wal_holes", "Segments missing between the first and last of a timeline.", per_tli(&|t| t.holes as f64));
+    gauge(
+        "cloud_dump_wal_holes",
+        "Segments missing between the first and last of a timeline.",
+        per_tli(&|t| t.holes as f64),
+    );
     gauge("cloud_dump_wal_bytes", "Bytes of the WAL archive.", vec![(String::new(), s.wal_bytes as f64)]);
     if let Some((from, to)) = &s.recovery_window {
         gauge(
@@ -254,7 +266,11 @@ pub fn prometheus(s: &Summary) -> String {
             vec![(String::new(), seconds(to).unwrap_or(0.0))],
         );
     }
-    gauge("cloud_dump_repository_bytes", "Bytes stored in the repository.", vec![(String::new(), s.repository_bytes as f64)]);
+    gauge(
+        "cloud_dump_repository_bytes",
+        "Bytes stored in the repository.",
+        vec![(String::new(), s.repository_bytes as f64)],
+    );
     o
 }
 
@@ -293,11 +309,21 @@ mod tests {
     #[test]
     fn timelines_holes_and_the_window() {
         let t0 = 1_800_000_000_000_000i64;
-        let mut wal: Vec<WalLine> = (2..10).filter(|n| *n != 5).map(|n| w(&seg(1, n), t0 + n as i64 * 1_000_000)).collect();
+        let mut wal: Vec<WalLine> =
+            (2..10).filter(|n| *n != 5).map(|n| w(&seg(1, n), t0 + n as i64 * 1_000_000)).collect();
         wal.extend((8..12).map(|n| w(&seg(2, n), t0 + 100_000_000 + n as i64)));
         wal.push(w("00000002.history", t0 + 90_000_000));
         let backups = vec![backup("old", &seg(1, 2), t0 + 2_000_000), backup("new", &seg(1, 6), t0 + 7_000_000)];
-        let s = summarize(Some("c".into()), "file:///r".into(), backups, vec!["running".into()], &wal, 1234, SEG, t0 + 200_000_000);
+        let s = summarize(
+            Some("c".into()),
+            "file:///r".into(),
+            backups,
+            vec!["running".into()],
+            &wal,
+            1234,
+            SEG,
+            t0 + 200_000_000,
+        );
         assert_eq!(s.backups[0].name, "new");
         let t1 = &s.timelines[0];
         assert_eq!((t1.first.as_str(), t1.last.as_str(), t1.segments, t1.holes), (&*seg(1, 2), &*seg(1, 9), 7, 1));
@@ -308,7 +334,10 @@ mod tests {
         assert_eq!(s.recovery_window.as_ref().unwrap().0, fmt_us(t0 + 7_000_000));
         assert!((s.newest_wal_age_seconds.unwrap() - (100.0 - 0.000011)).abs() < 0.01);
         let prom = prometheus(&s);
-        assert!(prom.contains("cloud_dump_wal_holes{cluster=\"c\",repository=\"file:///r\",timeline=\"1\"} 1"), "{prom}");
+        assert!(
+            prom.contains("cloud_dump_wal_holes{cluster=\"c\",repository=\"file:///r\",timeline=\"1\"} 1"),
+            "{prom}"
+        );
         assert!(prom.contains("cloud_dump_backups_unfinished{cluster=\"c\",repository=\"file:///r\"} 1"), "{prom}");
         assert!(prom.contains("# TYPE cloud_dump_wal_newest_age_seconds gauge"));
     }

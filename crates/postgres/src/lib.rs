@@ -6,8 +6,8 @@ mod catalog;
 mod client;
 mod conninfo;
 mod error;
-mod extract;
 pub mod expire;
+mod extract;
 pub mod info;
 pub mod lsn;
 pub mod manifest;
@@ -31,4 +31,6 @@ pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
 pub use progress::{NoProgress, Progress};
 pub use repository::{kept_by_marks, parse_time_us, wal_name_of, ExpireOutcome, Inventory, PgRepository, StoredBackup};
 pub use restore::{check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
-pub use wal_archive::{is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys, SHA_METADATA, SYSTEM_FILE};
+pub use wal_archive::{
+    is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys, SHA_METADATA, SYSTEM_FILE,
+};

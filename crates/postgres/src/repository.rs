@@ -103,9 +103,7 @@ impl<'a> PgRepository<'a> {
             }
             folders.entry(folder.to_owned()).or_default().push(o);
         }
-        let with_manifest: Vec<(String, Vec<ObjectInfo>)> = folders
-            .into_iter()
-            .collect::<Vec<_>>();
+        let with_manifest: Vec<(String, Vec<ObjectInfo>)> = folders.into_iter().collect::<Vec<_>>();
         let mut unfinished = Vec::new();
         let mut todo = Vec::new();
         for (name, objects) in with_manifest {
@@ -125,8 +123,8 @@ impl<'a> PgRepository<'a> {
         for (got, name, objects, key) in loaded {
             match got {
                 Ok(bytes) => {
-                    let manifest =
-                        BackupManifest::parse(&bytes).map_err(|reason| Error::BadManifest { key: key.clone(), reason })?;
+                    let manifest = BackupManifest::parse(&bytes)
+                        .map_err(|reason| Error::BadManifest { key: key.clone(), reason })?;
                     let dir = self.layout.backup_dir(&name);
                     let kept = kept_by_marks(objects.iter().filter_map(|o| o.key.strip_prefix(&dir)));
                     backups.push(StoredBackup { manifest, kept, objects });
@@ -158,12 +156,8 @@ impl<'a> PgRepository<'a> {
         let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
         self.repo.delete(&manifest_key).await?;
         let claim_key = format!("{dir}{}", crate::backup::CLAIM_FILE);
-        let rest: Vec<String> = b
-            .objects
-            .iter()
-            .map(|o| o.key.clone())
-            .filter(|k| *k != manifest_key && *k != claim_key)
-            .collect();
+        let rest: Vec<String> =
+            b.objects.iter().map(|o| o.key.clone()).filter(|k| *k != manifest_key && *k != claim_key).collect();
         let mut failed = self.repo.delete_many(&rest).await?;
         if failed.is_empty() {
             failed = self.repo.delete_many(std::slice::from_ref(&claim_key)).await?;

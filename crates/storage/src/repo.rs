@@ -403,8 +403,12 @@ impl Repo {
             return Ok(Vec::new());
         }
         let paths: Vec<object_store::Result<Path>> = keys.iter().map(|k| Ok(self.path(k))).collect();
-        let done: std::collections::HashSet<Path> =
-            self.store.delete_stream(futures::stream::iter(paths).boxed()).filter_map(|r| async { r.ok() }).collect().await;
+        let done: std::collections::HashSet<Path> = self
+            .store
+            .delete_stream(futures::stream::iter(paths).boxed())
+            .filter_map(|r| async { r.ok() })
+            .collect()
+            .await;
         let mut failed = Vec::new();
         for k in keys {
             if !done.contains(&self.path(k)) {

@@ -1,0 +1,236 @@
+//! `expire`, `delete`, `keep` and `info`: flags in, plans and summaries from the postgres
+//! crate, printing and exit codes out.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use cloud_dump_postgres::expire::Policy;
+use cloud_dump_postgres::info::{self, BackupLine, WalLine};
+use cloud_dump_postgres::{parse_time_us, PgRepository};
+
+use crate::args::{DeleteArgs, ExpireArgs, GlobalArgs, InfoArgs, KeepArgs};
+use crate::{mb, setup};
+
+fn now_us() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
+}
+
+/// The cluster's WAL segment size, as its newest backup's label tells (16 MiB without one).
+fn segment_size(inv: &cloud_dump_postgres::Inventory) -> u64 {
+    inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20)
+}
+
+pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
+    let policy = Policy { retain_full: a.retain_full, retain_days: a.retain_days, now_us: now_us() };
+    cloud_dump_postgres::expire::check_policy(&policy).map_err(anyhow::Error::msg)?;
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let pg = PgRepository::new(&repo, &layout);
+    let seg = segment_size(&pg.inventory().await?);
+    let (inv, plan) = pg.plan_expire(&policy, seg).await.context("cannot plan the expiry")?;
+    let verb = if a.dry_run { "would delete" } else { "deleting" };
+    for (name, v) in &plan.backups {
+        if v.is_delete() {
+            println!("{verb} backup {name}: {}", v.reason());
+        } else {
+            println!("kept backup {name}: {}", v.reason());
+        }
+    }
+    for u in &inv.unfinished {
+        println!("left alone {u}: no manifest (a backup running now, or an abandoned one)");
+    }
+    println!(
+        "WAL: {} object(s) {}; {}",
+        plan.wal_delete.len(),
+        if a.dry_run { "would be deleted" } else { "to delete" },
+        plan.wal_reason
+    );
+    if a.dry_run {
+        for k in &plan.wal_delete {
+            println!("  {k}");
+        }
+        println!("dry run: nothing was deleted");
+        return Ok(());
+    }
+    let out = pg.execute_expire(&inv, &plan).await.context("expire failed")?;
+    println!(
+        "deleted {} backup(s) and {} WAL object(s) from {}",
+        out.backups_deleted.len(),
+        out.wal_deleted,
+        repo.url()
+    );
+    if !out.failed.is_empty() {
+        for (k, why) in &out.failed {
+            eprintln!("not deleted (left for the next run): {k}: {why}");
+        }
+        bail!("{} object(s) could not be deleted (locked or refused); the next expire tries again", out.failed.len());
+    }
+    Ok(())
+}
+
+pub async fn delete(g: &GlobalArgs, a: &DeleteArgs) -> Result<()> {
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let pg = PgRepository::new(&repo, &layout);
+    // Refuses an unknown name with the list of names.
+    cloud_dump_postgres::load_manifest(&repo, &layout, &a.name).await?;
+    let inv = pg.inventory().await?;
+    let Some(b) = inv.backups.iter().find(|b| b.name() == a.name) else {
+        bail!("backup {:?} disappeared while being deleted", a.name)
+    };
+    if b.kept {
+        bail!("backup {} has a keep mark; release it first: cloud-dump keep --name {} --release", a.name, a.name);
+    }
+    let failed = pg.delete_backup(b).await.with_context(|| format!("cannot delete backup {}", a.name))?;
+    if !failed.is_empty() {
+        bail!(
+            "backup {} is gone (its manifest is deleted), but {} of its objects are left: {}",
+            a.name,
+            failed.len(),
+            failed.iter().map(|(k, w)| format!("{k} ({w})")).collect::<Vec<_>>().join(", ")
+        );
+    }
+    println!("deleted backup {} ({} objects) from {}", a.name, b.objects.len(), repo.url());
+    Ok(())
+}
+
+pub async fn keep(g: &GlobalArgs, a: &KeepArgs) -> Result<()> {
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    PgRepository::new(&repo, &layout).set_keep(&a.name, !a.release).await?;
+    if a.release {
+        println!("released backup {}: expire may delete it", a.name);
+    } else {
+        println!("kept backup {}: expire leaves it alone until `keep --release`", a.name);
+    }
+    Ok(())
+}
+
+pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let pg = PgRepository::new(&repo, &layout);
+    let inv = pg.inventory().await?;
+    let seg = segment_size(&inv);
+    let wal: Vec<WalLine> = pg
+        .wal_objects()
+        .await?
+        .into_iter()
+        .map(|(w, o)| WalLine {
+            name: w.name,
+            bytes: o.size,
+            stored_us: o.last_modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
+        })
+        .collect();
+    let root = match layout.cluster() {
+        Some(c) => format!("{c}/"),
+        None => String::new(),
+    };
+    let repository_bytes: u64 = repo.list(&root).await?.iter().map(|o| o.size).sum();
+    let backups: Vec<BackupLine> = inv
+        .backups
+        .iter()
+        .map(|b| {
+            let m = &b.manifest;
+            let (start, stop) = (parse_time_us(&m.start_time), parse_time_us(&m.stop_time));
+            BackupLine {
+                name: m.name.clone(),
+                start_time: m.start_time.clone(),
+                stop_time: m.stop_time.clone(),
+                duration_seconds: (stop - start) as f64 / 1e6,
+                stored_bytes: m.stored_size(),
+                raw_bytes: m.raw_size(),
+                kept: b.kept,
+                timeline: m.timeline,
+                start_lsn: m.start_lsn.to_string(),
+                end_lsn: m.end_lsn.to_string(),
+                system_id: m.system_id.clone(),
+                start_segment: m.start_lsn.segment_name(m.timeline, m.wal_segment_size()),
+                stop_time_us: stop,
+            }
+        })
+        .collect();
+    let s = info::summarize(
+        layout.cluster().map(str::to_owned),
+        repo.url().to_owned(),
+        backups,
+        inv.unfinished.clone(),
+        &wal,
+        repository_bytes,
+        seg,
+        now_us(),
+    );
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    if let Some(p) = &a.prometheus {
+        let text = info::prometheus(&s);
+        if p.as_os_str() == "-" {
+            print!("{text}");
+        } else {
+            write_atomically(p, text.as_bytes()).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        return Ok(());
+    }
+    print_text(&s);
+    Ok(())
+}
+
+/// The textfile collector reads whole files: write beside, then rename.
+fn write_atomically(p: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = p.with_extension("prom.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, p)
+}
+
+fn print_text(s: &info::Summary) {
+    println!(
+        "Repository: {}{}",
+        s.repository,
+        s.cluster.as_ref().map(|c| format!(" (cluster {c})")).unwrap_or_default()
+    );
+    match &s.recovery_window {
+        Some((from, to)) => println!("Recovery window: any point from {from} to {to}"),
+        None => {
+            println!("Recovery window: none (no backup whose WAL reaches the newest archived segment without a hole)")
+        }
+    }
+    match (&s.newest_wal, &s.newest_wal_time, s.newest_wal_age_seconds) {
+        (Some(n), Some(t), Some(age)) => println!("Newest WAL: {n}, archived {t} ({age:.0} s ago)"),
+        _ => println!("Newest WAL: none archived"),
+    }
+    println!("Size: {} in all, {} of WAL", mb(s.repository_bytes), mb(s.wal_bytes));
+    println!();
+    println!("{:<32} {:<28} {:>10} {:>12} {:>5} {:>4}", "BACKUP", "ENDED", "DURATION", "STORED", "KEEP", "TLI");
+    for b in &s.backups {
+        println!(
+            "{:<32} {:<28} {:>9.1}s {:>12} {:>5} {:>4}",
+            b.name,
+            b.stop_time,
+            b.duration_seconds,
+            mb(b.stored_bytes),
+            if b.kept { "yes" } else { "" },
+            b.timeline
+        );
+    }
+    for u in &s.unfinished {
+        println!("{u:<32} (no manifest: running now, or abandoned)");
+    }
+    println!();
+    println!("{:<9} {:<26} {:<26} {:>9} {:>6} {:>12}", "TIMELINE", "FIRST", "LAST", "SEGMENTS", "HOLES", "SIZE");
+    for t in &s.timelines {
+        println!(
+            "{:<9} {:<26} {:<26} {:>9} {:>6} {:>12}{}",
+            t.timeline,
+            t.first,
+            t.last,
+            t.segments,
+            t.holes,
+            mb(t.bytes),
+            t.first_hole.as_ref().map(|h| format!("  first hole: {h}")).unwrap_or_default()
+        );
+    }
+}

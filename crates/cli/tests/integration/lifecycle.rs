@@ -1,0 +1,170 @@
+//! The repository's lifecycle on a live, archiving cluster: keep marks, expire (dry run and
+//! real, with a backup and wal-push running meanwhile), delete, info, and WAL of another
+//! database system refused. Every backup expire keeps still restores to the latest commit.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::common::*;
+
+fn restore_latest(url: &str, name: &str, src: &PgServer, pgdata: &Path) -> PgServer {
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    let out = std::process::Command::new(&exe)
+        .args(["restore", "--repo", url, "--cluster", "c", "--name", name, "--pgdata", pgdata.to_str().unwrap()])
+        .args(["--recovery-target", "latest"])
+        .env("CLOUD_DUMP_PROGRESS", "none")
+        .env_remove("CLOUD_DUMP_REPO")
+        .env_remove("CLOUD_DUMP_CLUSTER")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "restore {name}: {}", String::from_utf8_lossy(&out.stderr));
+    give_to_postgres(pgdata);
+    let s = PgServer::start_existing_with(&src.bin, pgdata, "archive_mode = off").unwrap();
+    s.wait_promoted(Duration::from_secs(120)).unwrap();
+    s
+}
+
+fn names(url: &str) -> Vec<String> {
+    let r = cloud_dump(&["list", "--repo", url, "--cluster", "c", "--json"], &[]).ok();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let mut n: Vec<String> = v.iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn lifecycle_keep_expire_delete_info() {
+    let mut src = pg(15);
+    let dir = scratch_dir("lifecycle-repo");
+    std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
+    std::fs::write(dir.path().join(cloud_dump_storage::REPOSITORY_MARKER), "x").unwrap();
+    give_to_postgres(dir.path());
+    let url = file_url(dir.path());
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    src.reconfigure(&format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {url} --cluster c --log-level warn'",
+        exe.display()
+    ))
+    .unwrap();
+    let env = vec![("CLOUD_DUMP_DB_URL".to_owned(), src.repl_url())];
+    src.sql("postgres", "CREATE TABLE t(id serial PRIMARY KEY, pad text)");
+    let backup = |name: &str, extra: &[&str]| {
+        src.sql("postgres", "INSERT INTO t(pad) SELECT repeat('x', 100) FROM generate_series(1, 1000)");
+        let mut a = vec!["backup", "--repo", &url, "--cluster", "c", "--name", name];
+        a.extend_from_slice(extra);
+        cloud_dump(&a, &env).ok();
+        src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    backup("b1", &[]);
+    backup("b2", &["--keep"]);
+    backup("b3", &[]);
+    backup("b4", &[]);
+    cloud_dump(&["keep", "--repo", &url, "--cluster", "c", "--name", "b1"], &[]).ok();
+    cloud_dump(&["keep", "--repo", &url, "--cluster", "c", "--name", "nope"], &[])
+        .fails_with("backup \"nope\" not found");
+
+    // info: four backups, one timeline without holes, a recovery window from b1's end.
+    let r = cloud_dump(&["info", "--repo", &url, "--cluster", "c", "--json"], &[]).ok();
+    let i: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(i["backups"].as_array().unwrap().len(), 4);
+    assert_eq!(i["backups"][0]["name"], "b4");
+    assert_eq!(i["backups"][2]["kept"], true);
+    assert_eq!(i["timelines"][0]["holes"], 0, "{}", r.stdout);
+    let b1_stop = i["backups"][3]["stop_time"].as_str().unwrap().to_owned();
+    assert_eq!(i["recovery_window"][0].as_str(), Some(b1_stop.as_str()), "{}", r.stdout);
+    assert!(i["newest_wal_age_seconds"].as_f64().unwrap() < 600.0);
+    let prom = dir.path().join("cloud-dump.prom");
+    cloud_dump(&["info", "--repo", &url, "--cluster", "c", "--prometheus", prom.to_str().unwrap()], &[]).ok();
+    let text = std::fs::read_to_string(&prom).unwrap();
+    assert!(text.contains("cloud_dump_backups{cluster=\"c\","), "{text}");
+    assert!(text.contains("} 4\n"), "{text}");
+    let r = cloud_dump(&["info", "--repo", &url, "--cluster", "c"], &[]).ok();
+    assert!(r.stdout.contains("Recovery window: any point from"), "{}", r.stdout);
+
+    // A dry run says why, and deletes nothing.
+    let wal_before = std::fs::read_dir(dir.path().join("c/wal_archive")).unwrap().count();
+    assert!(wal_before > 8, "{wal_before} WAL objects archived");
+    let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "1", "--dry-run"], &[]).ok();
+    for line in [
+        "kept backup b4: the newest backup",
+        "would delete backup b3: older than the 1 newest",
+        "kept backup b2: keep mark",
+        "kept backup b1: keep mark",
+        "dry run: nothing was deleted",
+    ] {
+        assert!(r.stdout.contains(line), "{line:?} missing:\n{}", r.stdout);
+    }
+    assert_eq!(names(&url), ["b1", "b2", "b3", "b4"]);
+    assert_eq!(std::fs::read_dir(dir.path().join("c/wal_archive")).unwrap().count(), wal_before);
+    cloud_dump(&["expire", "--repo", &url, "--cluster", "c"], &[]).fails_with("--retain-full N and/or --retain-days D");
+
+    // Release b1, then expire for real while a backup runs (slowed down) and the server keeps
+    // archiving: b1 and b3 go, with the WAL before b2's start; the running backup is left alone.
+    cloud_dump(&["keep", "--repo", &url, "--cluster", "c", "--name", "b1", "--release"], &[]).ok();
+    src.sql("postgres", "CREATE TABLE filler AS SELECT g, md5(g::text) AS h FROM generate_series(1, 200000) g");
+    let mut running = std::process::Command::new(bin())
+        .args(["backup", "--repo", &url, "--cluster", "c", "--name", "b5", "--max-rate", "4M", "--progress", "none"])
+        .env("CLOUD_DUMP_DB_URL", src.repl_url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    src.sql("postgres", "INSERT INTO t(pad) SELECT 'during' FROM generate_series(1, 100)");
+    src.sql("postgres", "SELECT pg_switch_wal()");
+    let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "2"], &[]).ok();
+    assert!(r.stdout.contains("deleting backup b1") && r.stdout.contains("left alone b5"), "{}", r.stdout);
+    let status = running.wait().unwrap();
+    assert!(status.success(), "the backup running during expire failed");
+    assert_eq!(names(&url), ["b2", "b3", "b4", "b5"], "retain-full 2 counted before b5 existed: b3, b4 kept");
+    src.sql("postgres", "INSERT INTO t(pad) SELECT 'after' FROM generate_series(1, 10)");
+    src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "2"], &[]).ok();
+    assert!(r.stdout.contains("deleting backup b3"), "{}", r.stdout);
+    assert_eq!(names(&url), ["b2", "b4", "b5"]);
+    // The archive now begins exactly at b2's start segment (the oldest backup kept).
+    let r = cloud_dump(&["list", "--repo", &url, "--cluster", "c", "--json"], &[]).ok();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let b2 = v.iter().find(|m| m["name"] == "b2").unwrap();
+    let (hi, lo) = b2["start_lsn"].as_str().unwrap().split_once('/').unwrap();
+    let (hi, lo) = (u64::from_str_radix(hi, 16).unwrap(), u64::from_str_radix(lo, 16).unwrap());
+    let b2_start = format!("{:08X}{hi:08X}{:08X}", b2["timeline"].as_u64().unwrap(), lo / (16 << 20));
+    let r = cloud_dump(&["info", "--repo", &url, "--cluster", "c", "--json"], &[]).ok();
+    let i: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(i["timelines"][0]["first"].as_str(), Some(b2_start.as_str()), "{}", r.stdout);
+    assert_eq!(i["timelines"][0]["holes"], 0);
+
+    // Every backup kept still restores to the latest commit.
+    let want = src.sql("postgres", "SELECT count(*) FROM t");
+    let work = scratch_dir("lifecycle-restores");
+    for name in ["b2", "b4", "b5"] {
+        let mut r = restore_latest(&url, name, &src, &work.path().join(name));
+        assert_eq!(r.sql("postgres", "SELECT count(*) FROM t"), want, "{name} to latest after expire");
+        r.stop();
+    }
+
+    // delete: a kept backup is refused; released, it goes, manifest first.
+    cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "b2"], &[]).fails_with("has a keep mark");
+    cloud_dump(&["keep", "--repo", &url, "--cluster", "c", "--name", "b2", "--release"], &[]).ok();
+    cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "b2"], &[]).ok();
+    assert_eq!(names(&url), ["b4", "b5"]);
+    assert!(!dir.path().join("c/backup/b2").exists());
+    cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "b2"], &[]).fails_with("not found");
+
+    // WAL of another database system (a new initdb) is refused before anything is stored.
+    let other = pg(15);
+    let seg = other.sql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let file = other.data.join("pg_wal").join(&seg);
+    let copy = work.path().join(&seg);
+    std::fs::copy(&file, &copy).unwrap();
+    let r = cloud_dump(&["wal-push", copy.to_str().unwrap(), &seg, "--repo", &url, "--cluster", "c"], &[]);
+    let r = r.fails_with("comes from database system");
+    assert!(r.stderr.contains("give this cluster its own archive"), "{}", r.stderr);
+    let stored = std::fs::read_dir(dir.path().join("c/wal_archive"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with(&seg))
+        .count();
+    let mine = src.sql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    assert!(stored == 0 || seg <= mine, "the foreign segment was stored");
+}
