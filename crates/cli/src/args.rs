@@ -46,6 +46,9 @@ pub enum Command {
     Keep(KeepArgs),
     /// What the repository holds and can restore: backups, WAL per timeline, the recovery window.
     Info(InfoArgs),
+    /// Prove backups restore: checksums of every object, files against backup_manifest, WAL
+    /// continuity; --drill restores one and starts it.
+    Verify(VerifyArgs),
     /// Create an age X25519 key pair for --recipient-key / --identity-key.
     Keygen(KeygenArgs),
     /// SQLite: continuous WAL replication and point-in-time restore (Litestream-compatible).
@@ -106,6 +109,46 @@ pub struct InfoArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub config: PgConfigArg,
+    /// Verify this backup (repeatable) [default: the newest].
+    #[arg(long, conflicts_with = "all")]
+    pub name: Vec<String>,
+    /// Verify every backup.
+    #[arg(long)]
+    pub all: bool,
+    /// Also verify the WAL archive: continuity from each backup's start, every segment's checksum.
+    #[arg(long)]
+    pub wal: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Restore the backup into a scratch directory, start it with local server binaries,
+    /// check every database answers (amcheck where available), stop it, remove it.
+    #[arg(long)]
+    pub drill: bool,
+    /// With --drill: restore to a random point of the recovery window (PITR) instead.
+    #[arg(long, requires = "drill")]
+    pub random_point: bool,
+    /// With --random-point: the seed, to repeat a drill.
+    #[arg(long, requires = "random_point")]
+    pub seed: Option<u64>,
+    /// With --drill: the server binaries (postgres, pg_ctl, psql) of the backup's major
+    /// version [default: /usr/lib/postgresql/MAJOR/bin, then PATH].
+    #[arg(long, env = "CLOUD_DUMP_PG_BIN", value_name = "DIR")]
+    pub pg_bin: Option<PathBuf>,
+    /// With --drill: where the scratch directory is made [default: the system's temp dir].
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    /// With --drill: seconds to wait for recovery to finish.
+    #[arg(long, default_value_t = 3600, value_name = "SECONDS")]
+    pub drill_timeout: u64,
+    #[command(flatten)]
+    pub decrypt: DecryptArgs,
+}
+
+#[derive(Debug, Args)]
 pub struct CompletionsArgs {
     #[arg(value_enum)]
     pub shell: clap_complete::Shell,
@@ -130,6 +173,7 @@ impl Command {
             Command::Delete(a) => a.config.config.as_deref(),
             Command::Keep(a) => a.config.config.as_deref(),
             Command::Info(a) => a.config.config.as_deref(),
+            Command::Verify(a) => a.config.config.as_deref(),
             _ => None,
         }
     }
@@ -260,7 +304,7 @@ pub struct SqliteDatabasesArgs {
 }
 
 /// The PostgreSQL commands' config file (read before the flags; see README "Config file").
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct PgConfigArg {
     /// YAML config whose `postgres: clusters:` section supplies settings the flags and
     /// environment leave out [default: /etc/cloud-dump.yml when it exists].
@@ -435,7 +479,7 @@ pub struct EncryptArgs {
     pub recipient_key: Option<PathBuf>,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct DecryptArgs {
     /// Decryption passphrase (prefer CLOUD_DUMP_PASSPHRASE or --passphrase-file).
     #[arg(long, env = "CLOUD_DUMP_PASSPHRASE", hide_env_values = true, conflicts_with = "passphrase_file")]

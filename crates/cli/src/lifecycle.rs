@@ -8,7 +8,7 @@ use cloud_dump_postgres::expire::Policy;
 use cloud_dump_postgres::info::{self, BackupLine, WalLine};
 use cloud_dump_postgres::{parse_time_us, PgRepository};
 
-use crate::args::{DeleteArgs, ExpireArgs, GlobalArgs, InfoArgs, KeepArgs};
+use crate::args::{DeleteArgs, ExpireArgs, GlobalArgs, InfoArgs, KeepArgs, VerifyArgs};
 use crate::{mb, setup};
 
 fn now_us() -> i64 {
@@ -233,4 +233,69 @@ fn print_text(s: &info::Summary) {
             t.first_hole.as_ref().map(|h| format!("  first hole: {h}")).unwrap_or_default()
         );
     }
+}
+
+pub async fn verify(g: &GlobalArgs, a: &VerifyArgs) -> Result<std::process::ExitCode> {
+    use cloud_dump_pipeline::Decryption;
+    use cloud_dump_postgres::verify::{verify, VerifyRequest};
+    use cloud_dump_postgres::WalKeys;
+    let layout = setup::layout(g)?;
+    let repo = setup::open_repo(g).await?;
+    let decryption = setup::decryption(&a.decrypt)?;
+    let wal_keys = match &decryption {
+        Decryption::Passphrase(p) => {
+            WalKeys { passphrase: Some(p.clone()), identities: vec![], require_encrypted: false }
+        }
+        Decryption::Identities(ids) => WalKeys { passphrase: None, identities: ids.clone(), require_encrypted: false },
+        _ => WalKeys { passphrase: None, identities: vec![], require_encrypted: false },
+    };
+    let names = if a.all {
+        None
+    } else if !a.name.is_empty() {
+        Some(a.name.clone())
+    } else {
+        let inv = PgRepository::new(&repo, &layout).inventory().await?;
+        match inv.backups.first() {
+            Some(b) => Some(vec![b.name().to_owned()]),
+            None => bail!("no backups in {} to verify", repo.url()),
+        }
+    };
+    if a.drill {
+        return crate::drill::run(g, a, &repo, &layout, names.as_deref().and_then(|n| n.first().cloned())).await;
+    }
+    let req = VerifyRequest { names, decryption, wal: a.wal, wal_keys, parallel: g.parallel as usize };
+    let report = verify(&repo, &layout, &req).await.context("verify failed")?;
+    let problems = report.problems();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for b in &report.backups {
+            let files = b.files_checked.map(|n| format!(", {n} files against backup_manifest")).unwrap_or_default();
+            let verdict = if b.problems.is_empty() { "ok" } else { "FAILED" };
+            println!("backup {}: {verdict} ({} objects, {}{files})", b.name, b.objects, mb(b.stored_bytes));
+            for p in &b.problems {
+                println!("  problem: {p}");
+            }
+            for n in &b.not_checked {
+                println!("  not checked: {n}");
+            }
+        }
+        if let Some(w) = &report.wal {
+            let verdict = if w.problems.is_empty() { "ok" } else { "FAILED" };
+            println!("WAL: {verdict} ({} segments checked, {})", w.segments_checked, mb(w.bytes));
+            for p in &w.problems {
+                println!("  problem: {p}");
+            }
+            for n in &w.not_checked {
+                println!("  not checked: {n}");
+            }
+        }
+        let bytes: u64 = report.backups.iter().map(|b| b.stored_bytes).sum();
+        println!("{:.1} s, {:.0} MB/s", report.seconds, bytes as f64 / 1e6 / report.seconds.max(0.001));
+    }
+    if problems.is_empty() {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    crate::report_error("", &anyhow::anyhow!("verify found {} problem(s): {}", problems.len(), problems.join("; ")));
+    Ok(std::process::ExitCode::from(1))
 }

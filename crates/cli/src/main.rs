@@ -3,6 +3,7 @@
 mod args;
 mod config;
 mod docs;
+mod drill;
 mod lifecycle;
 mod progress;
 mod restore;
@@ -30,6 +31,19 @@ static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 pub(crate) fn json_logs() -> bool {
     JSON_LOGS.get().copied().unwrap_or(false)
+}
+
+/// Set when stdout carries one JSON document (verify --drill --json): result lines of the
+/// steps go to stderr instead.
+pub(crate) static STDOUT_IS_JSON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A result line of a step: stdout, unless stdout is kept for JSON.
+pub(crate) fn say(line: &str) {
+    if STDOUT_IS_JSON.load(std::sync::atomic::Ordering::Relaxed) {
+        eprintln!("{line}");
+    } else {
+        println!("{line}");
+    }
 }
 
 /// A command's failure, on one line: each cause once, outermost first.
@@ -72,8 +86,19 @@ fn env_set(name: &str) -> bool {
 /// KEY=VALUE settings file `restore` writes for `wal-fetch --config`.
 fn load_config_file() -> std::result::Result<(), String> {
     let args: Vec<String> = std::env::args().collect();
-    const PG_COMMANDS: &[&str] =
-        &["backup", "list", "restore", "wal-push", "wal-fetch", "wal-prefetch", "expire", "delete", "keep", "info"];
+    const PG_COMMANDS: &[&str] = &[
+        "backup",
+        "list",
+        "restore",
+        "wal-push",
+        "wal-fetch",
+        "wal-prefetch",
+        "expire",
+        "delete",
+        "keep",
+        "info",
+        "verify",
+    ];
     // The first word that is a command (global flags with values may come before it).
     let Some(command) = args.iter().skip(1).find(|a| PG_COMMANDS.contains(&a.as_str()) || *a == "sqlite") else {
         return Ok(());
@@ -279,6 +304,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Delete(a) => lifecycle::delete(g, a).await?,
         Command::Keep(a) => lifecycle::keep(g, a).await?,
         Command::Info(a) => lifecycle::info(g, a).await?,
+        Command::Verify(a) => return lifecycle::verify(g, a).await,
         Command::Sqlite(a) => return sqlite::run(g, &a.command).await,
         Command::Completions(a) => docs::completions(a.shell),
         Command::Manpages(a) => {

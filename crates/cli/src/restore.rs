@@ -224,12 +224,12 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             );
         }
         if !matches!(a.recovery_target_action, TargetAction::Promote) {
-            println!(
+            crate::say(&format!(
                 "note: with this recovery target action recovery does not end by itself; once done, remove {} (it holds the repository's settings and keys)",
                 spool.display()
-            );
+            ));
         }
-        println!(
+        crate::say(&format!(
             "restored backup {} into {} ({} in {:.1} s); PostgreSQL will replay archived WAL from {} up to {}: pg_ctl start -D {}",
             m.name,
             plan.pgdata.display(),
@@ -238,9 +238,9 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             wal.dir(),
             t.describe(),
             plan.pgdata.display()
-        );
+        ));
     } else {
-        println!(
+        crate::say(&format!(
             "restored backup {} into {} ({} in {:.1} s, {:.0} MB/s); start it with: pg_ctl start -D {}",
             m.name,
             plan.pgdata.display(),
@@ -248,7 +248,7 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             secs,
             m.raw_size() as f64 / 1e6 / secs.max(0.001),
             plan.pgdata.display()
-        );
+        ));
     }
     Ok(())
 }

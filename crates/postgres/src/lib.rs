@@ -17,6 +17,7 @@ pub mod recovery;
 mod repository;
 mod restore;
 mod tls;
+pub mod verify;
 pub mod wal;
 mod wal_archive;
 

@@ -168,3 +168,168 @@ fn lifecycle_keep_expire_delete_info() {
     let mine = src.sql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
     assert!(stored == 0 || seg <= mine, "the foreign segment was stored");
 }
+
+/// verify: every object's checksum, every file against PostgreSQL's backup_manifest (with
+/// the key for an encrypted backup; without it, what could not be checked is said), WAL
+/// continuity and each segment; damage anywhere is a problem and exit 1.
+#[test]
+fn verify_finds_damage_in_backups_and_wal() {
+    let mut src = pg(15);
+    let dir = scratch_dir("verify-repo");
+    std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
+    std::fs::write(dir.path().join(cloud_dump_storage::REPOSITORY_MARKER), "x").unwrap();
+    give_to_postgres(dir.path());
+    let url = file_url(dir.path());
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    src.reconfigure(&format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {url} --cluster c --log-level warn'",
+        exe.display()
+    ))
+    .unwrap();
+    src.sql("postgres", "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
+    let env = vec![("CLOUD_DUMP_DB_URL".to_owned(), src.repl_url())];
+    let mut enc = env.clone();
+    enc.push(("CLOUD_DUMP_PASSPHRASE".into(), "verify me".into()));
+    cloud_dump(&["backup", "--repo", &url, "--cluster", "c", "--name", "enc", "--encrypt"], &enc).ok();
+    src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    cloud_dump(&["backup", "--repo", &url, "--cluster", "c", "--name", "plain"], &env).ok();
+    for _ in 0..3 {
+        src.sql("postgres", "INSERT INTO t SELECT g, 'more' FROM generate_series(1, 1000) g");
+        src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    }
+    let verify = |args: &[&str], env: &[(String, String)]| {
+        let mut a = vec!["verify", "--repo", url.as_str(), "--cluster", "c"];
+        a.extend_from_slice(args);
+        cloud_dump(&a, env)
+    };
+    // Without the key: the plain backup fully, the encrypted one by its stored checksums.
+    let r = verify(&["--all"], &[]).ok();
+    assert!(
+        r.stdout.contains("backup plain: ok") && r.stdout.contains("files against backup_manifest"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("backup enc: ok") && r.stdout.contains("not checked: files against backup_manifest"),
+        "{}",
+        r.stdout
+    );
+    // With it: both down to the files, and the WAL.
+    let pass = vec![("CLOUD_DUMP_PASSPHRASE".to_owned(), "verify me".to_owned())];
+    let r = verify(&["--all", "--wal", "--json"], &pass).ok();
+    let rep: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    for b in rep["backups"].as_array().unwrap() {
+        assert!(b["files_checked"].as_u64().unwrap() > 500, "{b}");
+        assert!(b["problems"].as_array().unwrap().is_empty(), "{b}");
+    }
+    assert!(rep["wal"]["segments_checked"].as_u64().unwrap() >= 4, "{}", r.stdout);
+    assert!(rep["wal"]["problems"].as_array().unwrap().is_empty(), "{}", r.stdout);
+    // Without --name: the newest only.
+    let r = verify(&[], &[]).ok();
+    assert!(r.stdout.contains("backup plain") && !r.stdout.contains("backup enc"), "{}", r.stdout);
+
+    // One flipped byte in the plain backup's base archive.
+    let obj = dir.path().join("c/backup/plain/base.tar.zst");
+    let good = std::fs::read(&obj).unwrap();
+    let mut bad = good.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    std::fs::write(&obj, &bad).unwrap();
+    let r = verify(&["--name", "plain"], &[]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("backup plain: FAILED"), "{}", r.stdout);
+    assert!(r.stderr.lines().last().unwrap().starts_with("cloud-dump: error: verify found"), "{}", r.stderr);
+    std::fs::write(&obj, &good).unwrap();
+
+    // A hole in the WAL, and a damaged segment.
+    let wal_dir = dir.path().join("c/wal_archive");
+    let mut segs: Vec<String> = std::fs::read_dir(&wal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.len() > 24 && n.ends_with(".zst") && !n.contains("history"))
+        .collect();
+    segs.sort();
+    let hole = &segs[segs.len() - 2];
+    std::fs::rename(wal_dir.join(hole), dir.path().join("hole")).unwrap();
+    let sum = format!("{}.sum", &hole[..24]);
+    std::fs::rename(wal_dir.join(&sum), dir.path().join("hole.sum")).unwrap();
+    let damaged = wal_dir.join(&segs[segs.len() - 3]);
+    let mut d = std::fs::read(&damaged).unwrap();
+    let at = d.len() / 2;
+    d[at] ^= 0x10;
+    std::fs::write(&damaged, &d).unwrap();
+    let r = verify(&["--all", "--wal"], &pass);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.contains(&format!("segment {} is missing", &hole[..24])), "{}", r.stdout);
+    assert!(r.stdout.contains(&segs[segs.len() - 3][..24]), "the damaged segment is named: {}", r.stdout);
+}
+
+/// verify --drill: restore into a scratch directory, start on a private socket, check every
+/// database (amcheck), stop, remove; also at a seeded random point of the recovery window.
+#[test]
+fn drill_restores_starts_checks_and_cleans_up() {
+    let mut src = pg(15);
+    let dir = scratch_dir("drill-repo");
+    std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
+    std::fs::write(dir.path().join(cloud_dump_storage::REPOSITORY_MARKER), "x").unwrap();
+    give_to_postgres(dir.path());
+    let url = file_url(dir.path());
+    let exe = cloud_dump_testkit::public_copy(&bin());
+    src.reconfigure(&format!(
+        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {url} --cluster c --log-level warn'",
+        exe.display()
+    ))
+    .unwrap();
+    src.sql("postgres", "CREATE DATABASE app");
+    src.sql("app", "CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
+    cloud_dump(
+        &["backup", "--repo", &url, "--cluster", "c", "--name", "d1"],
+        &[("CLOUD_DUMP_DB_URL".into(), src.repl_url())],
+    )
+    .ok();
+    for _ in 0..2 {
+        src.sql("app", "INSERT INTO t SELECT g, 'x' FROM generate_series(20001, 20100) g ON CONFLICT DO NOTHING");
+        src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let scratch = scratch_dir("drills");
+    let drill = |extra: &[&str]| {
+        let mut c = std::process::Command::new(&exe);
+        c.args(["verify", "--repo", &url, "--cluster", "c", "--drill", "--scratch", scratch.path().to_str().unwrap()])
+            .args(["--pg-bin", src.bin.to_str().unwrap(), "--progress", "none"])
+            .args(extra);
+        let out = c.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = drill(&[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("drill: backup d1") && out.contains("3 databases") && out.contains("drill: ok"), "{out}");
+    let indexes: u64 = out.split(" indexes by amcheck").next().unwrap().rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(indexes > 10, "amcheck ran: {out}");
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0, "the scratch directory was not removed");
+    let (code, out, err) = drill(&["--random-point", "--seed", "7", "--json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["seed"], 7);
+    assert!(r["target"].as_str().unwrap().starts_with("time "), "{r}");
+    assert!(r["problems"].as_array().unwrap().is_empty());
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+    // Server binaries of another major: refused before anything is written.
+    if let Some(pg17) = cloud_dump_testkit::pg_bin_dir(17) {
+        let mut c = std::process::Command::new(&exe);
+        let out = c
+            .args(["verify", "--repo", &url, "--cluster", "c", "--drill", "--pg-bin", pg17.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("the backup is 15"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
