@@ -103,8 +103,8 @@ pub struct InfoArgs {
     /// Print JSON.
     #[arg(long, conflicts_with = "prometheus")]
     pub json: bool,
-    /// Print node_exporter textfile metrics; with FILE, write them there atomically.
-    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    /// Print node_exporter textfile metrics; with =FILE, write them there atomically.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true, default_missing_value = "-")]
     pub prometheus: Option<PathBuf>,
 }
 
@@ -199,6 +199,11 @@ pub enum SqliteCommand {
     Wal(SqliteListArgs),
     /// List the databases and replicas in the config file.
     Databases(SqliteDatabasesArgs),
+    /// Verify every generation of a database's replicas: the chain, and (with the keys) a
+    /// restore into a scratch file that passes integrity_check.
+    Verify(SqliteVerifyArgs),
+    /// What a database's replicas can restore: generations, the restorable span, the lag.
+    Info(SqliteInfoArgs),
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +294,44 @@ pub struct SqliteListArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Database path (looked up in the config) or replica URL.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub target: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteVerifyArgs {
+    #[command(flatten)]
+    pub config: SqliteConfigArg,
+    #[command(flatten)]
+    pub age: SqliteAgeArgs,
+    /// Only this replica of the database.
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Print JSON instead of lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Objects downloaded at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+    /// Database path (looked up in the config) or replica URL.
+    #[arg(value_name = "DB_PATH|REPLICA_URL")]
+    pub target: String,
+}
+
+#[derive(Debug, Args)]
+pub struct SqliteInfoArgs {
+    #[command(flatten)]
+    pub config: SqliteConfigArg,
+    /// Only this replica of the database.
+    #[arg(long)]
+    pub replica: Option<String>,
+    /// Print JSON.
+    #[arg(long, conflicts_with = "prometheus")]
+    pub json: bool,
+    /// Print node_exporter textfile metrics; with =FILE, write them there atomically.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, require_equals = true, default_missing_value = "-")]
+    pub prometheus: Option<PathBuf>,
     /// Database path (looked up in the config) or replica URL.
     #[arg(value_name = "DB_PATH|REPLICA_URL")]
     pub target: String,

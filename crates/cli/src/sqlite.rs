@@ -54,6 +54,8 @@ pub async fn run(g: &GlobalArgs, cmd: &SqliteCommand) -> Result<ExitCode> {
         SqliteCommand::Snapshots(a) => list(g, a, Listing::Snapshots).await,
         SqliteCommand::Wal(a) => list(g, a, Listing::Wal).await,
         SqliteCommand::Databases(a) => databases(a),
+        SqliteCommand::Verify(a) => verify(g, a).await,
+        SqliteCommand::Info(a) => info(g, a).await,
     }
 }
 
@@ -607,6 +609,149 @@ fn databases(a: &SqliteDatabasesArgs) -> Result<ExitCode> {
                 r.compression,
                 if r.encrypted { "yes" } else { "no" }
             );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct ReplicaVerify {
+    replica: String,
+    url: String,
+    generations: Vec<cloud_dump_sqlite::verify::GenerationCheck>,
+}
+
+async fn verify(g: &GlobalArgs, a: &crate::args::SqliteVerifyArgs) -> Result<ExitCode> {
+    let (_, replicas) = resolve(g, &a.config, &a.target, a.replica.as_deref())?;
+    let scratch = tempfile::Builder::new().prefix("cloud-dump-sqlite-verify-").tempdir()?;
+    let mut reports = Vec::new();
+    let mut problems = Vec::new();
+    for r in &replicas {
+        let repo = Repo::open(&r.url, &r.storage).await?;
+        let dec = decryption_for(r, &a.age.age_identity_file)?;
+        let can = !matches!(dec, Decryption::None);
+        let checks =
+            cloud_dump_sqlite::verify::verify_replica(&repo, &dec, can, scratch.path(), a.parallelism as usize).await?;
+        if checks.is_empty() {
+            problems.push(format!("replica {} ({}): holds no generation", r.name, r.url));
+        }
+        for c in checks.iter().filter(|c| !c.ok) {
+            problems.push(format!("replica {} generation {}: {}", r.name, c.generation, c.detail));
+        }
+        reports.push(ReplicaVerify { replica: r.name.clone(), url: r.url.clone(), generations: checks });
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for rep in &reports {
+            for c in &rep.generations {
+                println!(
+                    "replica {} generation {}: {} — {}{}",
+                    rep.replica,
+                    c.generation,
+                    if c.ok { "ok" } else { "FAILED" },
+                    c.detail,
+                    c.data_time.as_ref().map(|t| format!(" (data as of {t})")).unwrap_or_default()
+                );
+            }
+        }
+    }
+    if problems.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::report_error("", &anyhow::anyhow!("verify found {} problem(s): {}", problems.len(), problems.join("; ")));
+    Ok(ExitCode::from(1))
+}
+
+#[derive(Serialize)]
+struct ReplicaInfo {
+    replica: String,
+    url: String,
+    generations: usize,
+    bytes: u64,
+    /// The newest generation's span: from its first snapshot to its newest upload.
+    restorable_from: Option<String>,
+    restorable_to: Option<String>,
+    lag_seconds: Option<f64>,
+    #[serde(skip)]
+    to_ms: Option<i64>,
+}
+
+async fn info(g: &GlobalArgs, a: &crate::args::SqliteInfoArgs) -> Result<ExitCode> {
+    let (_, replicas) = resolve(g, &a.config, &a.target, a.replica.as_deref())?;
+    let now = cloud_dump_sqlite::db::now_ms();
+    let mut rows = Vec::new();
+    for r in &replicas {
+        let repo = Repo::open(&r.url, &r.storage).await?;
+        let entries = list_entries(&repo, None).await?;
+        let mut gens: Vec<&str> = entries.iter().map(|e| e.generation.as_str()).collect();
+        gens.sort();
+        gens.dedup();
+        // The newest generation: the highest sequence number, else the latest activity.
+        let newest = entries
+            .iter()
+            .filter(|e| e.is_snapshot())
+            .max_by_key(|e| (e.seq.unwrap_or(0), e.time_ms))
+            .map(|e| e.generation.clone());
+        let span = newest.as_ref().map(|gname| {
+            let es: Vec<&Entry> = entries.iter().filter(|e| &e.generation == gname).collect();
+            let from = es.iter().filter(|e| e.is_snapshot() && e.marked).map(|e| e.time_ms).min();
+            let to = es.iter().map(|e| e.time_ms).max();
+            (from, to)
+        });
+        let (from, to) = span.unwrap_or((None, None));
+        rows.push(ReplicaInfo {
+            replica: r.name.clone(),
+            url: r.url.clone(),
+            generations: gens.len(),
+            bytes: entries.iter().map(|e| e.size).sum(),
+            restorable_from: from.map(format_ms),
+            restorable_to: to.map(format_ms),
+            lag_seconds: to.map(|t| ((now - t) as f64 / 1000.0).max(0.0)),
+            to_ms: to,
+        });
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(p) = &a.prometheus {
+        let mut o = String::new();
+        let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let db = esc(&a.target);
+        for (name, help) in [
+            ("cloud_dump_sqlite_generations", "Generations stored in the replica."),
+            ("cloud_dump_sqlite_replica_bytes", "Bytes stored in the replica."),
+            ("cloud_dump_sqlite_restorable_to_timestamp_seconds", "The newest state the replica restores."),
+            ("cloud_dump_sqlite_lag_seconds", "Age of the newest state in the replica."),
+        ] {
+            o.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            for r in &rows {
+                let v = match name {
+                    "cloud_dump_sqlite_generations" => Some(r.generations as f64),
+                    "cloud_dump_sqlite_replica_bytes" => Some(r.bytes as f64),
+                    "cloud_dump_sqlite_restorable_to_timestamp_seconds" => r.to_ms.map(|t| t as f64 / 1000.0),
+                    _ => r.lag_seconds,
+                };
+                if let Some(v) = v {
+                    o.push_str(&format!("{name}{{db=\"{db}\",replica=\"{}\"}} {v}\n", esc(&r.replica)));
+                }
+            }
+        }
+        if p.as_os_str() == "-" {
+            print!("{o}");
+        } else {
+            let tmp = p.with_extension("prom.tmp");
+            std::fs::write(&tmp, o).with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::rename(&tmp, p).with_context(|| format!("cannot write {}", p.display()))?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    for r in &rows {
+        println!("replica {} ({}): {} generation(s), {} bytes", r.replica, r.url, r.generations, r.bytes);
+        match (&r.restorable_from, &r.restorable_to, r.lag_seconds) {
+            (Some(f), Some(t), Some(l)) => println!("  restorable: any sync from {f} to {t} ({l:.0} s ago)"),
+            _ => println!("  restorable: nothing (no complete snapshot)"),
         }
     }
     Ok(ExitCode::SUCCESS)

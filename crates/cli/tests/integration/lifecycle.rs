@@ -75,7 +75,7 @@ fn lifecycle_keep_expire_delete_info() {
     assert_eq!(i["recovery_window"][0].as_str(), Some(b1_stop.as_str()), "{}", r.stdout);
     assert!(i["newest_wal_age_seconds"].as_f64().unwrap() < 600.0);
     let prom = dir.path().join("cloud-dump.prom");
-    cloud_dump(&["info", "--repo", &url, "--cluster", "c", "--prometheus", prom.to_str().unwrap()], &[]).ok();
+    cloud_dump(&["info", "--repo", &url, "--cluster", "c", &format!("--prometheus={}", prom.display())], &[]).ok();
     let text = std::fs::read_to_string(&prom).unwrap();
     assert!(text.contains("cloud_dump_backups{cluster=\"c\","), "{text}");
     assert!(text.contains("} 4\n"), "{text}");
