@@ -480,6 +480,9 @@ pub struct GlobalArgs {
     /// Do not verify the endpoint's TLS certificate.
     #[arg(long, env = "CLOUD_DUMP_S3_SKIP_VERIFY", global = true)]
     pub s3_skip_verify: bool,
+    /// The bucket has S3 Object Lock: send Content-MD5 with every upload (it requires one).
+    #[arg(long, env = "CLOUD_DUMP_S3_OBJECT_LOCK", global = true)]
+    pub s3_object_lock: bool,
     /// Seconds a connection to the object store may stay silent while a request streams
     /// (S3, GCS, Azure); a whole transfer has no time limit.
     #[arg(long, env = "CLOUD_DUMP_IO_TIMEOUT", global = true, default_value_t = 300, value_name = "SECONDS",

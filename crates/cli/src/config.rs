@@ -60,6 +60,7 @@ pub struct Cluster {
     pub s3_virtual_hosted_style: Option<bool>,
     pub s3_allow_http: Option<bool>,
     pub s3_skip_verify: Option<bool>,
+    pub s3_object_lock: Option<bool>,
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub session_token: Option<String>,
@@ -366,6 +367,7 @@ pub fn env_settings(
     put("CLOUD_DUMP_S3_VIRTUAL_HOSTED_STYLE", c.s3_virtual_hosted_style.map(|v| v.to_string()));
     put("CLOUD_DUMP_S3_ALLOW_HTTP", c.s3_allow_http.map(|v| v.to_string()));
     put("CLOUD_DUMP_S3_SKIP_VERIFY", c.s3_skip_verify.map(|v| v.to_string()));
+    put("CLOUD_DUMP_S3_OBJECT_LOCK", c.s3_object_lock.map(|v| v.to_string()));
     put("AWS_ACCESS_KEY_ID", c.access_key_id.clone());
     put("AWS_SECRET_ACCESS_KEY", c.secret_access_key.clone());
     put("AWS_SESSION_TOKEN", c.session_token.clone());

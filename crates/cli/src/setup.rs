@@ -20,10 +20,12 @@ pub const STORE_SETTINGS: &[&str] = &[
     "AWS_VIRTUAL_HOSTED_STYLE_REQUEST",
     "AWS_S3_EXPRESS",
     "GOOGLE_BUCKET",
+    "GOOGLE_ALLOW_HTTP",
     "AZURE_STORAGE_ENDPOINT",
     "AZURE_STORAGE_USE_EMULATOR",
     "AZURE_ALLOW_HTTP",
     "AZURE_STORAGE_ACCOUNT_NAME",
+    "AZURITE_BLOB_STORAGE_URL",
 ];
 
 pub fn repo_url(g: &GlobalArgs) -> Result<String> {
@@ -57,6 +59,7 @@ pub fn storage_options(g: &GlobalArgs) -> StorageOptions {
         s3_virtual_hosted_style: g.s3_virtual_hosted_style,
         s3_allow_http: g.s3_allow_http,
         s3_skip_verify: g.s3_skip_verify,
+        s3_object_lock: g.s3_object_lock,
         s3_access_key_id: None,
         s3_secret_access_key: None,
         storj_access: g.storj_access.clone(),

@@ -2,6 +2,7 @@
 //! S3-compatible server on loopback and real files. One test binary for the crate.
 
 mod integration {
+    mod backends;
     mod backup_restore;
     mod backup_trust;
     mod bad_input;

@@ -27,6 +27,8 @@ pub struct StorageOptions {
     pub s3_virtual_hosted_style: bool,
     pub s3_allow_http: bool,
     pub s3_skip_verify: bool,
+    /// The bucket has S3 Object Lock: every upload carries Content-MD5, as it requires.
+    pub s3_object_lock: bool,
     pub s3_access_key_id: Option<String>,
     pub s3_secret_access_key: Option<String>,
     pub storj_access: Option<String>,
@@ -113,7 +115,7 @@ impl Repo {
         let location = Location::parse(url)?;
         let cfg = |e: object_store::Error| StorageError::Config(crate::diagnose::one_line(&e));
         let service = service_of(&location, opts);
-        let watch = Watch::new(metadata_hosts(&location));
+        let watch = Watch::with_content_md5(metadata_hosts(&location), opts.s3_object_lock);
         let observe = || ObservingConnector(watch.clone());
         let local_root = match &location {
             Location::File { path } => Some(path.clone()),
@@ -152,7 +154,7 @@ impl Repo {
                 Arc::new(
                     GoogleCloudStorageBuilder::from_env()
                         .with_bucket_name(bucket)
-                        .with_client_options(client_options(opts, false))
+                        .with_client_options(client_options(opts, opts.s3_allow_http || env_true("GOOGLE_ALLOW_HTTP")))
                         .with_http_connector(observe())
                         .build()
                         .map_err(cfg)?,
@@ -163,7 +165,12 @@ impl Repo {
                 Arc::new(
                     MicrosoftAzureBuilder::from_env()
                         .with_container_name(container)
-                        .with_client_options(client_options(opts, false))
+                        .with_client_options(client_options(
+                            opts,
+                            opts.s3_allow_http
+                                || env_true("AZURE_ALLOW_HTTP")
+                                || env_true("AZURE_STORAGE_USE_EMULATOR"),
+                        ))
                         .with_http_connector(observe())
                         .build()
                         .map_err(cfg)?,
@@ -247,6 +254,15 @@ impl Repo {
         }
     }
 
+    /// A user-metadata name as the backend accepts it: Azure wants C# identifiers (no
+    /// `-`), the others keep the name as given.
+    fn metadata_name(&self, name: &str) -> String {
+        match self.service {
+            Service::Azure { .. } => name.replace('-', "_"),
+            _ => name.to_owned(),
+        }
+    }
+
     /// `key` as a URL below the repository's (the repository itself for "").
     pub fn object_url(&self, key: &str) -> String {
         let base = self.url.trim_end_matches('/');
@@ -323,7 +339,7 @@ impl Repo {
         let path = self.path(key);
         let mut attributes = object_store::Attributes::new();
         for (k, v) in metadata {
-            attributes.insert(object_store::Attribute::Metadata((*k).into()), v.clone().into());
+            attributes.insert(object_store::Attribute::Metadata(self.metadata_name(k).into()), v.clone().into());
         }
         let with_meta = PutOptions { mode: PutMode::Create, attributes, ..Default::default() };
         let plain = PutOptions { mode: PutMode::Create, ..Default::default() };
@@ -382,7 +398,10 @@ impl Repo {
     pub async fn metadata(&self, key: &str, name: &'static str) -> Result<Option<String>> {
         let opts = object_store::GetOptions { head: true, ..Default::default() };
         match self.store.get_opts(&self.path(key), opts).await {
-            Ok(r) => Ok(r.attributes.get(&object_store::Attribute::Metadata(name.into())).map(|v| v.to_string())),
+            Ok(r) => Ok(r
+                .attributes
+                .get(&object_store::Attribute::Metadata(self.metadata_name(name).into()))
+                .map(|v| v.to_string())),
             Err(object_store::Error::NotFound { .. }) => Err(StorageError::NotFound { key: key.into() }),
             Err(e) => Err(self.fail("look up", key, e)),
         }
@@ -507,6 +526,11 @@ impl Repo {
     }
 }
 
+/// A boolean variable set to true (`true`, `1`, `yes`).
+fn env_true(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "true" | "1" | "yes"))
+}
+
 fn env_set(name: &str) -> bool {
     std::env::var_os(name).is_some_and(|v| !v.is_empty())
 }
@@ -605,6 +629,9 @@ fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
         b = b.with_secret_access_key(s.clone());
     }
     b = b.with_virtual_hosted_style_request(opts.s3_virtual_hosted_style);
+    // Every PUT and part carries its SHA-256 (x-amz-checksum-sha256): the store refuses a
+    // body damaged on the way, and buckets with Object Lock require a checksum on writes.
+    b = b.with_checksum_algorithm(object_store::aws::Checksum::SHA256);
     // Fail within about a minute when the store is down (wal-fetch must not stall recovery
     // for long before it reports the failure), retrying transient errors meanwhile.
     b = b.with_retry(object_store::RetryConfig {

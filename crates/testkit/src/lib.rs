@@ -2,10 +2,14 @@
 //! made with `initdb`/`pg_ctl` in temporary directories on free loopback ports (as the
 //! `postgres` user when running as root), and an S3-compatible server (s3s-fs) on loopback.
 
+mod azurite;
+mod moto;
 mod pg;
 mod s3;
 mod storj;
 
+pub use azurite::Azurite;
+pub use moto::MotoServer;
 pub use pg::{give_to_postgres, pg_bin_dir, psql, run_as_postgres, running_as_root, scratch_dir, PgServer};
 pub use s3::{S3Server, ACCESS_KEY as S3_ACCESS_KEY, SECRET_KEY as S3_SECRET_KEY};
 pub use storj::FakeStorjAuth;
