@@ -118,6 +118,53 @@ impl std::fmt::Debug for Decryption {
     }
 }
 
+/// A stored object's name: a stem, then the codec's suffixes (`base.tar.zst.age`,
+/// `000000010000000000000002.lz4`). The one place names are both written and read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectName {
+    pub stem: String,
+    pub compression: Compression,
+    pub encrypted: bool,
+}
+
+impl ObjectName {
+    pub fn new(stem: impl Into<String>, compression: Compression, encrypted: bool) -> ObjectName {
+        ObjectName { stem: stem.into(), compression, encrypted }
+    }
+
+    /// `stem[.zst|.gz|.lz4][.age]`.
+    pub fn render(&self) -> String {
+        let mut s = self.stem.clone();
+        if let Some(ext) = self.compression.ext() {
+            s.push('.');
+            s.push_str(ext);
+        }
+        if self.encrypted {
+            s.push_str(".age");
+        }
+        s
+    }
+
+    /// Reads the suffixes back: `.age` last, before it at most one compression suffix;
+    /// what is left is the stem (a name without suffixes is plain).
+    pub fn parse(name: &str) -> ObjectName {
+        let (base, encrypted) = match name.strip_suffix(".age") {
+            Some(b) => (b, true),
+            None => (name, false),
+        };
+        match base.rsplit_once('.').and_then(|(s, ext)| Some((s, Compression::from_ext(ext)?))) {
+            Some((stem, c)) => ObjectName::new(stem, c, encrypted),
+            None => ObjectName::new(base, Compression::None, encrypted),
+        }
+    }
+}
+
+impl std::fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render())
+    }
+}
+
 /// Everything the encoder needs, shared by all archives of one backup.
 #[derive(Debug, Clone)]
 pub struct EncodeSpec {
@@ -135,15 +182,7 @@ impl EncodeSpec {
 
     /// `base.tar` → `base.tar.zst.age`.
     pub fn object_name(&self, stem: &str) -> String {
-        let mut s = stem.to_owned();
-        if let Some(ext) = self.compression.ext() {
-            s.push('.');
-            s.push_str(ext);
-        }
-        if self.encryption.is_on() {
-            s.push_str(".age");
-        }
-        s
+        ObjectName::new(stem, self.compression, self.encryption.is_on()).render()
     }
 }
 
@@ -228,6 +267,20 @@ mod tests {
         let err = parse_identities("AGE-SECRET-KEY-1NOTAKEY", "file.key").err().unwrap().to_string();
         assert!(err.contains("file.key") && !err.contains("NOTAKEY"), "{err}");
         assert!(parse_recipients("", "empty").is_err());
+    }
+
+    #[test]
+    fn object_names_read_back_as_written() {
+        for c in [Compression::None, Compression::Gzip, Compression::Lz4, Compression::Zstd] {
+            for enc in [false, true] {
+                for stem in ["base.tar", "000000010000000000000002", "00000002.history", "1_2_3.snapshot"] {
+                    let n = ObjectName::new(stem, c, enc);
+                    assert_eq!(ObjectName::parse(&n.render()), n);
+                }
+            }
+        }
+        assert_eq!(ObjectName::parse("x.zst.zst").stem, "x.zst");
+        assert_eq!(ObjectName::parse("x.age.zst"), ObjectName::new("x.age", Compression::Zstd, false));
     }
 
     #[test]

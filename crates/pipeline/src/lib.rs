@@ -9,7 +9,7 @@ mod transfer;
 
 pub use age::secrecy::{ExposeSecret, SecretString};
 pub use codec::{
-    generate_identity, parse_identities, parse_recipients, Compression, Decryption, EncodeSpec, Encryption,
+    generate_identity, parse_identities, parse_recipients, Compression, Decryption, EncodeSpec, Encryption, ObjectName,
 };
 pub use error::{PipelineError, Result};
 pub use stages::{decoder, Digest, Digesting, Encoder, Hasher};

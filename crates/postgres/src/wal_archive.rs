@@ -18,7 +18,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use cloud_dump_pipeline::{decoder, repokey, Compression, Decryption, EncodeSpec, Encoder, SecretString};
+use cloud_dump_pipeline::{decoder, repokey, Compression, Decryption, EncodeSpec, Encoder, ObjectName, SecretString};
 use cloud_dump_storage::{Layout, Repo, StorageError};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -156,28 +156,17 @@ fn is_scrypt(stored: &[u8]) -> bool {
 }
 
 /// `…N.zst.age` → (`…N`, zstd, encrypted): an object name's codec suffixes.
-fn suffixes(object: &str) -> (&str, Compression, bool) {
-    let (base, encrypted) = match object.strip_suffix(".age") {
-        Some(b) => (b, true),
-        None => (object, false),
-    };
-    match base.rsplit_once('.').and_then(|(s, ext)| Some((s, Compression::from_ext(ext)?))) {
-        Some((stem, c)) => (stem, c, encrypted),
-        None => (base, Compression::None, encrypted),
-    }
-}
-
 /// `N.zst.age` → (`N`, zstd, encrypted); None for names that are no stored WAL object.
-fn split_codec(object: &str) -> Option<(&str, Compression, bool)> {
-    let (stem, compression, encrypted) = suffixes(object);
-    classify(stem).ok()?;
-    Some((stem, compression, encrypted))
+fn split_codec(object: &str) -> Option<(String, Compression, bool)> {
+    let n = ObjectName::parse(object);
+    classify(&n.stem).ok()?;
+    Some((n.stem, n.compression, n.encrypted))
 }
 
 /// (compression, encrypted) from an object key's suffixes.
 fn codec_of(key: &str) -> (Compression, bool) {
-    let (_, compression, encrypted) = suffixes(key);
-    (compression, encrypted)
+    let n = ObjectName::parse(key);
+    (n.compression, n.encrypted)
 }
 
 fn damaged(name: &str, key: &str, reason: impl Into<String>) -> Error {

@@ -139,17 +139,11 @@ pub fn parse(key: &str, size: u64) -> Option<Entry> {
     if parts.next().is_some() || !is_generation(generation) {
         return None;
     }
-    let (stem, rest) = file.split_once('.')?;
-    let mut exts = rest.split('.');
-    let kind_ext = exts.next()?;
-    let mut compression = Compression::None;
-    let mut encrypted = false;
-    for ext in exts {
-        match ext {
-            "age" if !encrypted => encrypted = true,
-            e if !encrypted && compression == Compression::None => compression = Compression::from_ext(e)?,
-            _ => return None,
-        }
+    let name = cloud_dump_pipeline::ObjectName::parse(file);
+    let (compression, encrypted) = (name.compression, name.encrypted);
+    let (stem, kind_ext) = name.stem.split_once('.')?;
+    if kind_ext.contains('.') {
+        return None;
     }
     let fields: Vec<&str> = stem.split('_').collect();
     // Offsets and indexes: 8 hex digits, up to 16 past 4 GiB.
