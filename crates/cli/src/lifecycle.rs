@@ -160,12 +160,38 @@ pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
         seg,
         now_us(),
     );
+    // Whether the bucket keeps what is written (S3 with static credentials only).
+    let protection = cloud_dump_storage::bucket_protection(repo.url(), &setup::storage_options(g)).await;
+    let window_days = std::env::var("CLOUD_DUMP_RETAIN_DAYS").ok().and_then(|d| d.parse::<f64>().ok());
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        let mut v = serde_json::to_value(&s)?;
+        v["bucket"] = match &protection {
+            Ok(Some(p)) => {
+                let mut b = serde_json::to_value(p)?;
+                if let Some(d) = window_days {
+                    b["covers_retain_days"] = serde_json::json!(p.covers_days(d));
+                }
+                b
+            }
+            Ok(None) => serde_json::json!("unknown"),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     if let Some(p) = &a.prometheus {
-        let text = info::prometheus(&s);
+        let mut text = info::prometheus(&s);
+        if let Ok(Some(b)) = &protection {
+            let labels = format!("repository=\"{}\"", repo.url().replace('\\', "\\\\").replace('"', "\\\""));
+            text.push_str(&format!(
+                "# HELP cloud_dump_bucket_object_lock Whether the bucket has Object Lock.\n# TYPE cloud_dump_bucket_object_lock gauge\n\
+                 cloud_dump_bucket_object_lock{{{labels}}} {}\n\
+                 # HELP cloud_dump_bucket_retention_days The bucket's default retention.\n# TYPE cloud_dump_bucket_retention_days gauge\n\
+                 cloud_dump_bucket_retention_days{{{labels}}} {}\n",
+                u8::from(b.object_lock),
+                b.retention_days.unwrap_or(0)
+            ));
+        }
         if p.as_os_str() == "-" {
             print!("{text}");
         } else {
@@ -174,6 +200,24 @@ pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
         return Ok(());
     }
     print_text(&s);
+    match &protection {
+        Ok(Some(b)) => println!(
+            "Bucket: versioning {}, Object Lock {}{}",
+            b.versioning,
+            match (&b.retention_mode, b.retention_days) {
+                (Some(m), Some(d)) => format!("{m}, default retention {d} day(s)"),
+                _ if b.object_lock => "on, no default retention".to_owned(),
+                _ => "off".to_owned(),
+            },
+            match window_days {
+                Some(d) if b.covers_days(d) => format!("; covers the {d}-day recovery window"),
+                Some(d) => format!("; does NOT cover the {d}-day recovery window (CLOUD_DUMP_RETAIN_DAYS)"),
+                None => String::new(),
+            }
+        ),
+        Ok(None) => {}
+        Err(e) => println!("Bucket: versioning and Object Lock unknown ({e})"),
+    }
     Ok(())
 }
 

@@ -6,6 +6,7 @@ mod error;
 pub mod faults;
 pub mod layout;
 mod location;
+mod protection;
 mod repo;
 pub mod storj;
 
@@ -14,4 +15,17 @@ pub use diagnose::one_line;
 pub use error::{Problem, Result, StorageError};
 pub use layout::Layout;
 pub use location::Location;
+pub use protection::BucketProtection;
+
+/// Versioning and Object Lock of the repository's bucket: `Ok(None)` where that cannot be
+/// told (not S3, or no static credentials to ask with).
+pub async fn bucket_protection(
+    url: &str,
+    opts: &StorageOptions,
+) -> std::result::Result<Option<BucketProtection>, String> {
+    match Location::parse(url).map_err(|e| e.to_string())? {
+        Location::S3 { bucket, .. } => protection::s3_bucket_protection(&bucket, opts).await,
+        _ => Ok(None),
+    }
+}
 pub use repo::{part_size_for, ObjectInfo, Repo, StorageOptions, Upload, REPOSITORY_MARKER};

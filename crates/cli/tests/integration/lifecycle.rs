@@ -394,6 +394,18 @@ fn object_lock_bucket_lifecycle() {
 
     let r = cloud_dump(&["verify", "--repo", url, "--cluster", "c", "--all", "--wal"], &env).ok();
     assert!(r.stdout.contains("backup l3: ok") && r.stdout.contains("backup l1: ok"), "{}", r.stdout);
+    // info tells whether the bucket keeps what is written, and for how long.
+    let mut week = env.clone();
+    week.push(("CLOUD_DUMP_RETAIN_DAYS".into(), "7".into()));
+    let r = cloud_dump(&["info", "--repo", url, "--cluster", "c", "--json"], &week).ok();
+    let i: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(i["bucket"]["versioning"], "Enabled", "{}", r.stdout);
+    assert_eq!(i["bucket"]["object_lock"], true);
+    assert_eq!(i["bucket"]["retention_mode"], "COMPLIANCE");
+    assert_eq!(i["bucket"]["retention_days"], 1);
+    assert_eq!(i["bucket"]["covers_retain_days"], false);
+    let r = cloud_dump(&["info", "--repo", url, "--cluster", "c"], &week).ok();
+    assert!(r.stdout.contains("does NOT cover the 7-day recovery window"), "{}", r.stdout);
     let want = src.sql("postgres", "SELECT count(*) FROM t");
     let work = scratch_dir("lock-restores");
     let pgdata = work.path().join("l1");
