@@ -10,7 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cloud_dump_postgres::info::{self, BackupLine, WalLine};
+use cloud_dump_postgres::info;
 use cloud_dump_postgres::{parse_time_us, BackupManifest, PgRepository};
 use cloud_dump_storage::{Layout, Repo};
 use serde::Serialize;
@@ -164,42 +164,7 @@ fn free_port() -> Result<u16> {
 /// A random moment of the recovery window, and the seed that chose it.
 async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result<(String, u64)> {
     use rand::{Rng, SeedableRng};
-    let pg = PgRepository::new(repo, layout);
-    let inv = pg.inventory().await?;
-    let seg = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
-    let wal: Vec<WalLine> = pg
-        .wal_objects()
-        .await?
-        .into_iter()
-        .map(|(w, o)| WalLine {
-            name: w.name,
-            bytes: o.size,
-            stored_us: o.last_modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
-        })
-        .collect();
-    let backups: Vec<BackupLine> = inv
-        .backups
-        .iter()
-        .map(|b| {
-            let m = &b.manifest;
-            BackupLine {
-                name: m.name.clone(),
-                start_time: m.start_time.clone(),
-                stop_time: m.stop_time.clone(),
-                duration_seconds: 0.0,
-                stored_bytes: 0,
-                raw_bytes: 0,
-                kept: b.kept,
-                timeline: m.timeline,
-                start_lsn: String::new(),
-                end_lsn: String::new(),
-                system_id: m.system_id.clone(),
-                start_segment: m.start_lsn.segment_name(m.timeline, m.wal_segment_size()),
-                stop_time_us: parse_time_us(&m.stop_time),
-            }
-        })
-        .collect();
-    let s = info::summarize(None, String::new(), backups, vec![], &wal, 0, seg, 0);
+    let s = PgRepository::new(repo, layout).summary(0).await?;
     let Some((from, to)) = s.recovery_window else {
         bail!("--random-point: the repository has no recovery window (no backup whose WAL runs to the newest segment)")
     };

@@ -5,8 +5,8 @@ use std::io::Write;
 
 use anyhow::{bail, Context, Result};
 use cloud_dump_postgres::expire::Policy;
-use cloud_dump_postgres::info::{self, BackupLine, WalLine};
-use cloud_dump_postgres::{parse_time_us, PgRepository};
+use cloud_dump_postgres::info;
+use cloud_dump_postgres::PgRepository;
 
 use crate::args::{DeleteArgs, ExpireArgs, GlobalArgs, InfoArgs, KeepArgs, VerifyArgs};
 use crate::{mb, setup};
@@ -15,19 +15,13 @@ fn now_us() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
 }
 
-/// The cluster's WAL segment size, as its newest backup's label tells (16 MiB without one).
-fn segment_size(inv: &cloud_dump_postgres::Inventory) -> u64 {
-    inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20)
-}
-
 pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
     let policy = Policy { retain_full: a.retain_full, retain_days: a.retain_days, now_us: now_us() };
     cloud_dump_postgres::expire::check_policy(&policy).map_err(anyhow::Error::msg)?;
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
     let pg = PgRepository::new(&repo, &layout);
-    let seg = segment_size(&pg.inventory().await?);
-    let (inv, plan) = pg.plan_expire(&policy, seg).await.context("cannot plan the expiry")?;
+    let (inv, plan) = pg.plan_expire(&policy).await.context("cannot plan the expiry")?;
     let verb = if a.dry_run { "would delete" } else { "deleting" };
     for (name, v) in &plan.backups {
         if v.is_delete() {
@@ -109,57 +103,7 @@ pub async fn keep(g: &GlobalArgs, a: &KeepArgs) -> Result<()> {
 pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    let pg = PgRepository::new(&repo, &layout);
-    let inv = pg.inventory().await?;
-    let seg = segment_size(&inv);
-    let wal: Vec<WalLine> = pg
-        .wal_objects()
-        .await?
-        .into_iter()
-        .map(|(w, o)| WalLine {
-            name: w.name,
-            bytes: o.size,
-            stored_us: o.last_modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0),
-        })
-        .collect();
-    let root = match layout.cluster() {
-        Some(c) => format!("{c}/"),
-        None => String::new(),
-    };
-    let repository_bytes: u64 = repo.list(&root).await?.iter().map(|o| o.size).sum();
-    let backups: Vec<BackupLine> = inv
-        .backups
-        .iter()
-        .map(|b| {
-            let m = &b.manifest;
-            let (start, stop) = (parse_time_us(&m.start_time), parse_time_us(&m.stop_time));
-            BackupLine {
-                name: m.name.clone(),
-                start_time: m.start_time.clone(),
-                stop_time: m.stop_time.clone(),
-                duration_seconds: (stop - start) as f64 / 1e6,
-                stored_bytes: m.stored_size(),
-                raw_bytes: m.raw_size(),
-                kept: b.kept,
-                timeline: m.timeline,
-                start_lsn: m.start_lsn.to_string(),
-                end_lsn: m.end_lsn.to_string(),
-                system_id: m.system_id.clone(),
-                start_segment: m.start_lsn.segment_name(m.timeline, m.wal_segment_size()),
-                stop_time_us: stop,
-            }
-        })
-        .collect();
-    let s = info::summarize(
-        layout.cluster().map(str::to_owned),
-        repo.url().to_owned(),
-        backups,
-        inv.unfinished.clone(),
-        &wal,
-        repository_bytes,
-        seg,
-        now_us(),
-    );
+    let s = PgRepository::new(&repo, &layout).summary(now_us()).await?;
     // Whether the bucket keeps what is written (S3 with static credentials only).
     let protection = cloud_dump_storage::bucket_protection(repo.url(), &setup::storage_options(g)).await;
     let window_days = std::env::var("CLOUD_DUMP_RETAIN_DAYS").ok().and_then(|d| d.parse::<f64>().ok());

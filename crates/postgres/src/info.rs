@@ -29,6 +29,33 @@ pub struct BackupLine {
     pub stop_time_us: i64,
 }
 
+impl BackupLine {
+    /// The line of a backup, from its manifest.
+    pub fn of(m: &crate::manifest::BackupManifest, kept: bool) -> BackupLine {
+        let us = |t: &str| {
+            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
+                .unwrap_or(0)
+        };
+        let (start, stop) = (us(&m.start_time), us(&m.stop_time));
+        BackupLine {
+            name: m.name.clone(),
+            start_time: m.start_time.clone(),
+            stop_time: m.stop_time.clone(),
+            duration_seconds: (stop - start) as f64 / 1e6,
+            stored_bytes: m.stored_size(),
+            raw_bytes: m.raw_size(),
+            kept,
+            timeline: m.timeline,
+            start_lsn: m.start_lsn.to_string(),
+            end_lsn: m.end_lsn.to_string(),
+            system_id: m.system_id.clone(),
+            start_segment: m.start_lsn.segment_name(m.timeline, m.wal_segment_size()),
+            stop_time_us: stop,
+        }
+    }
+}
+
 /// One archived WAL file: its name, the bytes it takes, when it was stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WalLine {

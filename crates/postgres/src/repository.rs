@@ -181,14 +181,53 @@ impl<'a> PgRepository<'a> {
             .collect())
     }
 
+    /// What the repository can restore (`info`): backups, WAL per timeline, the recovery
+    /// window, sizes. Three LISTs (backups, WAL, everything for the size) and the manifests.
+    pub async fn summary(&self, now_us: i64) -> Result<crate::info::Summary> {
+        let inv = self.inventory().await?;
+        let segment_size = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
+        let wal: Vec<crate::info::WalLine> = self
+            .wal_objects()
+            .await?
+            .into_iter()
+            .map(|(w, o)| crate::info::WalLine {
+                name: w.name,
+                bytes: o.size,
+                stored_us: o
+                    .last_modified
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as i64)
+                    .unwrap_or(0),
+            })
+            .collect();
+        let root = match self.layout.cluster() {
+            Some(c) => format!("{c}/"),
+            None => String::new(),
+        };
+        let repository_bytes: u64 = self.repo.list(&root).await?.iter().map(|o| o.size).sum();
+        let backups = inv.backups.iter().map(|b| crate::info::BackupLine::of(&b.manifest, b.kept)).collect();
+        Ok(crate::info::summarize(
+            self.layout.cluster().map(str::to_owned),
+            self.repo.url().to_owned(),
+            backups,
+            inv.unfinished,
+            &wal,
+            repository_bytes,
+            segment_size,
+            now_us,
+        ))
+    }
+
     /// The system identifier the archive records (written by the first wal-push).
     pub async fn archive_system(&self) -> Result<Option<String>> {
         crate::wal_archive::WalArchive::new(self.repo, &self.layout).recorded_system().await
     }
 
-    /// Plans an `expire` run (nothing is deleted).
-    pub async fn plan_expire(&self, policy: &Policy, segment_size: u64) -> Result<(Inventory, ExpirePlan)> {
+    /// Plans an `expire` run (nothing is deleted). The WAL segment size is the one the
+    /// newest backup's label tells.
+    pub async fn plan_expire(&self, policy: &Policy) -> Result<(Inventory, ExpirePlan)> {
         let inv = self.inventory().await?;
+        let segment_size = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
         let facts: Vec<BackupFacts> = inv
             .backups
             .iter()

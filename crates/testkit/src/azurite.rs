@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -48,13 +48,7 @@ impl Azurite {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let a = Azurite { endpoint: format!("http://127.0.0.1:{port}"), child, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("azurite did not listen within 30 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::wait_listening(port, "azurite", Duration::from_secs(30))?;
         Ok(a)
     }
 

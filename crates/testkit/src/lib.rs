@@ -14,6 +14,18 @@ pub use pg::{give_to_postgres, pg_bin_dir, psql, run_as_postgres, running_as_roo
 pub use s3::{S3Server, ACCESS_KEY as S3_ACCESS_KEY, SECRET_KEY as S3_SECRET_KEY};
 pub use storj::FakeStorjAuth;
 
+/// Waits until something listens on 127.0.0.1:`port`.
+pub fn wait_listening(port: u16, what: &str, limit: std::time::Duration) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if std::time::Instant::now() > deadline {
+            return Err(format!("{what} did not listen within {} s", limit.as_secs()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().expect("addr").port()

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct MotoServer {
     pub endpoint: String,
@@ -30,13 +30,7 @@ impl MotoServer {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
         let m = MotoServer { endpoint: format!("http://127.0.0.1:{port}"), child };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                return Err("moto_server did not listen within 60 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        crate::wait_listening(port, "moto_server", Duration::from_secs(60))?;
         Ok(m)
     }
 

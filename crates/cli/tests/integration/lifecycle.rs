@@ -24,18 +24,11 @@ fn restore_latest(url: &str, name: &str, src: &PgServer, pgdata: &Path) -> PgSer
     s
 }
 
-fn names(url: &str) -> Vec<String> {
-    let r = cloud_dump(&["list", "--repo", url, "--cluster", "c", "--json"], &[]).ok();
-    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
-    let mut n: Vec<String> = v.iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
-    n.sort();
-    n
-}
-
-#[test]
-fn lifecycle_keep_expire_delete_info() {
+/// A PostgreSQL 15 server archiving (cloud-dump wal-push, cluster c) into a fresh file://
+/// repository; the binary copy its archive_command runs.
+fn archiving_cluster(tag: &str) -> (PgServer, tempfile::TempDir, String, std::path::PathBuf) {
     let mut src = pg(15);
-    let dir = scratch_dir("lifecycle-repo");
+    let dir = scratch_dir(tag);
     std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
     std::fs::write(dir.path().join(cloud_dump_storage::REPOSITORY_MARKER), "x").unwrap();
     give_to_postgres(dir.path());
@@ -46,6 +39,20 @@ fn lifecycle_keep_expire_delete_info() {
         exe.display()
     ))
     .unwrap();
+    (src, dir, url, exe)
+}
+
+fn names(url: &str) -> Vec<String> {
+    let r = cloud_dump(&["list", "--repo", url, "--cluster", "c", "--json"], &[]).ok();
+    let v: Vec<serde_json::Value> = serde_json::from_str(&r.stdout).unwrap();
+    let mut n: Vec<String> = v.iter().map(|m| m["name"].as_str().unwrap().to_owned()).collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn lifecycle_keep_expire_delete_info() {
+    let (src, dir, url, _exe) = archiving_cluster("lifecycle-repo");
     let env = vec![("CLOUD_DUMP_DB_URL".to_owned(), src.repl_url())];
     src.sql("postgres", "CREATE TABLE t(id serial PRIMARY KEY, pad text)");
     let backup = |name: &str, extra: &[&str]| {
@@ -174,18 +181,7 @@ fn lifecycle_keep_expire_delete_info() {
 /// continuity and each segment; damage anywhere is a problem and exit 1.
 #[test]
 fn verify_finds_damage_in_backups_and_wal() {
-    let mut src = pg(15);
-    let dir = scratch_dir("verify-repo");
-    std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
-    std::fs::write(dir.path().join(cloud_dump_storage::REPOSITORY_MARKER), "x").unwrap();
-    give_to_postgres(dir.path());
-    let url = file_url(dir.path());
-    let exe = cloud_dump_testkit::public_copy(&bin());
-    src.reconfigure(&format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {url} --cluster c --log-level warn'",
-        exe.display()
-    ))
-    .unwrap();
+    let (src, dir, url, _exe) = archiving_cluster("verify-repo");
     src.sql("postgres", "CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g");
     let env = vec![("CLOUD_DUMP_DB_URL".to_owned(), src.repl_url())];
     let mut enc = env.clone();
@@ -268,18 +264,7 @@ fn verify_finds_damage_in_backups_and_wal() {
 /// database (amcheck), stop, remove; also at a seeded random point of the recovery window.
 #[test]
 fn drill_restores_starts_checks_and_cleans_up() {
-    let mut src = pg(15);
-    let dir = scratch_dir("drill-repo");
-    std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
-    std::fs::write(dir.path().join(cloud_dump_storage::REPOSITORY_MARKER), "x").unwrap();
-    give_to_postgres(dir.path());
-    let url = file_url(dir.path());
-    let exe = cloud_dump_testkit::public_copy(&bin());
-    src.reconfigure(&format!(
-        "archive_mode = on\narchive_command = '{} wal-push %p %f --repo {url} --cluster c --log-level warn'",
-        exe.display()
-    ))
-    .unwrap();
+    let (src, _dir, url, exe) = archiving_cluster("drill-repo");
     src.sql("postgres", "CREATE DATABASE app");
     src.sql("app", "CREATE TABLE t(id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
     cloud_dump(
