@@ -10,8 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cloud_dump_postgres::info;
-use cloud_dump_postgres::{parse_time_us, BackupManifest, PgRepository};
+use cloud_dump_postgres::{BackupManifest, Lsn, PgRepository};
 use cloud_dump_storage::{Layout, Repo};
 use serde::Serialize;
 
@@ -137,14 +136,30 @@ impl Server {
         }
     }
 
-    fn stop(&self) {
-        let _ = as_server_user(&self.bin.join("pg_ctl"))
+    fn pg_ctl_stop(&self, mode: &str) -> bool {
+        as_server_user(&self.bin.join("pg_ctl"))
             .arg("-D")
             .arg(&self.data)
-            .args(["-m", "fast", "-w", "-t", "60", "stop"])
+            .args(["-m", mode, "-w", "-t", "60", "stop"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
-            .status();
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Stops the server: fast, else immediate; says which.
+    fn try_stop(&self) -> std::result::Result<(), String> {
+        if !self.data.join("postmaster.pid").exists() || self.pg_ctl_stop("fast") {
+            return Ok(());
+        }
+        if self.pg_ctl_stop("immediate") {
+            return Err("the server did not stop in fast mode; it was stopped in immediate mode".into());
+        }
+        Err(format!("the server in {} could not be stopped", self.data.display()))
+    }
+
+    fn stop(&self) {
+        let _ = self.try_stop();
     }
 }
 
@@ -157,23 +172,76 @@ impl Drop for Scratch {
     }
 }
 
+/// The status line of postmaster.pid (PostgreSQL 10+: starting, ready, standby, stopping);
+/// `None` when the file is gone (the server is not running).
+fn postmaster_status(data: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(data.join("postmaster.pid")).ok()?;
+    Some(text.lines().nth(7).unwrap_or("").trim().to_owned())
+}
+
+/// Set on SIGINT/SIGTERM, so the drill stops its server and removes its directory.
+fn cancel_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = flag.clone();
+    if let (Ok(mut term), Ok(mut int)) = (
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()),
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()),
+    ) {
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+    flag
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A random moment of the recovery window, and the seed that chose it.
-async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result<(String, u64)> {
+/// A random point of the recovery window, as an LSN (always reachable: between the end of
+/// the window's first backup and the start of the newest archived segment, where a time
+/// might fall after the last commit), the backup restore will choose for it, and the seed.
+async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result<(Lsn, BackupManifest, u64)> {
     use rand::{Rng, SeedableRng};
-    let s = PgRepository::new(repo, layout).summary(0).await?;
-    let Some((from, to)) = s.recovery_window else {
-        bail!("--random-point: the repository has no recovery window (no backup whose WAL runs to the newest segment)")
+    let pg = PgRepository::new(repo, layout);
+    let s = pg.summary(0).await?;
+    let Some((from_time, _)) = s.recovery_window else {
+        bail!("--random-point: the repository has no recovery window (no backup whose WAL runs to the newest segment without a hole)")
     };
-    let (from, to) = (parse_time_us(&from), parse_time_us(&to));
+    let inv = pg.inventory().await?;
+    let first = inv
+        .backups
+        .iter()
+        .find(|b| b.manifest.stop_time == from_time)
+        .context("the window's first backup disappeared")?;
+    let seg = first.manifest.wal_segment_size();
+    let newest = s.newest_wal.context("no WAL archived")?;
+    let per_log = 0x1_0000_0000u64 / seg;
+    let number = cloud_dump_postgres::wal::segment_number(&newest, seg).context("bad newest segment")?;
+    let to = Lsn((number / per_log) << 32 | ((number % per_log) * seg));
+    let from = first.manifest.end_lsn;
+    if to <= from {
+        bail!("--random-point: no archived WAL after the end of backup {}", first.name());
+    }
     let seed = seed.unwrap_or_else(rand::random);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    // Strictly after the first backup's end, at or before the newest WAL's arrival.
-    let at = if to > from + 1 { rng.gen_range(from + 1..=to) } else { to };
-    Ok((info::fmt_us(at), seed))
+    let at = Lsn(rng.gen_range(from.0..=to.0));
+    // restore picks the newest backup that ends at or before the target.
+    let m = inv.backups.iter().find(|b| b.manifest.end_lsn <= at).unwrap_or(first).manifest.clone();
+    Ok((at, m, seed))
+}
+
+/// Stops the drill's server however the drill ends (fast, then immediate).
+struct Running<'a>(&'a Server);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
 }
 
 pub async fn run(
@@ -186,19 +254,10 @@ pub async fn run(
     let started = Instant::now();
     crate::STDOUT_IS_JSON.store(a.json, std::sync::atomic::Ordering::Relaxed);
     let mut report = DrillReport::default();
-    let (target_time, manifest): (Option<String>, BackupManifest) = if a.random_point {
-        let (t, seed) = random_point(repo, layout, a.seed).await?;
+    let (target_lsn, manifest): (Option<Lsn>, BackupManifest) = if a.random_point {
+        let (at, m, seed) = random_point(repo, layout, a.seed).await?;
         report.seed = Some(seed);
-        let inv = PgRepository::new(repo, layout).inventory().await?;
-        let at = parse_time_us(&t);
-        let m = inv
-            .backups
-            .iter()
-            .find(|b| parse_time_us(&b.manifest.stop_time) < at)
-            .or(inv.backups.last())
-            .map(|b| b.manifest.clone())
-            .context("no backups")?;
-        (Some(t), m)
+        (Some(at), m)
     } else {
         let n = name.context("no backup to drill")?;
         (None, cloud_dump_postgres::load_manifest(repo, layout, &n).await?)
@@ -219,8 +278,8 @@ pub async fn run(
         mapping.push(format!("{}={}", t.location, scratch.join(format!("tablespace-{}", t.oid)).display()));
     }
     report.backup = manifest.name.clone();
-    report.target = match &target_time {
-        Some(t) => format!("time {t}"),
+    report.target = match &target_lsn {
+        Some(l) => format!("LSN {l}"),
         None if manifest.wal_included => "the backup's end (consistency)".into(),
         None => "immediate (consistency, WAL from the archive)".into(),
     };
@@ -230,11 +289,11 @@ pub async fn run(
     let ra = RestoreArgs {
         config: crate::args::PgConfigArg { config: None },
         name: Some(manifest.name.clone()),
-        recovery_target_time: target_time.clone(),
-        recovery_target_lsn: None,
+        recovery_target_time: None,
+        recovery_target_lsn: target_lsn.map(|l| l.to_string()),
         recovery_target_xid: None,
         recovery_target_name: None,
-        recovery_target: match (&target_time, manifest.wal_included) {
+        recovery_target: match (&target_lsn, manifest.wal_included) {
             (None, false) => Some(TargetKind::Immediate),
             _ => None,
         },
@@ -256,14 +315,21 @@ pub async fn run(
     let port = free_port()?;
     let hba = scratch.join("drill_hba.conf");
     std::fs::write(&hba, "local all all trust\n")?;
+    let ident = scratch.join("drill_ident.conf");
+    std::fs::write(&ident, "")?;
+    // Debian keeps postgresql.conf in /etc: a restored data directory may have none.
+    if !data.join("postgresql.conf").exists() {
+        std::fs::write(data.join("postgresql.conf"), "# written by cloud-dump verify --drill\n")?;
+    }
     let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.auto.conf"))?;
     std::io::Write::write_all(
         &mut conf,
         format!(
             "\n# cloud-dump verify --drill\nport = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\n\
-             archive_mode = off\nhba_file = '{}'\nlogging_collector = off\n",
+             archive_mode = off\nhba_file = '{}'\nident_file = '{}'\nlogging_collector = off\n",
             scratch.display(),
-            hba.display()
+            hba.display(),
+            ident.display()
         )
         .as_bytes(),
     )?;
@@ -296,22 +362,45 @@ pub async fn run(
         let tail = std::fs::read_to_string(&log).unwrap_or_default();
         bail!("drill: the restored server did not start: {}", tail.lines().last().unwrap_or(""));
     }
+    let _running = Running(&server);
+    let cancelled = cancel_flag();
     let deadline = Instant::now() + Duration::from_secs(a.drill_timeout);
-    let mut last;
+    let log_tail = || {
+        let tail = std::fs::read_to_string(&log).unwrap_or_default();
+        tail.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join(" | ")
+    };
+    let mut refused_while_ready = 0;
+    let mut seen_pid = false;
     loop {
-        match server.sql("postgres", "SELECT pg_is_in_recovery()") {
+        let last = match server.sql("postgres", "SELECT pg_is_in_recovery()") {
             Ok(v) if v == "f" => break,
-            Ok(v) => last = format!("still in recovery ({v})"),
-            Err(e) => last = e,
+            Ok(v) => format!("still in recovery ({v})"),
+            Err(e) => e,
+        };
+        // postmaster.pid's status line: gone means the server exited; "ready" with
+        // connections refused is not going to get better by waiting.
+        let status = postmaster_status(&data);
+        seen_pid |= status.is_some();
+        match status {
+            // Gone after it was there, or not there 10 s after the start (the postmaster
+            // writes it first thing): the server exited.
+            None if seen_pid || t1.elapsed() > Duration::from_secs(10) => {
+                bail!("drill: the restored server exited: {}", log_tail())
+            }
+            None => {}
+            Some(st) if st == "ready" && !last.starts_with("still in recovery") => {
+                refused_while_ready += 1;
+                if refused_while_ready > 40 {
+                    bail!("drill: the server is up but does not let the drill in: {last}");
+                }
+            }
+            _ => refused_while_ready = 0,
+        }
+        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("drill: interrupted; the server is stopped and {} removed", scratch.display());
         }
         if Instant::now() > deadline {
-            server.stop();
-            let tail = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!(
-                "drill: recovery did not finish within {} s ({last}); server log: {}",
-                a.drill_timeout,
-                tail.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
-            );
+            bail!("drill: recovery did not finish within {} s ({last}); server log: {}", a.drill_timeout, log_tail());
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -340,7 +429,9 @@ pub async fn run(
         }
     }
     report.check_seconds = t2.elapsed().as_secs_f64();
-    server.stop();
+    if let Err(e) = server.try_stop() {
+        report.problems.push(e);
+    }
     report.total_seconds = started.elapsed().as_secs_f64();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -33,6 +33,9 @@ pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
     for u in &inv.unfinished {
         println!("left alone {u}: no manifest (a backup running now, or an abandoned one)");
     }
+    for (u, why) in &inv.unreadable {
+        println!("left alone {u}: {why}");
+    }
     println!(
         "WAL: {} object(s) {}; {}",
         plan.wal_delete.len(),
@@ -206,6 +209,9 @@ fn print_text(s: &info::Summary) {
     }
     for u in &s.unfinished {
         println!("{u:<32} (no manifest: running now, or abandoned)");
+    }
+    for (u, why) in &s.unreadable {
+        println!("{u:<32} UNREADABLE: {why}");
     }
     println!();
     println!("{:<9} {:<26} {:<26} {:>9} {:>6} {:>12}", "TIMELINE", "FIRST", "LAST", "SEGMENTS", "HOLES", "SIZE");

@@ -29,8 +29,11 @@ use crate::wal::{classify, segment_number, WalFileKind};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupFacts {
     pub name: String,
-    /// Unix time in microseconds.
-    pub stop_time_us: i64,
+    /// Unix time in microseconds; `None` when the manifest's time cannot be read (such a
+    /// backup is kept: its place in time is unknown).
+    pub stop_time_us: Option<i64>,
+    /// The WAL segment size of its cluster (from its backup_label).
+    pub segment_size: u64,
     pub start_lsn: Lsn,
     pub system_id: String,
     pub kept: bool,
@@ -95,12 +98,14 @@ pub fn check_policy(p: &Policy) -> Result<(), String> {
 
 /// The plan for `backups` and the WAL archive's objects. `archive_system` is the system
 /// identifier the archive records (None for an archive from before that record).
+/// `unreadable` counts backup folders whose manifest could not be read: they are never
+/// deleted, and while any exists no WAL is (what they need cannot be told).
 pub fn plan(
     backups: &[BackupFacts],
     wal: &[WalObject],
     archive_system: Option<&str>,
     policy: &Policy,
-    segment_size: u64,
+    unreadable: usize,
 ) -> Result<ExpirePlan, String> {
     check_policy(policy)?;
     let window_start = policy.retain_days.map(|d| policy.now_us - (d * US_PER_DAY) as i64);
@@ -111,17 +116,24 @@ pub fn plan(
     let mut verdicts = Vec::new();
     let mut kept_starts: BTreeMap<&str, Vec<Lsn>> = BTreeMap::new();
     for (system, list) in by_system.iter_mut() {
-        list.sort_by(|a, b| b.stop_time_us.cmp(&a.stop_time_us).then(b.name.cmp(&a.name)));
+        // Unreadable times first: treated as newest, never deleted.
+        list.sort_by(|a, b| {
+            let key = |x: &BackupFacts| x.stop_time_us.unwrap_or(i64::MAX);
+            key(b).cmp(&key(a)).then(b.name.cmp(&a.name))
+        });
         // The newest backup that ended before the window: the base for its first moments.
-        let window_base = window_start.and_then(|w| list.iter().position(|b| b.stop_time_us < w));
+        let window_base = window_start.and_then(|w| list.iter().position(|b| b.stop_time_us.is_some_and(|t| t < w)));
+        let newest = list.iter().position(|b| b.stop_time_us.is_some());
         for (i, b) in list.iter().enumerate() {
-            let verdict = if i == 0 {
+            let verdict = if b.stop_time_us.is_none() {
+                Verdict::Keep("its stop time cannot be read".into())
+            } else if Some(i) == newest {
                 Verdict::Keep("the newest backup".into())
             } else if b.kept {
                 Verdict::Keep("keep mark".into())
             } else if policy.retain_full.is_some_and(|n| i < n) {
                 Verdict::Keep(format!("one of the {} newest", policy.retain_full.unwrap_or(0)))
-            } else if window_start.is_some_and(|w| b.stop_time_us >= w) {
+            } else if window_start.is_some_and(|w| b.stop_time_us.is_some_and(|t| t >= w)) {
                 Verdict::Keep(format!("inside the {}-day recovery window", fmt_days(policy.retain_days)))
             } else if window_base == Some(i) {
                 Verdict::Keep(format!(
@@ -151,7 +163,12 @@ pub fn plan(
         None if by_system.len() == 1 => by_system.keys().next().map(|s| s.to_string()),
         None => None,
     };
+    let sizes: std::collections::BTreeSet<u64> = match &system {
+        Some(sys) => backups.iter().filter(|b| &b.system_id == sys).map(|b| b.segment_size).collect(),
+        None => Default::default(),
+    };
     let (wal_cut, wal_reason) = match &system {
+        _ if unreadable > 0 => (None, format!("{unreadable} backup(s) have an unreadable manifest: all WAL kept")),
         None if by_system.is_empty() => (None, "no backups: all WAL kept".to_owned()),
         None => (
             None,
@@ -160,9 +177,13 @@ pub fn plan(
                 by_system.len()
             ),
         ),
+        Some(_) if sizes.len() > 1 => {
+            (None, "the archive's backups disagree on the WAL segment size: all WAL kept".to_owned())
+        }
         Some(s) => match kept_starts.get(s.as_str()).and_then(|v| v.iter().min().copied()) {
             None => (None, format!("no kept backup of system {s} (the archive's): all WAL kept")),
             Some(start) => {
+                let segment_size = sizes.iter().next().copied().unwrap_or(16 << 20);
                 let cut = start.0 / segment_size.max(1);
                 let oldest = verdicts
                     .iter()
@@ -171,12 +192,15 @@ pub fn plan(
                     .min_by_key(|b| b.start_lsn)
                     .map(|b| b.name.clone())
                     .unwrap_or_default();
-                (Some(cut), format!("WAL before {start} (the start of {oldest}, the oldest backup kept) is not needed"))
+                (
+                    Some((cut, segment_size)),
+                    format!("WAL before {start} (the start of {oldest}, the oldest backup kept) is not needed"),
+                )
             }
         },
     };
     let mut wal_delete = Vec::new();
-    if let Some(cut) = wal_cut {
+    if let Some((cut, segment_size)) = wal_cut {
         for o in wal {
             let segment = match classify(&o.name) {
                 Ok(WalFileKind::Segment) => o.name.as_str(),
@@ -189,7 +213,7 @@ pub fn plan(
         }
         wal_delete.sort();
     }
-    Ok(ExpirePlan { backups: verdicts, wal_delete, wal_reason, wal_cut })
+    Ok(ExpirePlan { backups: verdicts, wal_delete, wal_reason, wal_cut: wal_cut.map(|(c, _)| c) })
 }
 
 fn fmt_days(d: Option<f64>) -> String {
@@ -218,7 +242,8 @@ mod tests {
     fn b(name: &str, day: i64, start_seg: u64, system: &str) -> BackupFacts {
         BackupFacts {
             name: name.into(),
-            stop_time_us: day * DAY,
+            stop_time_us: Some(day * DAY),
+            segment_size: SEG,
             start_lsn: Lsn(start_seg * SEG + 40),
             system_id: system.into(),
             kept: false,
@@ -253,7 +278,7 @@ mod tests {
     fn retain_full_keeps_the_newest_and_cuts_wal_at_the_oldest_kept_start() {
         let backups = vec![b("b1", 1, 2, "S"), b("b2", 2, 10, "S"), b("b3", 3, 20, "S")];
         let names: Vec<String> = (0..30).map(|n| seg(1, n)).collect();
-        let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(2), None, 4), SEG).unwrap();
+        let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(2), None, 4), 0).unwrap();
         assert!(verdict(&p, "b1").is_delete());
         assert_eq!(verdict(&p, "b3"), &Verdict::Keep("the newest backup".into()));
         assert_eq!(verdict(&p, "b2"), &Verdict::Keep("one of the 2 newest".into()));
@@ -268,14 +293,14 @@ mod tests {
     fn the_newest_and_kept_backups_stay_whatever_the_policy() {
         let mut backups = vec![b("old", 1, 2, "S"), b("mid", 2, 10, "S"), b("new", 3, 20, "S")];
         backups[0].kept = true;
-        let p = plan(&backups, &[], Some("S"), &policy(Some(1), None, 10), SEG).unwrap();
+        let p = plan(&backups, &[], Some("S"), &policy(Some(1), None, 10), 0).unwrap();
         assert_eq!(verdict(&p, "new"), &Verdict::Keep("the newest backup".into()));
         assert_eq!(verdict(&p, "old"), &Verdict::Keep("keep mark".into()));
         assert!(verdict(&p, "mid").is_delete());
         // The kept backup holds the WAL from its own start.
         assert_eq!(p.wal_cut, Some(2));
         // Even a window long past keeps the newest.
-        let p = plan(&backups[1..], &[], Some("S"), &policy(None, Some(1.0), 100), SEG).unwrap();
+        let p = plan(&backups[1..], &[], Some("S"), &policy(None, Some(1.0), 100), 0).unwrap();
         assert!(!verdict(&p, "new").is_delete());
         assert!(verdict(&p, "mid").is_delete());
     }
@@ -284,14 +309,14 @@ mod tests {
     fn a_recovery_window_keeps_the_base_before_it() {
         // Window: the last 2 days before day 10 → from day 8.
         let backups = vec![b("d3", 3, 3, "S"), b("d5", 5, 5, "S"), b("d7", 7, 7, "S"), b("d9", 9, 9, "S")];
-        let p = plan(&backups, &[], Some("S"), &policy(None, Some(2.0), 10), SEG).unwrap();
+        let p = plan(&backups, &[], Some("S"), &policy(None, Some(2.0), 10), 0).unwrap();
         assert_eq!(verdict(&p, "d9"), &Verdict::Keep("the newest backup".into()));
         assert!(verdict(&p, "d7").reason().starts_with("needed to reach any point after"), "{:?}", verdict(&p, "d7"));
         assert!(verdict(&p, "d5").is_delete());
         assert!(verdict(&p, "d3").is_delete());
         assert_eq!(p.wal_cut, Some(7));
         // Both rules: either one keeps.
-        let p = plan(&backups, &[], Some("S"), &policy(Some(3), Some(2.0), 10), SEG).unwrap();
+        let p = plan(&backups, &[], Some("S"), &policy(Some(3), Some(2.0), 10), 0).unwrap();
         assert!(!verdict(&p, "d5").is_delete());
         assert!(verdict(&p, "d3").is_delete());
     }
@@ -301,7 +326,7 @@ mod tests {
         // After pg_upgrade-like resets LSNs can go down while time goes up: "new" ended
         // last, with the lowest LSN. It is the newest.
         let backups = vec![b("old", 1, 500, "S"), b("new", 2, 3, "S")];
-        let p = plan(&backups, &[], Some("S"), &policy(Some(1), None, 3), SEG).unwrap();
+        let p = plan(&backups, &[], Some("S"), &policy(Some(1), None, 3), 0).unwrap();
         assert_eq!(verdict(&p, "new"), &Verdict::Keep("the newest backup".into()));
         assert!(verdict(&p, "old").is_delete());
     }
@@ -311,7 +336,7 @@ mod tests {
         // System A archived here, then a new initdb (B) archives into the same prefix.
         let backups = vec![b("a1", 1, 50, "A"), b("a2", 2, 60, "A"), b("b1", 3, 2, "B"), b("b2", 4, 4, "B")];
         let names: Vec<String> = (0..70).map(|n| seg(1, n)).collect();
-        let p = plan(&backups, &wal(&names), Some("B"), &policy(Some(1), None, 5), SEG).unwrap();
+        let p = plan(&backups, &wal(&names), Some("B"), &policy(Some(1), None, 5), 0).unwrap();
         // Each system keeps its newest.
         assert!(!verdict(&p, "a2").is_delete());
         assert!(!verdict(&p, "b2").is_delete());
@@ -319,11 +344,11 @@ mod tests {
         // WAL is cut for the archive's system only.
         assert_eq!(p.wal_cut, Some(4));
         // The archive's system unknown and two systems: no WAL is deleted.
-        let p = plan(&backups, &wal(&names), None, &policy(Some(1), None, 5), SEG).unwrap();
+        let p = plan(&backups, &wal(&names), None, &policy(Some(1), None, 5), 0).unwrap();
         assert!(p.wal_delete.is_empty());
         assert!(p.wal_reason.contains("2 systems"), "{}", p.wal_reason);
         // The archive's system has no backup: nothing of it goes.
-        let p = plan(&backups[..2], &wal(&names), Some("B"), &policy(Some(1), None, 5), SEG).unwrap();
+        let p = plan(&backups[..2], &wal(&names), Some("B"), &policy(Some(1), None, 5), 0).unwrap();
         assert!(p.wal_delete.is_empty());
     }
 
@@ -335,7 +360,7 @@ mod tests {
         names.push("00000002.history".into());
         names.push(format!("{}.partial", seg(1, 16)));
         names.push(format!("{}.00000028.backup", seg(1, 4)));
-        let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(1), None, 3), SEG).unwrap();
+        let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(1), None, 3), 0).unwrap();
         assert_eq!(p.wal_cut, Some(20));
         assert!(!p.wal_delete.iter().any(|k| k.contains(".history")));
         // Timeline 2's segments below the cut go too; at and after it they stay.
@@ -346,16 +371,49 @@ mod tests {
         // Nothing at or after the kept backup's start is in the plan, on any timeline.
         for k in &p.wal_delete {
             let name = &k["wal_archive/".len().."wal_archive/".len() + 24];
-            assert!(segment_number(name, SEG).unwrap() < 20, "{k}");
+            assert!(segment_number(name, 0).unwrap() < 20, "{k}");
         }
     }
 
     #[test]
+    fn what_cannot_be_told_is_kept() {
+        // A 64 MiB-segment system whose archive this is, and a newer 16 MiB system: the cut
+        // uses the archive's own size.
+        let mut a1 = b("a1", 1, 0, "A");
+        a1.segment_size = 64 << 20;
+        a1.start_lsn = Lsn(0x1_8000_0028);
+        let b1 = b("b1", 2, 3, "B");
+        let names: Vec<String> = (0..60).map(|n| seg(1, n)).collect();
+        let p = plan(&[a1.clone(), b1], &wal(&names), Some("A"), &policy(Some(1), None, 3), 0).unwrap();
+        // 0x1_8000_0028 with 64 MiB segments is segment number 0x60 = 96 (log 1, seg 0x20).
+        assert_eq!(p.wal_cut, Some(0x1_8000_0028 / (64 << 20)));
+        let start = "000000010000000100000020";
+        assert!(!p.wal_delete.iter().any(|k| k.contains(start)));
+        // Backups of the archive's system that disagree on the size: no WAL goes.
+        let mut a2 = b("a2", 3, 5, "A");
+        a2.segment_size = 16 << 20;
+        let p = plan(&[a1, a2], &wal(&names), Some("A"), &policy(Some(1), None, 4), 0).unwrap();
+        assert!(p.wal_delete.is_empty(), "{}", p.wal_reason);
+        // An unreadable time: kept, and not taken for the newest.
+        let mut odd = b("odd", 0, 1, "S");
+        odd.stop_time_us = None;
+        let p =
+            plan(&[odd, b("x", 5, 10, "S"), b("y", 6, 20, "S")], &[], Some("S"), &policy(Some(1), None, 7), 0).unwrap();
+        assert_eq!(verdict(&p, "odd"), &Verdict::Keep("its stop time cannot be read".into()));
+        assert!(verdict(&p, "x").is_delete());
+        assert_eq!(verdict(&p, "y"), &Verdict::Keep("the newest backup".into()));
+        // An unreadable manifest somewhere: no WAL goes.
+        let p = plan(&[b("x", 5, 10, "S"), b("y", 6, 20, "S")], &wal(&names), Some("S"), &policy(Some(1), None, 7), 1)
+            .unwrap();
+        assert!(p.wal_delete.is_empty() && p.wal_reason.contains("unreadable"));
+    }
+
+    #[test]
     fn policies_are_checked() {
-        assert!(plan(&[], &[], None, &policy(None, None, 1), SEG).is_err());
-        assert!(plan(&[], &[], None, &policy(Some(0), None, 1), SEG).is_err());
-        assert!(plan(&[], &[], None, &policy(None, Some(-1.0), 1), SEG).is_err());
-        let p = plan(&[], &wal(&[seg(1, 1)]), None, &policy(Some(1), None, 1), SEG).unwrap();
+        assert!(plan(&[], &[], None, &policy(None, None, 1), 0).is_err());
+        assert!(plan(&[], &[], None, &policy(Some(0), None, 1), 0).is_err());
+        assert!(plan(&[], &[], None, &policy(None, Some(-1.0), 1), 0).is_err());
+        let p = plan(&[], &wal(&[seg(1, 1)]), None, &policy(Some(1), None, 1), 0).unwrap();
         assert!(p.wal_delete.is_empty());
     }
 
@@ -382,7 +440,7 @@ mod tests {
                 30,
             );
             let archive = if rng.gen_bool(0.8) { Some("A") } else { None };
-            let p = plan(&backups, &wal(&names), archive, &pol, SEG).unwrap();
+            let p = plan(&backups, &wal(&names), archive, &pol, 0).unwrap();
             for sys in ["A", "B"] {
                 let newest = backups
                     .iter()
@@ -405,7 +463,7 @@ mod tests {
             for k in &p.wal_delete {
                 assert!(!k.contains(".history"));
                 let name = &k["wal_archive/".len().."wal_archive/".len() + 24];
-                let num = segment_number(name, SEG).unwrap();
+                let num = segment_number(name, 0).unwrap();
                 assert!(kept_min.is_some_and(|m| num < m), "{k} deleted, kept from {kept_min:?}");
             }
         }

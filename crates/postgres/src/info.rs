@@ -85,6 +85,8 @@ pub struct Summary {
     pub backups: Vec<BackupLine>,
     /// Folders with a claim but no manifest: backups running now, or abandoned.
     pub unfinished: Vec<String>,
+    /// Folders whose manifest cannot be read, with why.
+    pub unreadable: Vec<(String, String)>,
     pub timelines: Vec<TimelineSummary>,
     pub wal_bytes: u64,
     pub newest_wal: Option<String>,
@@ -178,18 +180,25 @@ pub fn summarize(
         .max();
     let newest_name = newest_seg.as_ref().map(|(_, _, n)| n.clone());
     let newest_time = newest_name.as_ref().and_then(|n| files.get(n.as_str()).map(|f| f.1));
-    // The recovery window: the oldest backup from whose start segment its timeline runs
-    // without a hole to its newest segment.
+    // The recovery window: the oldest backup from whose start segment its own timeline, and
+    // every later timeline from where it begins, run without a hole to their newest
+    // segment (conservative: a hole on any later timeline closes the window).
     let window = newest_time.and_then(|end_us| {
         let start = backups
             .iter()
             .rev()
             .find(|b| {
                 let Ok(tli) = u32::from_str_radix(b.start_segment.get(..8).unwrap_or(""), 16) else { return false };
-                let Some((segs, _, _)) = per_tli.get(&tli) else { return false };
                 let Some(from) = segment_number(&b.start_segment, segment_size) else { return false };
-                let Some((&to, _)) = segs.iter().next_back() else { return false };
-                from <= to && (from..=to).all(|n| segs.contains_key(&n))
+                let Some((own, _, _)) = per_tli.get(&tli) else { return false };
+                let Some((&own_to, _)) = own.iter().next_back() else { return false };
+                if own_to < from || !(from..=own_to).all(|n| own.contains_key(&n)) {
+                    return false;
+                }
+                per_tli.range(tli + 1..).all(|(_, (segs, _, _))| match (segs.keys().next(), segs.keys().next_back()) {
+                    (Some(&lo), Some(&hi)) => (lo.max(from)..=hi).all(|n| n < lo || segs.contains_key(&n)),
+                    _ => true,
+                })
             })
             .map(|b| b.stop_time.clone())?;
         Some((start, fmt_us(end_us)))
@@ -199,6 +208,7 @@ pub fn summarize(
         repository,
         backups,
         unfinished,
+        unreadable: Vec::new(),
         timelines,
         wal_bytes,
         newest_wal: newest_name,
@@ -360,6 +370,11 @@ mod tests {
         // "old" starts before the hole: the window starts at "new".
         assert_eq!(s.recovery_window.as_ref().unwrap().0, fmt_us(t0 + 7_000_000));
         assert!((s.newest_wal_age_seconds.unwrap() - (100.0 - 0.000011)).abs() < 0.01);
+        // A hole on a later timeline closes the window for every backup before it.
+        let mut holed = wal.clone();
+        holed.retain(|w| w.name != seg(2, 9));
+        let s2 = summarize(None, "r".into(), s.backups.clone(), vec![], &holed, 0, SEG, t0);
+        assert!(s2.recovery_window.is_none(), "{:?}", s2.recovery_window);
         let prom = prometheus(&s);
         assert!(
             prom.contains("cloud_dump_wal_holes{cluster=\"c\",repository=\"file:///r\",timeline=\"1\"} 1"),

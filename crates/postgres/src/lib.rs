@@ -30,7 +30,9 @@ pub use extract::{extract, ExtractStats, ExtractTarget};
 pub use lsn::Lsn;
 pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
 pub use progress::{NoProgress, Progress};
-pub use repository::{kept_by_marks, parse_time_us, wal_name_of, ExpireOutcome, Inventory, PgRepository, StoredBackup};
+pub use repository::{
+    kept_by_marks, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, PgRepository, StoredBackup,
+};
 pub use restore::{check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
 pub use wal_archive::{
     is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys, SHA_METADATA, SYSTEM_FILE,

@@ -40,6 +40,8 @@ impl StoredBackup {
 pub struct Inventory {
     pub backups: Vec<StoredBackup>,
     pub unfinished: Vec<String>,
+    /// Folders whose manifest exists but cannot be read, with why.
+    pub unreadable: Vec<(String, String)>,
 }
 
 pub struct PgRepository<'a> {
@@ -47,24 +49,35 @@ pub struct PgRepository<'a> {
     layout: Layout,
 }
 
-/// Whether a backup folder's marks say "kept": the newest mark decides.
-pub fn kept_by_marks<'a>(names: impl Iterator<Item = &'a str>) -> bool {
-    let mut newest: Option<(&str, bool)> = None;
-    for n in names {
-        let (stamp, keep) = match (n.strip_prefix(KEEP_PREFIX), n.strip_prefix(RELEASE_PREFIX)) {
-            (Some(s), _) => (s, true),
-            (_, Some(s)) => (s, false),
-            _ => continue,
-        };
-        if stamp.len() != 20 || !stamp.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        // Same stamp: a release wins (the safe reading is "not kept" only if asked later).
-        if newest.is_none_or(|(s, _)| stamp > s || (stamp == s && !keep)) {
-            newest = Some((stamp, keep));
-        }
+/// A mark stamped more than this far ahead of the clock is not believed (a planted
+/// `release-99999…` must not decide for ever).
+const MARK_FUTURE_SLACK_US: i64 = 24 * 3600 * 1_000_000;
+
+fn mark_stamp(name: &str) -> Option<(i64, bool)> {
+    let (stamp, keep) = match (name.strip_prefix(KEEP_PREFIX), name.strip_prefix(RELEASE_PREFIX)) {
+        (Some(s), _) => (s, true),
+        (_, Some(s)) => (s, false),
+        _ => return None,
+    };
+    if stamp.len() != 20 || !stamp.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    newest.is_some_and(|(_, k)| k)
+    Some((stamp.parse().ok()?, keep))
+}
+
+/// Whether a backup folder's marks say "kept": the newest believable mark decides (at one
+/// stamp a keep wins: keeping is the safe reading).
+pub fn kept_by_marks<'a>(names: impl Iterator<Item = &'a str>, now_us: i64) -> bool {
+    names
+        .filter_map(mark_stamp)
+        .filter(|(t, _)| *t <= now_us + MARK_FUTURE_SLACK_US)
+        .max_by_key(|(t, keep)| (*t, *keep))
+        .is_some_and(|(_, keep)| keep)
+}
+
+/// The newest believable stamp among a folder's marks.
+fn newest_mark<'a>(names: impl Iterator<Item = &'a str>, now_us: i64) -> Option<i64> {
+    names.filter_map(mark_stamp).map(|(t, _)| t).filter(|t| *t <= now_us + MARK_FUTURE_SLACK_US).max()
 }
 
 /// The WAL file an archive object belongs to (`…0002.zst`, `…0002.sum` → `…0002`;
@@ -120,13 +133,20 @@ impl<'a> PgRepository<'a> {
             .collect()
             .await;
         let mut backups = Vec::new();
+        let mut unreadable = Vec::new();
+        let now = now_us();
         for (got, name, objects, key) in loaded {
             match got {
                 Ok(bytes) => {
-                    let manifest = BackupManifest::parse(&bytes)
-                        .map_err(|reason| Error::BadManifest { key: key.clone(), reason })?;
+                    let manifest = match BackupManifest::parse(&bytes) {
+                        Ok(m) => m,
+                        Err(reason) => {
+                            unreadable.push((name, Error::BadManifest { key: key.clone(), reason }.to_string()));
+                            continue;
+                        }
+                    };
                     let dir = self.layout.backup_dir(&name);
-                    let kept = kept_by_marks(objects.iter().filter_map(|o| o.key.strip_prefix(&dir)));
+                    let kept = kept_by_marks(objects.iter().filter_map(|o| o.key.strip_prefix(&dir)), now);
                     backups.push(StoredBackup { manifest, kept, objects });
                 }
                 // Deleted since the listing: it is gone.
@@ -134,18 +154,35 @@ impl<'a> PgRepository<'a> {
                 Err(e) => return Err(e.into()),
             }
         }
-        backups.sort_by(|a, b| b.manifest.stop_time.cmp(&a.manifest.stop_time).then(b.name().cmp(a.name())));
+        // By time, parsed (an RFC 3339 string does not sort as its instant does).
+        backups.sort_by(|a, b| {
+            parse_time_us(&b.manifest.stop_time).cmp(&parse_time_us(&a.manifest.stop_time)).then(b.name().cmp(a.name()))
+        });
         unfinished.sort();
-        Ok(Inventory { backups, unfinished })
+        unreadable.sort();
+        Ok(Inventory { backups, unfinished, unreadable })
     }
 
     /// Keeps a backup from `expire`, or releases it: a new write-once mark either way.
     pub async fn set_keep(&self, name: &str, keep: bool) -> Result<()> {
         crate::catalog::load_manifest(self.repo, &self.layout, name).await?;
-        let stamp = format!("{:020}", now_us().max(0));
-        let key = format!("{}{}{stamp}", self.layout.backup_dir(name), if keep { KEEP_PREFIX } else { RELEASE_PREFIX });
+        let dir = self.layout.backup_dir(name);
+        let now = now_us();
+        let rel = |o: &ObjectInfo| o.key.strip_prefix(&dir).map(str::to_owned);
+        let names: Vec<String> = self.repo.list(&dir).await?.iter().filter_map(rel).collect();
+        // After every mark there is, whatever this host's clock says.
+        let stamp = newest_mark(names.iter().map(String::as_str), now).map_or(now, |t| t.max(now - 1) + 1).max(0);
+        let key = format!("{dir}{}{stamp:020}", if keep { KEEP_PREFIX } else { RELEASE_PREFIX });
         let body = format!("{}\n", if keep { "keep" } else { "release" });
         self.repo.put_new(&key, Bytes::from(body)).await?;
+        // Read back: the marks must now say what was asked.
+        let after: Vec<String> = self.repo.list(&dir).await?.iter().filter_map(rel).collect();
+        if kept_by_marks(after.iter().map(String::as_str), now_us()) != keep {
+            return Err(Error::Config(format!(
+                "backup {name}: the {} mark was written, but another mark in {dir} decides otherwise",
+                if keep { "keep" } else { "release" }
+            )));
+        }
         Ok(())
     }
 
@@ -206,7 +243,7 @@ impl<'a> PgRepository<'a> {
         };
         let repository_bytes: u64 = self.repo.list(&root).await?.iter().map(|o| o.size).sum();
         let backups = inv.backups.iter().map(|b| crate::info::BackupLine::of(&b.manifest, b.kept)).collect();
-        Ok(crate::info::summarize(
+        let mut summary = crate::info::summarize(
             self.layout.cluster().map(str::to_owned),
             self.repo.url().to_owned(),
             backups,
@@ -215,7 +252,9 @@ impl<'a> PgRepository<'a> {
             repository_bytes,
             segment_size,
             now_us,
-        ))
+        );
+        summary.unreadable = inv.unreadable;
+        Ok(summary)
     }
 
     /// The system identifier the archive records (written by the first wal-push).
@@ -227,13 +266,13 @@ impl<'a> PgRepository<'a> {
     /// newest backup's label tells.
     pub async fn plan_expire(&self, policy: &Policy) -> Result<(Inventory, ExpirePlan)> {
         let inv = self.inventory().await?;
-        let segment_size = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
         let facts: Vec<BackupFacts> = inv
             .backups
             .iter()
             .map(|b| BackupFacts {
                 name: b.name().to_owned(),
-                stop_time_us: parse_time_us(&b.manifest.stop_time),
+                stop_time_us: time_us(&b.manifest.stop_time),
+                segment_size: b.manifest.wal_segment_size(),
                 start_lsn: b.manifest.start_lsn,
                 system_id: b.manifest.system_id.clone(),
                 kept: b.kept,
@@ -241,7 +280,8 @@ impl<'a> PgRepository<'a> {
             .collect();
         let wal: Vec<WalObject> = self.wal_objects().await?.into_iter().map(|(w, _)| w).collect();
         let system = self.archive_system().await?;
-        let plan = expire::plan(&facts, &wal, system.as_deref(), policy, segment_size).map_err(Error::Config)?;
+        let plan =
+            expire::plan(&facts, &wal, system.as_deref(), policy, inv.unreadable.len()).map_err(Error::Config)?;
         Ok((inv, plan))
     }
 
@@ -277,11 +317,16 @@ pub(crate) fn now_us() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
 }
 
-/// RFC 3339 → µs since the epoch (0 for an unreadable time: oldest).
-pub fn parse_time_us(s: &str) -> i64 {
+/// RFC 3339 → µs since the epoch, if it reads.
+pub fn time_us(s: &str) -> Option<i64> {
     time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
         .map(|t| (t.unix_timestamp_nanos() / 1000) as i64)
-        .unwrap_or(0)
+}
+
+/// RFC 3339 → µs since the epoch (0 for an unreadable time).
+pub fn parse_time_us(s: &str) -> i64 {
+    time_us(s).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -290,14 +335,20 @@ mod tests {
 
     #[test]
     fn the_newest_mark_decides() {
-        let k = |s: &str| format!("keep-{s:0>20}");
-        let r = |s: &str| format!("release-{s:0>20}");
-        assert!(!kept_by_marks(std::iter::empty()));
-        assert!(kept_by_marks([k("5")].iter().map(String::as_str)));
-        assert!(!kept_by_marks([k("5"), r("6")].iter().map(String::as_str)));
-        assert!(kept_by_marks([k("5"), r("6"), k("7")].iter().map(String::as_str)));
-        assert!(!kept_by_marks([k("5"), r("5")].iter().map(String::as_str)));
-        assert!(!kept_by_marks(["keep-x", "base.tar.zst", "manifest.json"].into_iter()));
+        let k = |s: i64| format!("keep-{s:020}");
+        let r = |s: i64| format!("release-{s:020}");
+        let now = 1_000_000_000;
+        let kept = |v: &[String]| kept_by_marks(v.iter().map(String::as_str), now);
+        assert!(!kept(&[]));
+        assert!(kept(&[k(5)]));
+        assert!(!kept(&[k(5), r(6)]));
+        assert!(kept(&[k(5), r(6), k(7)]));
+        // One stamp: keeping wins.
+        assert!(kept(&[k(5), r(5)]));
+        assert!(!kept(&["keep-x".into(), "base.tar.zst".into(), "manifest.json".into()]));
+        // A mark far in the future is not believed.
+        assert!(kept(&[k(5), r(now + MARK_FUTURE_SLACK_US + 1)]));
+        assert_eq!(newest_mark([k(5), r(9)].iter().map(String::as_str), now), Some(9));
     }
 
     #[test]

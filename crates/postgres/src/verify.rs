@@ -306,6 +306,9 @@ async fn verify_backup(repo: &Repo, layout: &Layout, m: &BackupManifest, req: &V
             Ok(f) => files = Some(f),
             Err(e) => rep.problems.push(format!("backup_manifest: {e}")),
         }
+    } else if m.pg_version_num >= 130000 {
+        // PostgreSQL 13+ always sends one: its absence is damage, not an old server.
+        rep.problems.push("backup_manifest is missing (PostgreSQL 13 and later always send one)".into());
     } else {
         rep.not_checked.push("files: no backup_manifest (PostgreSQL before 13)".into());
     }
@@ -389,6 +392,13 @@ async fn verify_wal(
             continue;
         };
         let to = *segs.iter().next_back().unwrap_or(&from);
+        if to < from {
+            rep.problems.push(format!(
+                "backup {}: no WAL archived from its start ({start}); the newest on timeline {} ends before it",
+                b.name, b.timeline
+            ));
+            continue;
+        }
         if let Some(missing) = (from..=to).find(|n| !segs.contains(n)) {
             let per_log = 0x1_0000_0000u64 / segment_size;
             rep.problems.push(format!(
@@ -439,6 +449,12 @@ pub async fn verify(repo: &Repo, layout: &Layout, req: &VerifyRequest) -> Result
         }
     };
     let mut report = VerifyReport { repository: repo.url().to_owned(), ..Default::default() };
+    // Backups whose manifest cannot be read are problems too, listed by name.
+    if req.names.is_none() {
+        for (name, why) in &inv.unreadable {
+            report.backups.push(BackupReport { name: name.clone(), problems: vec![why.clone()], ..Default::default() });
+        }
+    }
     for m in &chosen {
         report.backups.push(verify_backup(repo, layout, m, req).await);
     }

@@ -258,6 +258,27 @@ fn verify_finds_damage_in_backups_and_wal() {
     assert_eq!(r.code, 1, "{}", r.stdout);
     assert!(r.stdout.contains(&format!("segment {} is missing", &hole[..24])), "{}", r.stdout);
     assert!(r.stdout.contains(&segs[segs.len() - 3][..24]), "the damaged segment is named: {}", r.stdout);
+
+    // A PostgreSQL 15 backup whose manifest no longer lists backup_manifest, and a folder
+    // whose manifest is unreadable: both are problems, and expire then keeps every WAL file.
+    let mpath = dir.path().join("c/backup/plain/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["objects"].as_array_mut().unwrap().retain(|o| o["kind"] != "backup_manifest");
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    std::fs::create_dir_all(dir.path().join("c/backup/junk")).unwrap();
+    std::fs::write(dir.path().join("c/backup/junk/manifest.json"), b"{ not json").unwrap();
+    let r = verify(&["--all"], &pass);
+    assert_eq!(r.code, 1);
+    assert!(r.stdout.contains("backup_manifest is missing (PostgreSQL 13 and later always send one)"), "{}", r.stdout);
+    assert!(r.stdout.contains("backup junk: FAILED"), "{}", r.stdout);
+    let r = verify(&["--all", "--wal"], &pass);
+    assert!(r.stdout.contains("backup junk: FAILED"), "{}", r.stdout);
+    let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "1", "--dry-run"], &[]).ok();
+    assert!(
+        r.stdout.contains("left alone junk") && r.stdout.contains("unreadable manifest: all WAL kept"),
+        "{}",
+        r.stdout
+    );
 }
 
 /// verify --drill: restore into a scratch directory, start on a private socket, check every
@@ -300,9 +321,24 @@ fn drill_restores_starts_checks_and_cleans_up() {
     assert_eq!(code, 0, "{out}{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(r["seed"], 7);
-    assert!(r["target"].as_str().unwrap().starts_with("time "), "{r}");
+    assert!(r["target"].as_str().unwrap().starts_with("LSN "), "{r}");
     assert!(r["problems"].as_array().unwrap().is_empty());
     assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0);
+    // A backup whose server cannot start (a preload library this host lacks): the drill says
+    // so at once, exits 1, and leaves nothing behind.
+    src.sql("postgres", "ALTER SYSTEM SET shared_preload_libraries = 'no_such_library'");
+    cloud_dump(
+        &["backup", "--repo", &url, "--cluster", "c", "--name", "d2"],
+        &[("CLOUD_DUMP_DB_URL".into(), src.repl_url())],
+    )
+    .ok();
+    src.sql("postgres", "ALTER SYSTEM RESET shared_preload_libraries");
+    let t = std::time::Instant::now();
+    let (code, out, err) = drill(&["--name", "d2"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("the restored server exited"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(60), "the drill waited for a dead server");
+    assert_eq!(std::fs::read_dir(scratch.path()).unwrap().count(), 0, "a failed drill left its directory");
     // Server binaries of another major: refused before anything is written.
     if let Some(pg17) = cloud_dump_testkit::pg_bin_dir(17) {
         let mut c = std::process::Command::new(&exe);
