@@ -80,7 +80,7 @@ pub fn parse(text: &str, origin: &str) -> Result<PgSection, String> {
         .map_err(|e| format!("{origin}: {}", cloud_dump_sqlite::config::redact_yaml_values(&e.to_string())))?;
     let section = top.postgres.unwrap_or_default();
     for (name, c) in &section.clusters {
-        cloud_dump_storage::Layout::new(Some(name), None)
+        cloud_dump_postgres::Layout::new(Some(name), None)
             .map_err(|e| format!("{origin}: postgres.clusters.{name}: not a usable cluster name: {e}"))?;
         if c.passphrase.is_some() as u8 + c.passphrase_file.is_some() as u8 + c.recipient_key.is_some() as u8 > 1 {
             return Err(format!(

@@ -10,8 +10,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cloud_dump_postgres::Layout;
 use cloud_dump_postgres::{BackupManifest, Lsn, PgRepository};
-use cloud_dump_storage::{Layout, Repo};
+use cloud_dump_storage::Repo;
 use serde::Serialize;
 
 use crate::args::{GlobalArgs, RestoreArgs, TargetAction, TargetKind, VerifyArgs};

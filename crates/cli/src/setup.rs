@@ -4,7 +4,8 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{parse_identities, parse_recipients, Decryption, Encryption, SecretString};
-use cloud_dump_storage::{Layout, Repo, StorageOptions};
+use cloud_dump_postgres::Layout;
+use cloud_dump_storage::{Repo, StorageOptions};
 
 use crate::args::{DecryptArgs, EncryptArgs, GlobalArgs, StorageKind};
 

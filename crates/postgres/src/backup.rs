@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use cloud_dump_pipeline::{EncodeSpec, Sink, Stored};
-use cloud_dump_storage::{layout, Layout, Repo};
+use cloud_dump_storage::Repo;
+
+use crate::layout::{self, Layout};
 use postgres_protocol::message::backend::Message;
 use tokio::task::JoinHandle;
 

@@ -1,7 +1,9 @@
 //! What backups a repository holds: a folder counts as a backup only once its
 //! `manifest.json` exists.
 
-use cloud_dump_storage::{layout, Layout, Repo, StorageError};
+use cloud_dump_storage::{Repo, StorageError};
+
+use crate::layout::{self, Layout};
 use futures::StreamExt;
 
 use crate::error::{Error, Result};

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use cloud_dump_storage::{layout, Layout, ObjectInfo, Repo, StorageError};
+use cloud_dump_storage::{ObjectInfo, Repo, StorageError};
+
+use crate::layout::{self, Layout};
 use futures::StreamExt;
 
 use crate::error::{Error, Result};

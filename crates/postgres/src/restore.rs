@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cloud_dump_pipeline::{read_decoded, Compression, Decryption, PipelineError, Source};
-use cloud_dump_storage::{Layout, Repo};
+use cloud_dump_storage::Repo;
+
+use crate::layout::Layout;
 use futures::StreamExt;
 
 use crate::catalog::load_manifest;

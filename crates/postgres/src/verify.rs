@@ -13,7 +13,9 @@ use std::collections::BTreeMap;
 use std::io::Read;
 
 use cloud_dump_pipeline::{read_decoded, Compression, Decryption, PipelineError, Source};
-use cloud_dump_storage::{Layout, Repo};
+use cloud_dump_storage::Repo;
+
+use crate::layout::Layout;
 use futures::{StreamExt, TryStreamExt};
 use serde::Serialize;
 use sha2::Digest;

@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use cloud_dump_pipeline::{decoder, repokey, Compression, Decryption, EncodeSpec, Encoder, ObjectName, SecretString};
-use cloud_dump_storage::{Layout, Repo, StorageError};
+use cloud_dump_storage::{Repo, StorageError};
+
+use crate::layout::Layout;
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
 

@@ -1,10 +1,9 @@
-//! Object storage for cloud-dump: repository URLs, the backup/WAL layout, create-only puts
+//! Object storage for cloud-dump: repository URLs, create-only puts
 //! and bounded multipart uploads, over `object_store`.
 
 mod diagnose;
 mod error;
 pub mod faults;
-pub mod layout;
 mod location;
 mod protection;
 mod repo;
@@ -13,7 +12,6 @@ pub mod storj;
 pub use bytes::Bytes;
 pub use diagnose::one_line;
 pub use error::{Problem, Result, StorageError};
-pub use layout::Layout;
 pub use location::Location;
 pub use protection::BucketProtection;
 

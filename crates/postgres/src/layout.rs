@@ -1,4 +1,4 @@
-//! Where things live inside a repository (the seed tool's layout, kept as is).
+//! Where a PostgreSQL repository keeps things (the seed tool's layout, kept as is).
 //!
 //! Flat:    `<name>/manifest.json`, `<name>/base.tar.zst[.age]`, `<wal-prefix>/<segment>…`
 //! Cluster: `<cluster>/backup/<name>/…`, `<cluster>/wal_archive/<segment>…`
