@@ -342,17 +342,13 @@ async fn backup(g: &GlobalArgs, a: &BackupArgs) -> Result<()> {
         parallel: g.parallel as usize,
         label: a.label.clone(),
         cancel: Some(cancel_on_signal()?),
+        keep: a.keep,
     };
     let repo = setup::create_repo(g).await?;
     let progress = progress::make(g.progress);
     let started = std::time::Instant::now();
     let m = run_backup(&repo, &req, progress.as_ref()).await.context("backup failed")?;
-    if a.keep {
-        cloud_dump_postgres::PgRepository::new(&repo, &req.layout)
-            .set_keep(&m.name, true)
-            .await
-            .with_context(|| format!("backup {} is stored, but its keep mark could not be written", m.name))?;
-    }
+
     let secs = started.elapsed().as_secs_f64();
     println!(
         "backup {} stored in {}: {} of data as {} ({}, {}), {:.1} s, {:.0} MB/s, LSN {} to {}",

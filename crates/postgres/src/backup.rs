@@ -34,6 +34,8 @@ pub struct BackupRequest {
     /// Turns true when the backup must stop (SIGINT/SIGTERM): it then fails like any other
     /// failure — uploads aborted, its objects removed.
     pub cancel: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Write a keep mark before the manifest: the backup is kept from the moment it exists.
+    pub keep: bool,
 }
 
 /// One row of the tablespace header: `None` oid is the main data directory.
@@ -259,6 +261,11 @@ async fn backup_claimed(
         tablespaces,
         objects,
     };
+    if req.keep {
+        let key = crate::repository::keep_mark_key(&dir, crate::repository::now_us());
+        repo.put_new(&key, Bytes::from_static(b"keep\n")).await?;
+        written.push(key);
+    }
     let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
     let json = manifest.to_json();
     if let Err(e) = repo.put_new(&manifest_key, Bytes::from(json.clone())).await {

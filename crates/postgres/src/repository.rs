@@ -51,6 +51,11 @@ pub struct PgRepository<'a> {
     layout: Layout,
 }
 
+/// The key of a keep mark stamped `stamp_us` in backup folder `dir`.
+pub(crate) fn keep_mark_key(dir: &str, stamp_us: i64) -> String {
+    format!("{dir}{KEEP_PREFIX}{:020}", stamp_us.max(0))
+}
+
 /// A mark stamped more than this far ahead of the clock is not believed (a planted
 /// `release-99999…` must not decide for ever).
 const MARK_FUTURE_SLACK_US: i64 = 24 * 3600 * 1_000_000;
