@@ -254,6 +254,15 @@ pub async fn run(
 ) -> Result<ExitCode> {
     let started = Instant::now();
     crate::STDOUT_IS_JSON.store(a.json, std::sync::atomic::Ordering::Relaxed);
+    // From here on SIGINT/SIGTERM only set this flag: each step checks it, and the guards
+    // stop the server and remove the directory.
+    let cancelled = cancel_flag();
+    let interrupted = |what: &str| -> Result<()> {
+        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
+            bail!("drill: interrupted during {what}; the scratch directory is removed");
+        }
+        Ok(())
+    };
     let mut report = DrillReport::default();
     let (target_lsn, manifest): (Option<Lsn>, BackupManifest) = if a.random_point {
         let (at, m, seed) = random_point(repo, layout, a.seed).await?;
@@ -310,6 +319,7 @@ pub async fn run(
     let t0 = Instant::now();
     crate::restore::run(g, &ra).await.context("drill: the restore failed")?;
     report.restore_seconds = t0.elapsed().as_secs_f64();
+    interrupted("the restore")?;
 
     // A private server: no TCP, archiving off (it must never archive into the source's
     // archive), its own pg_hba (the source's may not let us in over the socket).
@@ -364,7 +374,6 @@ pub async fn run(
         bail!("drill: the restored server did not start: {}", tail.lines().last().unwrap_or(""));
     }
     let _running = Running(&server);
-    let cancelled = cancel_flag();
     let deadline = Instant::now() + Duration::from_secs(a.drill_timeout);
     let log_tail = || {
         let tail = std::fs::read_to_string(&log).unwrap_or_default();
@@ -397,9 +406,7 @@ pub async fn run(
             }
             _ => refused_while_ready = 0,
         }
-        if cancelled.load(std::sync::atomic::Ordering::Relaxed) {
-            bail!("drill: interrupted; the server is stopped and {} removed", scratch.display());
-        }
+        interrupted("recovery")?;
         if Instant::now() > deadline {
             bail!("drill: recovery did not finish within {} s ({last}); server log: {}", a.drill_timeout, log_tail());
         }
@@ -430,6 +437,7 @@ pub async fn run(
         }
     }
     report.check_seconds = t2.elapsed().as_secs_f64();
+    interrupted("the checks")?;
     if let Err(e) = server.try_stop() {
         report.problems.push(e);
     }

@@ -50,6 +50,14 @@ pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
         return Ok(());
     }
     let out = pg.execute_expire(&inv, &plan).await.context("expire failed")?;
+    if !inv.unreadable.is_empty() {
+        bail!(
+            "{} backup folder(s) have an unreadable manifest ({}): they were left alone and no WAL was deleted; \
+             repair or remove them",
+            inv.unreadable.len(),
+            inv.unreadable.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
     println!(
         "deleted {} backup(s) and {} WAL object(s) from {}",
         out.backups_deleted.len(),

@@ -124,14 +124,20 @@ pub fn plan(
         // The newest backup that ended before the window: the base for its first moments.
         let window_base = window_start.and_then(|w| list.iter().position(|b| b.stop_time_us.is_some_and(|t| t < w)));
         let newest = list.iter().position(|b| b.stop_time_us.is_some());
+        // Ranks for retain-full count readable backups only.
+        let mut rank = 0usize;
         for (i, b) in list.iter().enumerate() {
+            let readable_rank = rank;
+            if b.stop_time_us.is_some() {
+                rank += 1;
+            }
             let verdict = if b.stop_time_us.is_none() {
                 Verdict::Keep("its stop time cannot be read".into())
             } else if Some(i) == newest {
                 Verdict::Keep("the newest backup".into())
             } else if b.kept {
                 Verdict::Keep("keep mark".into())
-            } else if policy.retain_full.is_some_and(|n| i < n) {
+            } else if policy.retain_full.is_some_and(|n| readable_rank < n) {
                 Verdict::Keep(format!("one of the {} newest", policy.retain_full.unwrap_or(0)))
             } else if window_start.is_some_and(|w| b.stop_time_us.is_some_and(|t| t >= w)) {
                 Verdict::Keep(format!("inside the {}-day recovery window", fmt_days(policy.retain_days)))
@@ -371,7 +377,7 @@ mod tests {
         // Nothing at or after the kept backup's start is in the plan, on any timeline.
         for k in &p.wal_delete {
             let name = &k["wal_archive/".len().."wal_archive/".len() + 24];
-            assert!(segment_number(name, 0).unwrap() < 20, "{k}");
+            assert!(segment_number(name, SEG).unwrap() < 20, "{k}");
         }
     }
 
@@ -383,7 +389,7 @@ mod tests {
         a1.segment_size = 64 << 20;
         a1.start_lsn = Lsn(0x1_8000_0028);
         let b1 = b("b1", 2, 3, "B");
-        let names: Vec<String> = (0..60).map(|n| seg(1, n)).collect();
+        let names: Vec<String> = (0..300).map(|n| seg(1, n)).collect();
         let p = plan(&[a1.clone(), b1], &wal(&names), Some("A"), &policy(Some(1), None, 3), 0).unwrap();
         // 0x1_8000_0028 with 64 MiB segments is segment number 0x60 = 96 (log 1, seg 0x20).
         assert_eq!(p.wal_cut, Some(0x1_8000_0028 / (64 << 20)));
@@ -402,6 +408,12 @@ mod tests {
         assert_eq!(verdict(&p, "odd"), &Verdict::Keep("its stop time cannot be read".into()));
         assert!(verdict(&p, "x").is_delete());
         assert_eq!(verdict(&p, "y"), &Verdict::Keep("the newest backup".into()));
+        // With two to keep, the unreadable one does not take a place.
+        let mut odd2 = b("odd", 0, 1, "S");
+        odd2.stop_time_us = None;
+        let p = plan(&[odd2, b("x", 5, 10, "S"), b("y", 6, 20, "S")], &[], Some("S"), &policy(Some(2), None, 7), 0)
+            .unwrap();
+        assert!(!verdict(&p, "x").is_delete(), "{:?}", p.backups);
         // An unreadable manifest somewhere: no WAL goes.
         let p = plan(&[b("x", 5, 10, "S"), b("y", 6, 20, "S")], &wal(&names), Some("S"), &policy(Some(1), None, 7), 1)
             .unwrap();
@@ -463,7 +475,7 @@ mod tests {
             for k in &p.wal_delete {
                 assert!(!k.contains(".history"));
                 let name = &k["wal_archive/".len().."wal_archive/".len() + 24];
-                let num = segment_number(name, 0).unwrap();
+                let num = segment_number(name, SEG).unwrap();
                 assert!(kept_min.is_some_and(|m| num < m), "{k} deleted, kept from {kept_min:?}");
             }
         }

@@ -195,8 +195,15 @@ pub fn summarize(
                 if own_to < from || !(from..=own_to).all(|n| own.contains_key(&n)) {
                     return false;
                 }
+                // Later timelines must continue where the WAL so far reaches (a new timeline
+                // begins in, or right after, the last segment of the one before it).
+                let mut reach = own_to;
                 per_tli.range(tli + 1..).all(|(_, (segs, _, _))| match (segs.keys().next(), segs.keys().next_back()) {
-                    (Some(&lo), Some(&hi)) => (lo.max(from)..=hi).all(|n| n < lo || segs.contains_key(&n)),
+                    (Some(&lo), Some(&hi)) if hi >= from => {
+                        let ok = lo <= reach + 1 && (lo.max(from)..=hi).all(|n| segs.contains_key(&n));
+                        reach = reach.max(hi);
+                        ok
+                    }
                     _ => true,
                 })
             })
@@ -375,6 +382,11 @@ mod tests {
         holed.retain(|w| w.name != seg(2, 9));
         let s2 = summarize(None, "r".into(), s.backups.clone(), vec![], &holed, 0, SEG, t0);
         assert!(s2.recovery_window.is_none(), "{:?}", s2.recovery_window);
+        // A gap between one timeline's end and the next one's start closes it too.
+        let gap: Vec<WalLine> =
+            (2..8).map(|n| w(&seg(1, n), t0)).chain((12..15).map(|n| w(&seg(2, n), t0 + 1))).collect();
+        let s3 = summarize(None, "r".into(), s.backups.clone(), vec![], &gap, 0, SEG, t0);
+        assert!(s3.recovery_window.is_none(), "{:?}", s3.recovery_window);
         let prom = prometheus(&s);
         assert!(
             prom.contains("cloud_dump_wal_holes{cluster=\"c\",repository=\"file:///r\",timeline=\"1\"} 1"),

@@ -177,6 +177,11 @@ impl<'a> PgRepository<'a> {
         let now = now_us();
         let rel = |o: &ObjectInfo| o.key.strip_prefix(&dir).map(str::to_owned);
         let names: Vec<String> = self.repo.list(&dir).await?.iter().filter_map(rel).collect();
+        if let Some(n) = names.iter().find(|n| mark_stamp(n).is_some_and(|(t, _)| t > now + MARK_FUTURE_SLACK_US)) {
+            tracing::warn!(
+                "{dir}{n} is stamped more than a day ahead of this host's clock: it is ignored now, but will decide once that time comes"
+            );
+        }
         // After every mark there is, whatever this host's clock says.
         let stamp = newest_mark(names.iter().map(String::as_str), now).map_or(now, |t| t.max(now - 1) + 1).max(0);
         let key = format!("{dir}{}{stamp:020}", if keep { KEEP_PREFIX } else { RELEASE_PREFIX });
