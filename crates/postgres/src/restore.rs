@@ -219,17 +219,7 @@ async fn restore_inner(
 ) -> Result<()> {
     let m = &plan.manifest;
     let compression = compression_of(m)?;
-    let decryption = match (&m.sealed_key, &req.decryption) {
-        (Some(sealed), Decryption::Passphrase(p)) => {
-            let (sealed, p, what) = (sealed.clone(), p.clone(), format!("{}manifest.json (backup key)", plan.dir));
-            let id =
-                tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::open_identity(&sealed, &p, &what))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-            Decryption::Identities(vec![id])
-        }
-        (_, d) => d.clone(),
-    };
+    let decryption = backup_decryption(m, &req.decryption, &plan.dir).await?;
     let mk = |p: &Path| -> Result<()> {
         fs::create_dir_all(p).map_err(|e| Error::Restore(format!("cannot create {}: {e}", p.display())))?;
         fs::set_permissions(p, fs::Permissions::from_mode(0o700))
@@ -290,6 +280,23 @@ async fn restore_inner(
     progress.end();
     finish_layout(plan)?;
     Ok(())
+}
+
+/// Which key opens a backup's objects: a passphrase opens the backup's sealed X25519 key
+/// (one scrypt), and that key opens every archive; identities and plain backups as given.
+/// Restore and verify both ask here.
+pub async fn backup_decryption(m: &BackupManifest, given: &Decryption, dir: &str) -> Result<Decryption> {
+    match (&m.sealed_key, given) {
+        (Some(sealed), Decryption::Passphrase(p)) => {
+            let (sealed, p, what) = (sealed.clone(), p.clone(), format!("{dir}manifest.json (backup key)"));
+            let id =
+                tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::open_identity(&sealed, &p, &what))
+                    .await
+                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+            Ok(Decryption::Identities(vec![id]))
+        }
+        (_, d) => Ok(d.clone()),
+    }
 }
 
 /// De-escapes one `tablespace_map` file: lines `OID PATH`, where PostgreSQL 15+ writes a

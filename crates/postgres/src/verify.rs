@@ -211,21 +211,6 @@ fn compression_of(m: &BackupManifest) -> Result<Compression> {
     m.compression.parse().map_err(|e: String| Error::BadManifest { key: m.name.clone(), reason: e })
 }
 
-/// The decryption for a backup: a passphrase opens the backup's sealed key.
-async fn backup_decryption(m: &BackupManifest, dec: &Decryption, what: String) -> Result<Decryption> {
-    match (&m.sealed_key, dec) {
-        (Some(sealed), Decryption::Passphrase(p)) => {
-            let (sealed, p) = (sealed.clone(), p.clone());
-            let id =
-                tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::open_identity(&sealed, &p, &what))
-                    .await
-                    .map_err(|e| Error::Io(std::io::Error::other(e)))??;
-            Ok(Decryption::Identities(vec![id]))
-        }
-        (_, d) => Ok(d.clone()),
-    }
-}
-
 /// Stream the stored bytes only: size and SHA-256 against the manifest.
 async fn check_stored(repo: &Repo, key: &str, size: u64, sha: &str, parallel: usize) -> Option<String> {
     let stream = match repo.read(key, size, parallel).await {
@@ -281,7 +266,7 @@ async fn verify_backup(repo: &Repo, layout: &Layout, m: &BackupManifest, req: &V
         rep.problems.extend(found.into_iter().flatten());
         return rep;
     }
-    let dec = match backup_decryption(m, &req.decryption, format!("{dir}manifest.json (backup key)")).await {
+    let dec = match crate::restore::backup_decryption(m, &req.decryption, &dir).await {
         Ok(d) => d,
         Err(e) => {
             rep.problems.push(format!("cannot open the backup's key: {e}"));
