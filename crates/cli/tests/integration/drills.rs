@@ -575,7 +575,17 @@ fn drill_sqlite_journal_size_limit_keeps_one_generation() {
         ),
     )
     .unwrap();
-    let rep = replicate(&["--config", cfg.to_str().unwrap()], &[]);
+    // The replicator's log is kept: on failure, its reasons for new generations are shown.
+    let log_path = dir.path().join("replicate.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(bin());
+    cmd.args(["sqlite", "replicate", "--config", cfg.to_str().unwrap()]).stdout(Stdio::null()).stderr(log);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("CLOUD_DUMP_") || k.starts_with("AWS_") {
+            cmd.env_remove(&k);
+        }
+    }
+    let rep = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(600));
     let c = rusqlite::Connection::open(&db).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();
@@ -602,5 +612,11 @@ fn drill_sqlite_journal_size_limit_keeps_one_generation() {
     println!(
         "drill sqlite journal_size_limit: {n} commits with truncating checkpoints, {g} generation(s), restore exact"
     );
-    assert_eq!(g, 1, "a running replicator started {g} generations");
+    let reasons: Vec<String> = std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("starting a new generation"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(g, 1, "a running replicator started {g} generations:\n{}", reasons.join("\n"));
 }
