@@ -1,8 +1,6 @@
 //! `expire`, `delete`, `keep` and `info`: flags in, plans and summaries from the postgres
 //! crate, printing and exit codes out.
 
-use std::io::Write;
-
 use anyhow::{bail, Context, Result};
 use cloud_dump_postgres::expire::Policy;
 use cloud_dump_postgres::info;
@@ -150,7 +148,8 @@ pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
         if p.as_os_str() == "-" {
             print!("{text}");
         } else {
-            write_atomically(p, text.as_bytes()).with_context(|| format!("cannot write {}", p.display()))?;
+            cloud_dump_postgres::write_atomically(p, text.as_bytes())
+                .with_context(|| format!("cannot write {}", p.display()))?;
         }
         return Ok(());
     }
@@ -174,15 +173,6 @@ pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
         Err(e) => println!("Bucket: versioning and Object Lock unknown ({e})"),
     }
     Ok(())
-}
-
-/// The textfile collector reads whole files: write beside, then rename.
-fn write_atomically(p: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
-    let tmp = p.with_extension("prom.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, p)
 }
 
 fn print_text(s: &info::Summary) {

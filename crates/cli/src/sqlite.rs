@@ -741,9 +741,9 @@ async fn info(g: &GlobalArgs, a: &crate::args::SqliteInfoArgs) -> Result<ExitCod
         if p.as_os_str() == "-" {
             print!("{o}");
         } else {
-            let tmp = p.with_extension("prom.tmp");
-            std::fs::write(&tmp, o).with_context(|| format!("cannot write {}", tmp.display()))?;
-            std::fs::rename(&tmp, p).with_context(|| format!("cannot write {}", p.display()))?;
+            // The textfile collector reads whole files: written beside, then renamed.
+            cloud_dump_postgres::write_atomically(p, o.as_bytes())
+                .with_context(|| format!("cannot write {}", p.display()))?;
         }
         return Ok(ExitCode::SUCCESS);
     }

@@ -395,8 +395,13 @@ fn rows(db: &Path) -> i64 {
 }
 
 fn replicate(args: &[&str], env: &[(String, String)]) -> std::process::Child {
+    replicate_logged(args, env, Stdio::null())
+}
+
+/// `sqlite replicate` with its log going to `log`.
+fn replicate_logged(args: &[&str], env: &[(String, String)], log: impl Into<Stdio>) -> std::process::Child {
     let mut c = Command::new(bin());
-    c.arg("sqlite").arg("replicate").args(args).stdout(Stdio::null()).stderr(Stdio::null());
+    c.arg("sqlite").arg("replicate").args(args).stdout(Stdio::null()).stderr(log);
     for (k, _) in std::env::vars() {
         if k.starts_with("CLOUD_DUMP_") || k.starts_with("AWS_") {
             c.env_remove(&k);
@@ -578,14 +583,7 @@ fn drill_sqlite_journal_size_limit_keeps_one_generation() {
     // The replicator's log is kept: on failure, its reasons for new generations are shown.
     let log_path = dir.path().join("replicate.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut cmd = Command::new(bin());
-    cmd.args(["sqlite", "replicate", "--config", cfg.to_str().unwrap()]).stdout(Stdio::null()).stderr(log);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("CLOUD_DUMP_") || k.starts_with("AWS_") {
-            cmd.env_remove(&k);
-        }
-    }
-    let rep = cmd.spawn().unwrap();
+    let rep = replicate_logged(&["--config", cfg.to_str().unwrap()], &[], log);
     std::thread::sleep(Duration::from_millis(600));
     let c = rusqlite::Connection::open(&db).unwrap();
     c.busy_timeout(Duration::from_secs(10)).unwrap();

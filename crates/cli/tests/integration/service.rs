@@ -110,59 +110,19 @@ fn storage_errors_name_the_object_and_say_what_to_do() {
 fn tls_name_mismatch_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let openssl = |args: &[&str]| {
-        let out =
-            Command::new("openssl").args(args).current_dir(d).output().expect("run openssl (scripts/test installs it)");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=cloud-dump test CA",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "srv.key",
-        "-out",
-        "srv.csr",
-        "-subj",
-        "/CN=other.example",
-    ]);
-    std::fs::write(d.join("ext"), "subjectAltName=DNS:other.example\n").unwrap();
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "srv.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "srv.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    ]);
+    cloud_dump_testkit::test_certificates(d, "other.example");
     let port = cloud_dump_testkit::free_port();
     let mut server = Command::new("openssl")
-        .args(["s_server", "-accept", &format!("127.0.0.1:{port}"), "-cert", "srv.pem", "-key", "srv.key", "-quiet"])
+        .args([
+            "s_server",
+            "-accept",
+            &format!("127.0.0.1:{port}"),
+            "-cert",
+            "server.crt",
+            "-key",
+            "server.key",
+            "-quiet",
+        ])
         .current_dir(d)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
@@ -171,7 +131,7 @@ fn tls_name_mismatch_is_named() {
         .unwrap();
     wait_for_port(port);
     let mut env = creds();
-    env.push(("SSL_CERT_FILE".into(), d.join("ca.pem").display().to_string()));
+    env.push(("SSL_CERT_FILE".into(), d.join("ca.crt").display().to_string()));
     let r = cloud_dump(&["list", "--repo", "s3://bkt/pg", "--s3-endpoint", &format!("https://127.0.0.1:{port}")], &env);
     let _ = server.kill();
     let _ = server.wait();
