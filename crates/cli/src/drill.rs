@@ -209,11 +209,10 @@ fn free_port() -> Result<u16> {
 async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result<(Lsn, BackupManifest, u64)> {
     use rand::{Rng, SeedableRng};
     let pg = PgRepository::new(repo, layout);
-    let s = pg.summary(0).await?;
+    let (inv, s) = pg.summary(0).await?;
     let Some((from_time, _)) = s.recovery_window else {
         bail!("--random-point: the repository has no recovery window (no backup whose WAL runs to the newest segment without a hole)")
     };
-    let inv = pg.inventory().await?;
     let first = inv
         .backups
         .iter()

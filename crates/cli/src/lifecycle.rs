@@ -112,7 +112,7 @@ pub async fn keep(g: &GlobalArgs, a: &KeepArgs) -> Result<()> {
 pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    let s = PgRepository::new(&repo, &layout).summary(now_us()).await?;
+    let (_, s) = PgRepository::new(&repo, &layout).summary(now_us()).await?;
     // Whether the bucket keeps what is written (S3 with static credentials only).
     let protection = cloud_dump_storage::bucket_protection(repo.url(), &setup::storage_options(g)).await;
     let window_days = std::env::var("CLOUD_DUMP_RETAIN_DAYS").ok().and_then(|d| d.parse::<f64>().ok());

@@ -232,7 +232,8 @@ impl<'a> PgRepository<'a> {
 
     /// What the repository can restore (`info`): backups, WAL per timeline, the recovery
     /// window, sizes. Three LISTs (backups, WAL, everything for the size) and the manifests.
-    pub async fn summary(&self, now_us: i64) -> Result<crate::info::Summary> {
+    /// The inventory it was made from comes back too.
+    pub async fn summary(&self, now_us: i64) -> Result<(Inventory, crate::info::Summary)> {
         let inv = self.inventory().await?;
         let segment_size = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
         let wal: Vec<crate::info::WalLine> = self
@@ -259,14 +260,14 @@ impl<'a> PgRepository<'a> {
             self.layout.cluster().map(str::to_owned),
             self.repo.url().to_owned(),
             backups,
-            inv.unfinished,
+            inv.unfinished.clone(),
             &wal,
             repository_bytes,
             segment_size,
             now_us,
         );
-        summary.unreadable = inv.unreadable;
-        Ok(summary)
+        summary.unreadable = inv.unreadable.clone();
+        Ok((inv, summary))
     }
 
     /// The system identifier the archive records (written by the first wal-push).
