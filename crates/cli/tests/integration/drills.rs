@@ -437,24 +437,26 @@ fn drill_sqlite_random_point_in_time_and_faults() {
         let url = file_url(&dir.path().join("rep"));
         let rep = replicate(&["--sync-interval", "200ms", db.to_str().unwrap(), &url], &fault_env);
         std::thread::sleep(Duration::from_millis(600));
-        // (commit time ms, rows after it)
-        let mut log: Vec<(i64, i64)> = Vec::new();
+        // (ms before the commit began, ms after it returned, rows after it). The replicator
+        // stamps a sync with the time it read the WAL, which can fall between the two.
+        let mut log: Vec<(i64, i64, i64)> = Vec::new();
         let c = rusqlite::Connection::open(&db).unwrap();
         c.busy_timeout(Duration::from_secs(10)).unwrap();
         let started = Instant::now();
         let mut n = 0;
         let mut rng = rand::rngs::StdRng::seed_from_u64(5);
         while started.elapsed() < Duration::from_secs(5) {
+            let began = now_ms();
             c.execute("INSERT INTO t(v) VALUES (randomblob(200))", []).unwrap();
             n += 1;
-            log.push((now_ms(), n));
+            log.push((began, now_ms(), n));
             std::thread::sleep(Duration::from_millis(rng.gen_range(0..40)));
         }
         drop(c);
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(sigterm_and_wait(rep), 0, "{label}: replicate did not stop cleanly");
-        let first = log[0].0;
-        let last = log.last().unwrap().0;
+        let first = log[0].1;
+        let last = log.last().unwrap().1;
         let mut checked = 0;
         for i in 0..20 {
             let t = rng.gen_range(first + 300..last + 500);
@@ -462,8 +464,13 @@ fn drill_sqlite_random_point_in_time_and_faults() {
             let out = dir.path().join(format!("r{i}.db"));
             cloud_dump(&["sqlite", "restore", "-o", out.to_str().unwrap(), "--timestamp", &ts, &url], &[]).ok();
             let got = rows(&out);
-            let at = |ms: i64| log.iter().take_while(|(c, _)| *c <= ms).last().map(|(_, n)| *n).unwrap_or(0);
-            let (hi, lo) = (at(t), at(t - 200 - 100 - 150));
+            // Newest possible: every commit that had begun by the timestamp. Oldest allowed:
+            // every commit that had returned one sync (and the replicator's look) before it.
+            let begun = |ms: i64| log.iter().take_while(|(b, _, _)| *b <= ms).last().map(|(_, _, n)| *n).unwrap_or(0);
+            let returned =
+                |ms: i64| log.iter().take_while(|(_, e, _)| *e <= ms).last().map(|(_, _, n)| *n).unwrap_or(0);
+            // 200 ms sync + 100 ms look + 700 ms for a CI machine running every test at once.
+            let (hi, lo) = (begun(t), returned(t - 200 - 100 - 700));
             // Under storage faults a sync may fail and the next one carry its data: the
             // state can then be older, never newer.
             let lo = if fault_env.is_empty() { lo } else { 0 };
