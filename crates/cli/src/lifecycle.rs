@@ -44,10 +44,12 @@ pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
         for k in &plan.wal_delete {
             println!("  {k}");
         }
+        old_versions(g, &pg, &policy, &plan, true).await?;
         println!("dry run: nothing was deleted");
         return Ok(());
     }
     let out = pg.execute_expire(&inv, &plan).await.context("expire failed")?;
+    old_versions(g, &pg, &policy, &plan, false).await?;
     if !inv.unreadable.is_empty() {
         bail!(
             "{} backup folder(s) have an unreadable manifest ({}): they were left alone and no WAL was deleted; \
@@ -67,6 +69,53 @@ pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
             eprintln!("not deleted (left for the next run): {k}: {why}");
         }
         bail!("{} object(s) could not be deleted (locked or refused); the next expire tries again", out.failed.len());
+    }
+    Ok(())
+}
+
+/// On a versioned bucket (Object Lock): deletes for good the old versions of what expire
+/// deleted, once their lock allows; those still locked are reported and left for a later
+/// run. A refusal other than a lock fails the run.
+async fn old_versions(
+    g: &GlobalArgs,
+    pg: &PgRepository<'_>,
+    policy: &Policy,
+    plan: &cloud_dump_postgres::expire::ExpirePlan,
+    dry_run: bool,
+) -> Result<()> {
+    let opts = setup::storage_options(g);
+    let url = pg.repo().url();
+    let Some(versions) = cloud_dump_storage::versions(url, &opts).map_err(anyhow::Error::msg)? else {
+        return Ok(());
+    };
+    match cloud_dump_storage::bucket_protection(url, &opts).await {
+        Ok(Some(p)) if p.versioning == "Enabled" || p.versioning == "Suspended" => {}
+        Ok(_) => return Ok(()),
+        Err(e) => {
+            eprintln!("warning: cannot tell whether the bucket keeps old versions ({e}): they are left alone");
+            return Ok(());
+        }
+    }
+    let out = pg.expire_old_versions(&versions, policy, plan, dry_run).await.context("old versions")?;
+    for f in &out.hidden_backups_kept {
+        println!("old versions of deleted backup folder {f}: kept (the policy would still keep that backup)");
+    }
+    let verb = if dry_run { "would delete" } else { "deleted" };
+    println!(
+        "old versions: {verb} {} data version(s) and {} delete marker(s) of deleted objects for good",
+        out.removed, out.markers_removed
+    );
+    let locked = out.refused.get("AccessDenied").copied().unwrap_or(0);
+    if locked > 0 {
+        println!(
+            "old versions: {locked} refused as still locked (Object Lock retention; or these credentials may not \
+             delete versions): left in place; a later expire removes them"
+        );
+    }
+    let other: Vec<String> =
+        out.refused.iter().filter(|(c, _)| c.as_str() != "AccessDenied").map(|(c, n)| format!("{n} ({c})")).collect();
+    if !other.is_empty() {
+        bail!("old versions the store refused to delete: {}", other.join(", "));
     }
     Ok(())
 }

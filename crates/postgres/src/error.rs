@@ -47,6 +47,8 @@ pub enum Error {
     WalDamaged { name: String, key: String, reason: String },
     #[error("this WAL comes from database system {this}, but the archive {dir} holds WAL of system {archived} (another cluster, or this one re-created by initdb or pg_upgrade); give this cluster its own archive: another --cluster (or --wal-prefix)")]
     ForeignSystem { dir: String, archived: String, this: String },
+    #[error("old versions in the bucket: {0}")]
+    OldVersions(String),
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

@@ -80,8 +80,8 @@ pub struct ExpirePlan {
     pub wal_delete: Vec<String>,
     /// Why WAL below that point goes, or why none does.
     pub wal_reason: String,
-    /// The first segment kept (segment number), when WAL is cut.
-    pub wal_cut: Option<u64>,
+    /// The first segment kept (segment number) and the segment size, when WAL is cut.
+    pub wal_cut: Option<(u64, u64)>,
 }
 
 const US_PER_DAY: f64 = 86_400.0 * 1e6;
@@ -219,7 +219,7 @@ pub fn plan(
         }
         wal_delete.sort();
     }
-    Ok(ExpirePlan { backups: verdicts, wal_delete, wal_reason, wal_cut: wal_cut.map(|(c, _)| c) })
+    Ok(ExpirePlan { backups: verdicts, wal_delete, wal_reason, wal_cut })
 }
 
 fn fmt_days(d: Option<f64>) -> String {
@@ -231,7 +231,7 @@ fn fmt_days(d: Option<f64>) -> String {
     }
 }
 
-fn fmt_time(us: i64) -> String {
+pub(crate) fn fmt_time(us: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(us as i128 * 1000)
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
@@ -288,7 +288,7 @@ mod tests {
         assert!(verdict(&p, "b1").is_delete());
         assert_eq!(verdict(&p, "b3"), &Verdict::Keep("the newest backup".into()));
         assert_eq!(verdict(&p, "b2"), &Verdict::Keep("one of the 2 newest".into()));
-        assert_eq!(p.wal_cut, Some(10));
+        assert_eq!(p.wal_cut, Some((10, SEG)));
         // Segments 0..10, both the record and the object of each.
         assert_eq!(p.wal_delete.len(), 20);
         assert!(!p.wal_delete.iter().any(|k| k.contains(&seg(1, 10))));
@@ -304,7 +304,7 @@ mod tests {
         assert_eq!(verdict(&p, "old"), &Verdict::Keep("keep mark".into()));
         assert!(verdict(&p, "mid").is_delete());
         // The kept backup holds the WAL from its own start.
-        assert_eq!(p.wal_cut, Some(2));
+        assert_eq!(p.wal_cut, Some((2, SEG)));
         // Even a window long past keeps the newest.
         let p = plan(&backups[1..], &[], Some("S"), &policy(None, Some(1.0), 100), 0).unwrap();
         assert!(!verdict(&p, "new").is_delete());
@@ -320,7 +320,7 @@ mod tests {
         assert!(verdict(&p, "d7").reason().starts_with("needed to reach any point after"), "{:?}", verdict(&p, "d7"));
         assert!(verdict(&p, "d5").is_delete());
         assert!(verdict(&p, "d3").is_delete());
-        assert_eq!(p.wal_cut, Some(7));
+        assert_eq!(p.wal_cut, Some((7, SEG)));
         // Both rules: either one keeps.
         let p = plan(&backups, &[], Some("S"), &policy(Some(3), Some(2.0), 10), 0).unwrap();
         assert!(!verdict(&p, "d5").is_delete());
@@ -348,7 +348,7 @@ mod tests {
         assert!(!verdict(&p, "b2").is_delete());
         assert!(verdict(&p, "a1").is_delete());
         // WAL is cut for the archive's system only.
-        assert_eq!(p.wal_cut, Some(4));
+        assert_eq!(p.wal_cut, Some((4, SEG)));
         // The archive's system unknown and two systems: no WAL is deleted.
         let p = plan(&backups, &wal(&names), None, &policy(Some(1), None, 5), 0).unwrap();
         assert!(p.wal_delete.is_empty());
@@ -367,7 +367,7 @@ mod tests {
         names.push(format!("{}.partial", seg(1, 16)));
         names.push(format!("{}.00000028.backup", seg(1, 4)));
         let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(1), None, 3), 0).unwrap();
-        assert_eq!(p.wal_cut, Some(20));
+        assert_eq!(p.wal_cut, Some((20, SEG)));
         assert!(!p.wal_delete.iter().any(|k| k.contains(".history")));
         // Timeline 2's segments below the cut go too; at and after it they stay.
         assert!(p.wal_delete.iter().any(|k| k.contains(&seg(2, 19))));
@@ -392,7 +392,7 @@ mod tests {
         let names: Vec<String> = (0..300).map(|n| seg(1, n)).collect();
         let p = plan(&[a1.clone(), b1], &wal(&names), Some("A"), &policy(Some(1), None, 3), 0).unwrap();
         // 0x1_8000_0028 with 64 MiB segments is segment number 0x60 = 96 (log 1, seg 0x20).
-        assert_eq!(p.wal_cut, Some(0x1_8000_0028 / (64 << 20)));
+        assert_eq!(p.wal_cut, Some((0x1_8000_0028 / (64 << 20), 64 << 20)));
         let start = "000000010000000100000020";
         assert!(!p.wal_delete.iter().any(|k| k.contains(start)));
         // Backups of the archive's system that disagree on the size: no WAL goes.

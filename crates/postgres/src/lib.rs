@@ -12,6 +12,7 @@ pub mod info;
 pub mod layout;
 pub mod lsn;
 pub mod manifest;
+pub mod old_versions;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;
@@ -33,7 +34,8 @@ pub use lsn::Lsn;
 pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
 pub use progress::{NoProgress, Progress};
 pub use repository::{
-    kept_by_marks, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, PgRepository, StoredBackup,
+    kept_by_marks, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, OldVersionsOutcome, PgRepository,
+    StoredBackup,
 };
 pub use restore::{check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
 pub use wal_archive::{

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use cloud_dump_storage::{ObjectInfo, Repo, StorageError};
+use cloud_dump_storage::{ObjectInfo, Repo, StorageError, Versions};
 
 use crate::layout::{self, Layout};
 use futures::StreamExt;
@@ -16,6 +16,7 @@ use futures::StreamExt;
 use crate::error::{Error, Result};
 use crate::expire::{self, BackupFacts, ExpirePlan, Policy, WalObject};
 use crate::manifest::BackupManifest;
+use crate::old_versions;
 use crate::wal::classify;
 
 const KEEP_PREFIX: &str = "keep-";
@@ -279,18 +280,7 @@ impl<'a> PgRepository<'a> {
     /// newest backup's label tells.
     pub async fn plan_expire(&self, policy: &Policy) -> Result<(Inventory, ExpirePlan)> {
         let inv = self.inventory().await?;
-        let facts: Vec<BackupFacts> = inv
-            .backups
-            .iter()
-            .map(|b| BackupFacts {
-                name: b.name().to_owned(),
-                stop_time_us: time_us(&b.manifest.stop_time),
-                segment_size: b.manifest.wal_segment_size(),
-                start_lsn: b.manifest.start_lsn,
-                system_id: b.manifest.system_id.clone(),
-                kept: b.kept,
-            })
-            .collect();
+        let facts = backup_facts(&inv);
         let wal: Vec<WalObject> = self.wal_objects().await?.into_iter().map(|(w, _)| w).collect();
         let system = self.archive_system().await?;
         let plan =
@@ -313,6 +303,79 @@ impl<'a> PgRepository<'a> {
         let failed = self.repo.delete_many(&plan.wal_delete).await?;
         out.wal_deleted = plan.wal_delete.len() - failed.len();
         out.failed.extend(failed.into_iter().map(|(k, e)| (k, e.to_string())));
+        Ok(out)
+    }
+}
+
+/// What the expire plan needs of each complete backup.
+fn backup_facts(inv: &Inventory) -> Vec<BackupFacts> {
+    inv.backups
+        .iter()
+        .map(|b| BackupFacts {
+            name: b.name().to_owned(),
+            stop_time_us: time_us(&b.manifest.stop_time),
+            segment_size: b.manifest.wal_segment_size(),
+            start_lsn: b.manifest.start_lsn,
+            system_id: b.manifest.system_id.clone(),
+            kept: b.kept,
+        })
+        .collect()
+}
+
+/// What a pass over old versions did (or, in a dry run, would do).
+#[derive(Debug, Default, Clone)]
+pub struct OldVersionsOutcome {
+    /// Data versions deleted for good (planned, in a dry run).
+    pub removed: usize,
+    /// Delete markers removed once their key's data was gone.
+    pub markers_removed: usize,
+    /// Data versions the store refused, by code (`AccessDenied`: still locked); their keys
+    /// keep their markers and a later run tries again.
+    pub refused: BTreeMap<String, usize>,
+    /// Deleted backup folders whose old versions the policy still needs.
+    pub hidden_backups_kept: Vec<String>,
+}
+
+impl<'a> PgRepository<'a> {
+    /// After an expire on a versioned bucket: deletes for good the old versions the
+    /// [`old_versions::plan`] allows; versions still locked stay for a later run. The
+    /// inventory is taken again (after the expire's deletes).
+    pub async fn expire_old_versions(
+        &self,
+        versions: &Versions,
+        policy: &Policy,
+        expire_plan: &ExpirePlan,
+        dry_run: bool,
+    ) -> Result<OldVersionsOutcome> {
+        let inv = self.inventory().await?;
+        let facts = backup_facts(&inv);
+        let mut live: std::collections::BTreeSet<String> = inv.backups.iter().map(|b| b.name().to_owned()).collect();
+        live.extend(inv.unfinished.iter().cloned());
+        live.extend(inv.unreadable.iter().map(|(n, _)| n.clone()));
+        let prefix = match self.layout.cluster() {
+            Some(c) => format!("{c}/"),
+            None => String::new(),
+        };
+        let listed = versions.list(&prefix).await.map_err(Error::OldVersions)?;
+        let plan = old_versions::plan(&listed, &self.layout, &live, &facts, expire_plan, policy);
+        let mut out =
+            OldVersionsOutcome { hidden_backups_kept: plan.hidden_backups_kept.clone(), ..Default::default() };
+        if dry_run {
+            out.removed = plan.remove.len();
+            out.markers_removed = plan.markers.len();
+            return Ok(out);
+        }
+        let refused = versions.delete(&plan.remove).await.map_err(Error::OldVersions)?;
+        let refused_keys: std::collections::BTreeSet<&str> = refused.iter().map(|r| r.key.as_str()).collect();
+        for r in &refused {
+            *out.refused.entry(r.code.clone()).or_default() += 1;
+        }
+        out.removed = plan.remove.len() - refused.len().min(plan.remove.len());
+        // A key keeps its markers while any of its data is left.
+        let markers: Vec<(String, String)> =
+            plan.markers.into_iter().filter(|(k, _)| !refused_keys.contains(k.as_str())).collect();
+        let refused_markers = versions.delete(&markers).await.map_err(Error::OldVersions)?;
+        out.markers_removed = markers.len() - refused_markers.len().min(markers.len());
         Ok(out)
     }
 }

@@ -7,13 +7,16 @@ pub mod faults;
 mod location;
 mod protection;
 mod repo;
+mod signed;
 pub mod storj;
+mod versions;
 
 pub use bytes::Bytes;
 pub use diagnose::one_line;
 pub use error::{Problem, Result, StorageError};
 pub use location::Location;
 pub use protection::BucketProtection;
+pub use versions::{versions, ObjectVersion, VersionRefused, Versions};
 
 /// Versioning and Object Lock of the repository's bucket: `Ok(None)` where that cannot be
 /// told (not S3, or no static credentials to ask with).

@@ -58,12 +58,13 @@ impl MotoServer {
         }
     }
 
-    /// A bucket with Object Lock and a default retention (COMPLIANCE, `days`).
-    pub fn locked_bucket(&self, name: &str, days: u32) -> Result<(), String> {
+    /// A bucket with Object Lock and a default retention (`mode`: COMPLIANCE or
+    /// GOVERNANCE, `days`).
+    pub fn locked_bucket(&self, name: &str, mode: &str, days: u32) -> Result<(), String> {
         self.boto3(&format!(
             "s3.create_bucket(Bucket='{name}', ObjectLockEnabledForBucket=True)\n\
              s3.put_object_lock_configuration(Bucket='{name}', ObjectLockConfiguration={{'ObjectLockEnabled': 'Enabled', \
-             'Rule': {{'DefaultRetention': {{'Mode': 'COMPLIANCE', 'Days': {days}}}}}}})"
+             'Rule': {{'DefaultRetention': {{'Mode': '{mode}', 'Days': {days}}}}}}})"
         ))
         .map(|_| ())
     }
