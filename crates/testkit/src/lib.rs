@@ -3,12 +3,14 @@
 //! `postgres` user when running as root), and an S3-compatible server (s3s-fs) on loopback.
 
 mod azurite;
+mod gcs;
 mod moto;
 mod pg;
 mod s3;
 mod storj;
 
 pub use azurite::Azurite;
+pub use gcs::GcsStandIn;
 pub use moto::MotoServer;
 pub use pg::{give_to_postgres, pg_bin_dir, psql, run_as_postgres, running_as_root, scratch_dir, PgServer};
 pub use s3::{S3Server, ACCESS_KEY as S3_ACCESS_KEY, SECRET_KEY as S3_SECRET_KEY};
