@@ -82,6 +82,10 @@ pub struct DeleteArgs {
     /// The backup to delete.
     #[arg(long)]
     pub name: String,
+    /// Delete an unfinished backup's folder (no manifest: a backup killed mid-way) whose
+    /// claim started more than 24 hours ago.
+    #[arg(long, env = "CLOUD_DUMP_DELETE_ABANDONED")]
+    pub abandoned: bool,
 }
 
 #[derive(Debug, Args)]

@@ -28,8 +28,14 @@ pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
             println!("kept backup {name}: {}", v.reason());
         }
     }
+    for (name, _) in &inv.interrupted {
+        println!(
+            "{} backup {name}: an earlier delete of it was cut short",
+            if a.dry_run { "would finish deleting" } else { "finishing the delete of" }
+        );
+    }
     for u in &inv.unfinished {
-        println!("left alone {u}: no manifest (a backup running now, or an abandoned one)");
+        println!("left alone {u}: no manifest (a backup running now, or one cut short: `delete --name {u} --abandoned` once it is a day old)");
     }
     for (u, why) in &inv.unreadable {
         println!("left alone {u}: {why}");
@@ -60,7 +66,7 @@ pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
     }
     println!(
         "deleted {} backup(s) and {} WAL object(s) from {}",
-        out.backups_deleted.len(),
+        out.backups_deleted.len() + out.interrupted_finished.len(),
         out.wal_deleted,
         repo.url()
     );
@@ -120,14 +126,42 @@ async fn old_versions(
     Ok(())
 }
 
+/// How long after its start an unfinished backup may be deleted with `--abandoned`.
+const ABANDONED_AFTER_US: i64 = 24 * 3600 * 1_000_000;
+
 pub async fn delete(g: &GlobalArgs, a: &DeleteArgs) -> Result<()> {
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
     let pg = PgRepository::new(&repo, &layout);
-    // Refuses an unknown name with the list of names.
-    cloud_dump_postgres::load_manifest(&repo, &layout, &a.name).await?;
+    cloud_dump_postgres::layout::validate_component("backup name", &a.name).map_err(anyhow::Error::msg)?;
     let inv = pg.inventory().await?;
+    if let Some((_, objects)) = inv.interrupted.iter().find(|(n, _)| *n == a.name) {
+        let failed = pg.delete_folder(&a.name, objects).await?;
+        if let Some((k, e)) = failed.first() {
+            bail!(
+                "the delete of backup {} is still not finished: {} object(s) left, e.g. {k}: {e}",
+                a.name,
+                failed.len()
+            );
+        }
+        println!("finished the interrupted delete of backup {} ({} objects) in {}", a.name, objects.len(), repo.url());
+        return Ok(());
+    }
+    if inv.unfinished.contains(&a.name) {
+        if !a.abandoned {
+            bail!(
+                "backup {} has no manifest: it is being written now, or was cut short; if no backup of that name is running, \
+                 delete it with --abandoned",
+                a.name
+            );
+        }
+        let n = pg.delete_abandoned(&a.name, ABANDONED_AFTER_US).await?;
+        println!("deleted the unfinished backup folder {} ({n} objects) from {}", a.name, repo.url());
+        return Ok(());
+    }
     let Some(b) = inv.backups.iter().find(|b| b.name() == a.name) else {
+        // Refuses an unknown or unreadable name with the list of names.
+        cloud_dump_postgres::load_manifest(&repo, &layout, &a.name).await?;
         bail!("backup {:?} disappeared while being deleted", a.name)
     };
     if b.kept {
@@ -136,7 +170,7 @@ pub async fn delete(g: &GlobalArgs, a: &DeleteArgs) -> Result<()> {
     let failed = pg.delete_backup(b).await.with_context(|| format!("cannot delete backup {}", a.name))?;
     if !failed.is_empty() {
         bail!(
-            "backup {} is gone (its manifest is deleted), but {} of its objects are left: {}",
+            "backup {} is gone (its manifest is deleted), but {} of its objects are left (the next expire or delete finishes it): {}",
             a.name,
             failed.len(),
             failed.iter().map(|(k, w)| format!("{k} ({w})")).collect::<Vec<_>>().join(", ")

@@ -4,7 +4,6 @@
 use cloud_dump_storage::{Repo, StorageError};
 
 use crate::layout::{self, Layout};
-use futures::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::manifest::BackupManifest;
@@ -13,7 +12,16 @@ pub async fn load_manifest(repo: &Repo, layout: &Layout, name: &str) -> Result<B
     layout::validate_component("backup name", name).map_err(Error::Config)?;
     let key = format!("{}{}", layout.backup_dir(name), layout::MANIFEST_FILE);
     match repo.get(&key).await {
-        Ok(bytes) => BackupManifest::parse(&bytes).map_err(|reason| Error::BadManifest { key, reason }),
+        Ok(bytes) => {
+            let m = BackupManifest::parse(&bytes).map_err(|reason| Error::BadManifest { key, reason })?;
+            let dir = layout.backup_dir(name);
+            if repo.list(&dir).await?.iter().any(|o| crate::repository::is_deleting_mark(&o.key, &dir)) {
+                return Err(Error::Config(format!(
+                    "backup {name} is being deleted (an earlier delete was cut short; the next expire or delete finishes it)"
+                )));
+            }
+            Ok(m)
+        }
         Err(StorageError::NotFound { .. }) => {
             let mut available: Vec<String> =
                 list_backups(repo, layout).await.unwrap_or_default().into_iter().map(|m| m.name).collect();
@@ -24,34 +32,13 @@ pub async fn load_manifest(repo: &Repo, layout: &Layout, name: &str) -> Result<B
     }
 }
 
-/// Every complete backup, newest first. One LIST of the backup folder, then one GET per
-/// manifest (eight at a time).
+/// Every complete backup, newest first (by stop time): the repository's inventory, so a
+/// folder whose delete has begun is no backup here either. Unreadable manifests are
+/// warned about and skipped.
 pub async fn list_backups(repo: &Repo, layout: &Layout) -> Result<Vec<BackupManifest>> {
-    let root = layout.backups_root();
-    let wal_dir = layout.wal_dir();
-    let dirs = repo.list_dirs(&root).await?;
-    let keys: Vec<String> = dirs
-        .into_iter()
-        .map(|d| format!("{root}{d}/"))
-        .filter(|d| *d != wal_dir)
-        .map(|d| format!("{d}{}", layout::MANIFEST_FILE))
-        .collect();
-    let results: Vec<_> = futures::stream::iter(keys)
-        .map(|key| async move { (repo.get(&key).await, key) })
-        .buffer_unordered(8)
-        .collect()
-        .await;
-    let mut out = Vec::new();
-    for (r, key) in results {
-        match r {
-            Ok(bytes) => match BackupManifest::parse(&bytes) {
-                Ok(m) => out.push(m),
-                Err(reason) => tracing::warn!("skipping {key}: unreadable manifest: {reason}"),
-            },
-            Err(StorageError::NotFound { .. }) => {} // unfinished or not a backup
-            Err(e) => return Err(e.into()),
-        }
+    let inv = crate::repository::PgRepository::new(repo, layout).inventory().await?;
+    for (name, why) in &inv.unreadable {
+        tracing::warn!("skipping backup folder {name}: {why}");
     }
-    out.sort_by(|a, b| b.stop_time.cmp(&a.stop_time).then(b.name.cmp(&a.name)));
-    Ok(out)
+    Ok(inv.backups.into_iter().map(|b| b.manifest).collect())
 }

@@ -21,6 +21,10 @@ use crate::wal::classify;
 
 const KEEP_PREFIX: &str = "keep-";
 const RELEASE_PREFIX: &str = "release-";
+/// Written into a backup's folder before anything of it is deleted: a delete cut short
+/// (kill -9, a store error) is finished by the next `expire` or `delete`, not mistaken for a
+/// backup being written.
+const DELETING_PREFIX: &str = "deleting-";
 
 /// One complete backup: its manifest, its keep state and every object of its folder.
 #[derive(Debug, Clone)]
@@ -45,11 +49,29 @@ pub struct Inventory {
     pub unfinished: Vec<String>,
     /// Folders whose manifest exists but cannot be read, with why.
     pub unreadable: Vec<(String, String)>,
+    /// Folders whose delete began but did not finish, with what is left of them.
+    pub interrupted: Vec<(String, Vec<ObjectInfo>)>,
+}
+
+impl Inventory {
+    /// Every backup folder that still holds an object.
+    pub fn folders(&self) -> std::collections::BTreeSet<String> {
+        let mut all: std::collections::BTreeSet<String> = self.backups.iter().map(|b| b.name().to_owned()).collect();
+        all.extend(self.unfinished.iter().cloned());
+        all.extend(self.unreadable.iter().map(|(n, _)| n.clone()));
+        all.extend(self.interrupted.iter().map(|(n, _)| n.clone()));
+        all
+    }
 }
 
 pub struct PgRepository<'a> {
     repo: &'a Repo,
     layout: Layout,
+}
+
+/// Whether `key` is a deleting mark in backup folder `dir`.
+pub(crate) fn is_deleting_mark(key: &str, dir: &str) -> bool {
+    key.strip_prefix(dir).is_some_and(|n| n.starts_with(DELETING_PREFIX))
 }
 
 /// The key of a keep mark stamped `stamp_us` in backup folder `dir`.
@@ -126,10 +148,14 @@ impl<'a> PgRepository<'a> {
         }
         let with_manifest: Vec<(String, Vec<ObjectInfo>)> = folders.into_iter().collect::<Vec<_>>();
         let mut unfinished = Vec::new();
+        let mut interrupted = Vec::new();
         let mut todo = Vec::new();
         for (name, objects) in with_manifest {
-            let manifest_key = format!("{}{}", self.layout.backup_dir(&name), layout::MANIFEST_FILE);
-            if objects.iter().any(|o| o.key == manifest_key) {
+            let dir = self.layout.backup_dir(&name);
+            let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
+            if objects.iter().any(|o| is_deleting_mark(&o.key, &dir)) {
+                interrupted.push((name, objects));
+            } else if objects.iter().any(|o| o.key == manifest_key) {
                 todo.push((name, objects, manifest_key));
             } else {
                 unfinished.push(name);
@@ -168,7 +194,7 @@ impl<'a> PgRepository<'a> {
         });
         unfinished.sort();
         unreadable.sort();
-        Ok(Inventory { backups, unfinished, unreadable })
+        Ok(Inventory { backups, unfinished, unreadable, interrupted })
     }
 
     /// Keeps a backup from `expire`, or releases it: a new write-once mark either way.
@@ -199,20 +225,81 @@ impl<'a> PgRepository<'a> {
         Ok(())
     }
 
-    /// Deletes one backup: the manifest first (the backup is gone from that moment on),
-    /// then its other objects, the claim last. Returns the keys that could not be deleted.
+    /// Deletes one backup: a deleting mark, then the manifest (the backup is gone from that
+    /// moment on), then its other objects, the claim, and the marks last. Returns the keys
+    /// that could not be deleted; the folder then stays marked and the next `expire` or
+    /// `delete` finishes it.
     pub async fn delete_backup(&self, b: &StoredBackup) -> Result<Vec<(String, String)>> {
-        let dir = self.layout.backup_dir(b.name());
+        self.delete_folder(b.name(), &b.objects).await
+    }
+
+    /// Deletes whatever is in a backup folder, in the order [`Self::delete_backup`] gives
+    /// (also an interrupted delete, or an abandoned unfinished backup).
+    pub async fn delete_folder(&self, name: &str, objects: &[ObjectInfo]) -> Result<Vec<(String, String)>> {
+        let dir = self.layout.backup_dir(name);
+        let is_mark = |k: &str| is_deleting_mark(k, &dir);
+        let mut marks: Vec<String> = objects.iter().map(|o| o.key.clone()).filter(|k| is_mark(k)).collect();
+        if marks.is_empty() {
+            let mark = format!("{dir}{DELETING_PREFIX}{:020}", now_us().max(0));
+            self.repo.put_new(&mark, Bytes::from_static(b"deleting\n")).await?;
+            marks.push(mark);
+        }
         let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
-        self.repo.delete(&manifest_key).await?;
+        match self.repo.delete(&manifest_key).await {
+            Ok(()) | Err(StorageError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
         let claim_key = format!("{dir}{}", crate::backup::CLAIM_FILE);
-        let rest: Vec<String> =
-            b.objects.iter().map(|o| o.key.clone()).filter(|k| *k != manifest_key && *k != claim_key).collect();
+        let rest: Vec<String> = objects
+            .iter()
+            .map(|o| o.key.clone())
+            .filter(|k| *k != manifest_key && *k != claim_key && !is_mark(k))
+            .collect();
         let mut failed = self.repo.delete_many(&rest).await?;
         if failed.is_empty() {
             failed = self.repo.delete_many(std::slice::from_ref(&claim_key)).await?;
         }
+        if failed.is_empty() {
+            failed = self.repo.delete_many(&marks).await?;
+        }
         Ok(failed.into_iter().map(|(k, e)| (k, e.to_string())).collect())
+    }
+
+    /// Deletes an unfinished backup's folder (no manifest: killed, or still running) when
+    /// its claim says it started at least `min_age_us` ago; a younger or unreadable claim
+    /// is refused, as the backup may still be writing. Returns the objects deleted.
+    pub async fn delete_abandoned(&self, name: &str, min_age_us: i64) -> Result<usize> {
+        let dir = self.layout.backup_dir(name);
+        let objects = self.repo.list(&dir).await?;
+        let claim_key = format!("{dir}{}", crate::backup::CLAIM_FILE);
+        let started = match self.repo.get(&claim_key).await {
+            Ok(b) => String::from_utf8_lossy(&b).lines().find_map(|l| l.strip_prefix("started ").and_then(time_us)),
+            Err(StorageError::NotFound { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        // Without a claim, the newest object tells when the folder was last written.
+        let newest = objects
+            .iter()
+            .filter_map(|o| o.last_modified.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as i64)
+            .max();
+        let since = started.or(newest).unwrap_or(i64::MAX);
+        let age = now_us() - since;
+        if age < min_age_us {
+            return Err(Error::Config(format!(
+                "backup folder {dir} started {} ago (claim {claim_key}): it may still be running; an abandoned backup can be deleted {} after it started",
+                fmt_age(age),
+                fmt_age(min_age_us)
+            )));
+        }
+        let failed = self.delete_folder(name, &objects).await?;
+        if let Some((k, e)) = failed.first() {
+            return Err(Error::Config(format!(
+                "{} object(s) of {dir} are left, e.g. {k}: {e}; run it again",
+                failed.len()
+            )));
+        }
+        Ok(objects.len())
     }
 
     /// The WAL archive's objects, with the WAL file each belongs to.
@@ -291,6 +378,11 @@ impl<'a> PgRepository<'a> {
     /// Carries out a plan: backups first (each manifest first), then WAL.
     pub async fn execute_expire(&self, inv: &Inventory, plan: &ExpirePlan) -> Result<ExpireOutcome> {
         let mut out = ExpireOutcome::default();
+        for (name, objects) in &inv.interrupted {
+            let failed = self.delete_folder(name, objects).await?;
+            out.interrupted_finished.push(name.clone());
+            out.failed.extend(failed);
+        }
         for (name, verdict) in &plan.backups {
             if !verdict.is_delete() {
                 continue;
@@ -349,9 +441,7 @@ impl<'a> PgRepository<'a> {
     ) -> Result<OldVersionsOutcome> {
         let inv = self.inventory().await?;
         let facts = backup_facts(&inv);
-        let mut live: std::collections::BTreeSet<String> = inv.backups.iter().map(|b| b.name().to_owned()).collect();
-        live.extend(inv.unfinished.iter().cloned());
-        live.extend(inv.unreadable.iter().map(|(n, _)| n.clone()));
+        let live = inv.folders();
         let prefix = match self.layout.cluster() {
             Some(c) => format!("{c}/"),
             None => String::new(),
@@ -384,9 +474,20 @@ impl<'a> PgRepository<'a> {
 #[derive(Debug, Default, Clone)]
 pub struct ExpireOutcome {
     pub backups_deleted: Vec<String>,
+    /// Deletes cut short earlier, finished now.
+    pub interrupted_finished: Vec<String>,
     pub wal_deleted: usize,
     /// Objects that could not be deleted (locked, denied): the next run tries again.
     pub failed: Vec<(String, String)>,
+}
+
+fn fmt_age(us: i64) -> String {
+    let s = us.max(0) / 1_000_000;
+    if s >= 3600 {
+        format!("{:.1} h", s as f64 / 3600.0)
+    } else {
+        format!("{} min", s / 60)
+    }
 }
 
 pub(crate) fn now_us() -> i64 {

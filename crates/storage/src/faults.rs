@@ -115,6 +115,7 @@ impl FaultConfig {
 }
 
 /// The wrapper. `injected()` counts the faults it caused.
+#[derive(Clone)]
 pub struct FaultStore {
     inner: Arc<dyn ObjectStore>,
     cfg: FaultConfig,
@@ -182,6 +183,17 @@ impl FaultStore {
 
     async fn stall(&self) {
         tokio::time::sleep(self.cfg.stall).await;
+    }
+
+    async fn delete_one(&self, p: Path) -> Result<Path> {
+        let once = futures::stream::once(async move { Ok(p) }).boxed();
+        match self.inner.delete_stream(once).next().await {
+            Some(r) => r,
+            None => Err(object_store::Error::Generic {
+                store: "fault-injection",
+                source: "the store answered a delete with nothing".into(),
+            }),
+        }
     }
 }
 
@@ -277,13 +289,30 @@ impl ObjectStore for FaultStore {
         }
     }
 
+    /// Each path draws its own fault (a batch can half succeed, as on S3): an error before
+    /// the delete, a stall, or a delete carried out whose reply is lost.
     fn delete_stream(&self, locations: BoxStream<'static, Result<Path>>) -> BoxStream<'static, Result<Path>> {
-        let inner = self.inner.clone();
-        let faulty = self.draw(Op::Delete);
-        match faulty {
-            Some(Fault::Error) => locations.map(|p| p.and_then(|p| Err(injected_error("DELETE", &p)))).boxed(),
-            _ => inner.delete_stream(locations),
-        }
+        let me = self.clone();
+        locations
+            .then(move |p| {
+                let me = me.clone();
+                async move {
+                    let p = p?;
+                    match me.draw(Op::Delete) {
+                        Some(Fault::Error) => Err(injected_error("DELETE", &p)),
+                        Some(Fault::Stall) => {
+                            me.stall().await;
+                            me.delete_one(p).await
+                        }
+                        Some(Fault::Lost) => {
+                            me.delete_one(p.clone()).await?;
+                            Err(injected_error("DELETE (reply lost)", &p))
+                        }
+                        _ => me.delete_one(p).await,
+                    }
+                }
+            })
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, Result<ObjectMeta>> {
