@@ -9,10 +9,11 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{repokey, Decryption, ExposeSecret, SecretString};
 use cloud_dump_postgres::recovery::{
-    check_target, choose_backup, parse_time, recovery_lines, restore_command, shell_quote, write_recovery,
-    RecoverySettings, RecoveryTarget,
+    choose_backup, parse_time, recovery_settings, wal_reach, write_recovery, RecoveryTarget,
 };
-use cloud_dump_postgres::{list_backups, plan_restore, run_restore, Lsn, ObjectKind, RestoreRequest, WalArchive};
+use cloud_dump_postgres::{
+    check_decryption, list_backups, plan_restore, run_restore, Lsn, ObjectKind, RestoreRequest, WalArchive,
+};
 
 use crate::args::{GlobalArgs, RestoreArgs, TargetAction, TargetKind};
 use crate::{mb, setup, wal};
@@ -75,49 +76,15 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     };
     let plan = plan_restore(&repo, &req).await?;
     let m = &plan.manifest;
-    if !m.encrypted && !matches!(req.decryption, Decryption::None) {
-        bail!(
-            "backup {} is not encrypted although a key was given; refusing to restore it (whoever can write to the repository could have replaced an encrypted backup with a plain one)",
-            m.name
-        );
-    }
+    check_decryption(m, &req.decryption, false)?;
     let seg_size = m.wal_segment_size();
 
     // WAL the target needs, and whether the archive can reach it.
     let wal = WalArchive::new(&repo, &layout);
-    let mut wal_plan = None;
-    if let Some(t) = &target {
-        check_target(m, t)?;
-        let names = wal.list_names().await?;
-        let first = m.end_lsn.segment_name(m.timeline, seg_size);
-        let segments: Vec<_> = names.iter().filter(|(n, _)| n.len() == 24 && n[8..] >= first[8..]).collect();
-        let newest = segments.iter().map(|(n, _)| n[8..].to_owned()).max();
-        let newest_time = names.iter().map(|(_, t)| *t).max();
-        match t {
-            RecoveryTarget::Lsn(l) => {
-                let need = l.segment_name(m.timeline, seg_size);
-                if newest.as_deref().is_none_or(|n| n < &need[8..]) {
-                    bail!(
-                        "recovery target LSN {l} is after the newest archived WAL in {} ({}); nothing can replay to it",
-                        wal.dir(),
-                        newest.map(|n| format!("…{n}")).unwrap_or_else(|| "the archive is empty".into())
-                    );
-                }
-            }
-            RecoveryTarget::Time(text, when) => {
-                let newest_at = newest_time.map(time::OffsetDateTime::from);
-                if newest_at.is_none_or(|n| n < *when) {
-                    bail!(
-                        "recovery target time {text} is after the newest archived WAL in {} ({}); nothing can replay to it",
-                        wal.dir(),
-                        newest_at.map(|n| n.to_string()).unwrap_or_else(|| "the archive is empty".into())
-                    );
-                }
-            }
-            _ => {}
-        }
-        wal_plan = Some((first, segments.len()));
-    }
+    let wal_plan = match &target {
+        Some(t) => Some(wal_reach(m, t, &wal.list_names().await?, wal.dir())?),
+        None => None,
+    };
 
     if a.dry_run {
         println!(
@@ -136,9 +103,11 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             .to_string();
             println!("  {}{}  {} stored, {} unpacked  ->  {to}", plan.dir, o.key, mb(o.size), mb(o.raw_size));
         }
-        if let (Some(t), Some((first, n))) = (&target, &wal_plan) {
+        if let (Some(t), Some(reach)) = (&target, &wal_plan) {
             println!(
-                "  then replay WAL from {first} ({n} archived segments from there) in {} up to {}",
+                "  then replay WAL from {} ({} archived segments from there) in {} up to {}",
+                reach.first,
+                reach.segments,
                 wal.dir(),
                 t.describe()
             );
@@ -150,18 +119,7 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
         );
         return Ok(());
     }
-    if m.encrypted && matches!(req.decryption, Decryption::None) {
-        bail!(
-            "backup {} is encrypted ({}): give {}",
-            m.name,
-            m.encryption,
-            if m.encryption == "x25519" {
-                "--identity-key FILE"
-            } else {
-                "--passphrase-file FILE or CLOUD_DUMP_PASSPHRASE"
-            }
-        );
-    }
+    check_decryption(m, &req.decryption, true)?;
     // Open the WAL keys and check every setting before writing anything: a wrong
     // passphrase or a bad target name must stop us here.
     let wal_config = match &target {
@@ -173,21 +131,13 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     let settings = match &target {
         Some(t) => {
             let exe = std::env::current_exe().context("cannot find the cloud-dump binary for restore_command")?;
-            let s = RecoverySettings {
-                target: t.clone(),
-                action: match a.recovery_target_action {
-                    TargetAction::Promote => "promote",
-                    TargetAction::Pause => "pause",
-                    TargetAction::Shutdown => "shutdown",
-                }
-                .into(),
-                timeline: a.recovery_target_timeline.clone(),
-                restore_command: restore_command(&exe, &conf),
-                // The settings file holds secrets: gone once recovery ends.
-                end_command: Some(format!("rm -rf -- {}", shell_quote(&spool.to_string_lossy()).replace('%', "%%"))),
+            let action = match a.recovery_target_action {
+                TargetAction::Promote => "promote",
+                TargetAction::Pause => "pause",
+                TargetAction::Shutdown => "shutdown",
             };
-            recovery_lines(&s)?;
-            Some(s)
+            // The settings file holds secrets: gone once recovery ends.
+            Some(recovery_settings(t, action, a.recovery_target_timeline.clone(), &exe, &spool, &conf)?)
         }
         None => None,
     };

@@ -37,7 +37,7 @@ pub use repository::{
     kept_by_marks, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, OldVersionsOutcome, PgRepository,
     StoredBackup,
 };
-pub use restore::{check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
+pub use restore::{check_decryption, check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
 pub use wal_archive::{
     is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys, SHA_METADATA, SYSTEM_FILE,
 };

@@ -112,6 +112,79 @@ pub fn check_target(m: &BackupManifest, target: &RecoveryTarget) -> Result<()> {
     }
 }
 
+/// What the archive offers a point-in-time restore from one backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalReach {
+    /// The first segment replay reads (the one holding the backup's end).
+    pub first: String,
+    /// Archived segments from there on (any timeline).
+    pub segments: usize,
+}
+
+/// Whether the archive can reach `target` from backup `m`: refuses a target before the
+/// backup's end, an LSN past the newest archived segment, and a time past the newest
+/// archived WAL file. `archived`: every WAL file name in the archive with when it was
+/// stored; `dir` names the archive in messages. Pure: the runner lists, this decides.
+pub fn wal_reach(
+    m: &BackupManifest,
+    target: &RecoveryTarget,
+    archived: &[(String, std::time::SystemTime)],
+    dir: &str,
+) -> Result<WalReach> {
+    check_target(m, target)?;
+    let seg_size = m.wal_segment_size();
+    let first = m.end_lsn.segment_name(m.timeline, seg_size);
+    // Segments (24 hex digits) at or after the first, on any timeline: positions compare
+    // by their last 16 digits.
+    let segments: Vec<&str> =
+        archived.iter().map(|(n, _)| n.as_str()).filter(|n| n.len() == 24 && n[8..] >= first[8..]).collect();
+    let newest = segments.iter().map(|n| &n[8..]).max();
+    match target {
+        RecoveryTarget::Lsn(l) => {
+            let need = l.segment_name(m.timeline, seg_size);
+            if newest.is_none_or(|n| n < &need[8..]) {
+                return Err(Error::Config(format!(
+                    "recovery target LSN {l} is after the newest archived WAL in {dir} ({}); nothing can replay to it",
+                    newest.map(|n| format!("…{n}")).unwrap_or_else(|| "the archive is empty".into())
+                )));
+            }
+        }
+        RecoveryTarget::Time(text, when) => {
+            let newest_at = archived.iter().map(|(_, t)| *t).max().map(OffsetDateTime::from);
+            if newest_at.is_none_or(|n| n < *when) {
+                return Err(Error::Config(format!(
+                    "recovery target time {text} is after the newest archived WAL in {dir} ({}); nothing can replay to it",
+                    newest_at.map(|n| n.to_string()).unwrap_or_else(|| "the archive is empty".into())
+                )));
+            }
+        }
+        _ => {}
+    }
+    Ok(WalReach { first, segments: segments.len() })
+}
+
+/// The settings a point-in-time restore writes, checked: `restore_command` runs `exe`
+/// with the settings file `conf`; `spool` (holding it, and secrets) is removed when
+/// recovery ends.
+pub fn recovery_settings(
+    target: &RecoveryTarget,
+    action: &str,
+    timeline: Option<String>,
+    exe: &Path,
+    spool: &Path,
+    conf: &Path,
+) -> Result<RecoverySettings> {
+    let s = RecoverySettings {
+        target: target.clone(),
+        action: action.to_owned(),
+        timeline,
+        restore_command: restore_command(exe, conf),
+        end_command: Some(format!("rm -rf -- {}", shell_quote(&spool.to_string_lossy()).replace('%', "%%"))),
+    };
+    recovery_lines(&s)?;
+    Ok(s)
+}
+
 /// A value in postgresql.conf syntax: single quotes, quotes doubled, backslashes escaped.
 /// Control characters are refused: a newline would start a setting of its own.
 pub fn quote_guc(v: &str) -> Result<String> {
@@ -426,5 +499,92 @@ mod tests {
         let cmd =
             restore_command(Path::new("/opt/cd 100%/cloud-dump"), Path::new("/data/pg_wal/.cloud-dump/restore.conf"));
         assert_eq!(cmd, "'/opt/cd 100%%/cloud-dump' wal-fetch %f %p --config /data/pg_wal/.cloud-dump/restore.conf");
+    }
+
+    fn backup_ending_at(end: u64) -> BackupManifest {
+        BackupManifest {
+            format_version: 1,
+            name: "b".into(),
+            cluster: None,
+            timestamp: "2026-11-23T08:00:00Z".into(),
+            start_time: "2026-11-23T07:59:00Z".into(),
+            stop_time: "2026-11-23T08:00:00Z".into(),
+            pg_version: "15.18".into(),
+            pg_version_num: 150018,
+            system_id: "S".into(),
+            timeline: 1,
+            start_lsn: Lsn(0x0300_0028),
+            end_lsn: Lsn(end),
+            backup_label: "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n".into(),
+            wal_included: true,
+            compression: "zstd".into(),
+            encrypted: false,
+            encryption: "none".into(),
+            sealed_key: None,
+            tablespaces: vec![],
+            objects: vec![],
+        }
+    }
+
+    #[test]
+    fn the_archive_must_reach_the_target() {
+        let m = backup_ending_at(0x0400_0100);
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+        let t0 = OffsetDateTime::parse("2026-11-23T08:00:00Z", &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            .unix_timestamp() as u64;
+        let archived = vec![
+            ("000000010000000000000002".to_owned(), at(t0 - 600)),
+            ("000000010000000000000004".to_owned(), at(t0 + 10)),
+            ("000000020000000000000005".to_owned(), at(t0 + 20)),
+            ("00000002.history".to_owned(), at(t0 + 15)),
+        ];
+        // From the backup's end on any timeline: segments 4 and 5.
+        let r = wal_reach(&m, &RecoveryTarget::Latest, &archived, "w/").unwrap();
+        assert_eq!(r, WalReach { first: "000000010000000000000004".into(), segments: 2 });
+        assert!(wal_reach(&m, &RecoveryTarget::Lsn(Lsn(0x0500_0000)), &archived, "w/").is_ok());
+        let e = wal_reach(&m, &RecoveryTarget::Lsn(Lsn(0x0600_0000)), &archived, "w/").unwrap_err().to_string();
+        assert!(e.contains("after the newest archived WAL in w/ (…0000000000000005)"), "{e}");
+        // Before the backup's end: choose an older backup.
+        let e = wal_reach(&m, &RecoveryTarget::Lsn(Lsn(0x0400_0000)), &archived, "w/").unwrap_err().to_string();
+        assert!(e.contains("before the end of backup b"), "{e}");
+        let time = |text: &str| {
+            RecoveryTarget::Time(
+                text.into(),
+                OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap(),
+            )
+        };
+        assert!(wal_reach(&m, &time("2026-11-23T08:00:15Z"), &archived, "w/").is_ok());
+        let e = wal_reach(&m, &time("2026-11-23T08:00:21Z"), &archived, "w/").unwrap_err().to_string();
+        assert!(e.contains("recovery target time 2026-11-23T08:00:21Z is after the newest archived WAL"), "{e}");
+        let e = wal_reach(&m, &RecoveryTarget::Lsn(Lsn(0x0500_0000)), &[], "w/").unwrap_err().to_string();
+        assert!(e.contains("the archive is empty"), "{e}");
+    }
+
+    #[test]
+    fn recovery_settings_are_checked_and_clean_up_after_themselves() {
+        let s = recovery_settings(
+            &RecoveryTarget::Latest,
+            "promote",
+            Some("latest".into()),
+            Path::new("/usr/bin/cloud-dump"),
+            Path::new("/data/pg_wal/.cloud-dump"),
+            Path::new("/data/pg_wal/.cloud-dump/restore.conf"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.restore_command,
+            "/usr/bin/cloud-dump wal-fetch %f %p --config /data/pg_wal/.cloud-dump/restore.conf"
+        );
+        assert_eq!(s.end_command.as_deref(), Some("rm -rf -- /data/pg_wal/.cloud-dump"));
+        let bad = recovery_settings(
+            &RecoveryTarget::Name("a\nrestore_command = 'evil'".into()),
+            "promote",
+            None,
+            Path::new("/x"),
+            Path::new("/s"),
+            Path::new("/s/c"),
+        );
+        assert!(bad.is_err());
     }
 }

@@ -282,6 +282,32 @@ async fn restore_inner(
     Ok(())
 }
 
+/// Whether the key given fits the backup: a key for a plain backup is refused (whoever can
+/// write to the repository could have swapped an encrypted backup for a plain one); an
+/// encrypted backup without a key is refused when the key is needed (not for a dry run).
+pub fn check_decryption(m: &BackupManifest, given: &Decryption, key_needed: bool) -> Result<()> {
+    let none = matches!(given, Decryption::None);
+    if !m.encrypted && !none {
+        return Err(Error::Config(format!(
+            "backup {} is not encrypted although a key was given; refusing to restore it (whoever can write to the repository could have replaced an encrypted backup with a plain one)",
+            m.name
+        )));
+    }
+    if m.encrypted && none && key_needed {
+        return Err(Error::Config(format!(
+            "backup {} is encrypted ({}): give {}",
+            m.name,
+            m.encryption,
+            if m.encryption == "x25519" {
+                "--identity-key FILE"
+            } else {
+                "--passphrase-file FILE or CLOUD_DUMP_PASSPHRASE"
+            }
+        )));
+    }
+    Ok(())
+}
+
 /// Which key opens a backup's objects: a passphrase opens the backup's sealed X25519 key
 /// (one scrypt), and that key opens every archive; identities and plain backups as given.
 /// Restore and verify both ask here.
