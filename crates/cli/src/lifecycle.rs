@@ -94,32 +94,33 @@ async fn old_versions(
     let Some(versions) = cloud_dump_storage::versions(url, &opts).map_err(anyhow::Error::msg)? else {
         return Ok(());
     };
-    match cloud_dump_storage::bucket_protection(url, &opts).await {
-        Ok(Some(p)) if p.versioning == "Enabled" || p.versioning == "Suspended" => {}
+    // Only on a bucket with Object Lock: on one with versioning alone, old versions are
+    // the owner's undo window (a lifecycle rule ends it).
+    let retention_days = match cloud_dump_storage::bucket_protection(url, &opts).await {
+        Ok(Some(p)) if p.object_lock => p.retention_days,
         Ok(_) => return Ok(()),
         Err(e) => {
-            eprintln!("warning: cannot tell whether the bucket keeps old versions ({e}): they are left alone");
+            eprintln!("warning: cannot tell whether the bucket has Object Lock ({e}): old versions are left alone");
             return Ok(());
         }
-    }
-    let out = pg.expire_old_versions(&versions, policy, plan, dry_run).await.context("old versions")?;
-    for f in &out.hidden_backups_kept {
-        println!("old versions of deleted backup folder {f}: kept (the policy would still keep that backup)");
+    };
+    let out = pg.expire_old_versions(&versions, policy, plan, retention_days, dry_run).await.context("old versions")?;
+    for (f, why) in &out.hidden_backups_kept {
+        println!("old versions of deleted backup folder {f}: kept ({why})");
     }
     let verb = if dry_run { "would delete" } else { "deleted" };
     println!(
         "old versions: {verb} {} data version(s) and {} delete marker(s) of deleted objects for good",
         out.removed, out.markers_removed
     );
-    let locked = out.refused.get("AccessDenied").copied().unwrap_or(0);
+    let locked = out.locked;
     if locked > 0 {
         println!(
-            "old versions: {locked} refused as still locked (Object Lock retention; or these credentials may not \
-             delete versions): left in place; a later expire removes them"
+            "old versions: {locked} refused as still locked (Object Lock retention): left in place; a later expire \
+             removes them"
         );
     }
-    let other: Vec<String> =
-        out.refused.iter().filter(|(c, _)| c.as_str() != "AccessDenied").map(|(c, n)| format!("{n} ({c})")).collect();
+    let other: Vec<String> = out.refused.iter().map(|(c, n)| format!("{n} ({c})")).collect();
     if !other.is_empty() {
         bail!("old versions the store refused to delete: {}", other.join(", "));
     }

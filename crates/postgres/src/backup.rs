@@ -267,6 +267,17 @@ async fn backup_claimed(
         written.push(key);
     }
     let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
+    // A delete of this folder begun meanwhile (`delete --abandoned`, or a planted mark):
+    // the backup must not become visible.
+    let deleting = |objects: &[cloud_dump_storage::ObjectInfo]| {
+        objects.iter().any(|o| crate::repository::is_deleting_mark(&o.key, &dir))
+    };
+    if deleting(&repo.list(&dir).await?) {
+        return Err(Error::Restore(format!(
+            "backup {}: its folder {dir} is being deleted (a deleting mark appeared while it ran); the backup was not completed",
+            manifest.name
+        )));
+    }
     let json = manifest.to_json();
     if let Err(e) = repo.put_new(&manifest_key, Bytes::from(json.clone())).await {
         // The manifest makes the backup visible. A write reported as failed may have
@@ -281,6 +292,22 @@ async fn backup_claimed(
                 )));
             }
         }
+    }
+    // Success only if what the manifest names is all there now, and no delete began.
+    let after = repo.list(&dir).await?;
+    let missing: Vec<&str> = manifest
+        .objects
+        .iter()
+        .filter(|o| !after.iter().any(|a| a.key == format!("{dir}{}", o.key) && a.size == o.size))
+        .map(|o| o.key.as_str())
+        .collect();
+    if deleting(&after) || !missing.is_empty() {
+        written.push(manifest_key.clone());
+        return Err(Error::Restore(format!(
+            "backup {}: its folder {dir} was deleted while the manifest was written ({}); the backup is not usable",
+            manifest.name,
+            if missing.is_empty() { "a deleting mark".to_owned() } else { format!("missing: {}", missing.join(", ")) }
+        )));
     }
     tracing::info!(
         "backup {} complete: {} objects, {} bytes stored, LSN {} → {}",

@@ -8,22 +8,22 @@
 //! What may go (each has a test below), all under the cluster's folders only:
 //! - only keys whose newest version is a delete marker (deleted objects); a key whose
 //!   newest version is data is never touched, nor are its older versions;
-//! - WAL: segments (and their `.partial`/`.backup` files) below the plan's WAL cut; never
-//!   history files, never with no cut;
-//! - backups: a deleted folder (nothing current left in it) that the policy would delete
-//!   had it still been there: at least `retain-full` (or one) kept backups ended after it
-//!   was written, and with `retain-days` it was written before the window and a kept backup
-//!   ended between it and the window (so it is not the window's base). A backup hidden by
-//!   someone else's delete markers is thus kept while the policy needs it;
-//! - nothing else (keys, system records, unfinished folders' leftovers outside these).
+//! - backups: a deleted folder (nothing current left in it, and none listed) whose hidden
+//!   manifest reads as a backup of this layout, and which the expire policy would delete
+//!   were it still there: [`crate::expire::plan`] runs over the live backups plus that one,
+//!   with its own keep marks and system. A folder without a readable manifest, or one the
+//!   policy would keep (hidden by someone else's delete markers), stays;
+//! - WAL: segments (and their `.partial`/`.backup` files) below the plan's WAL cut, and only
+//!   while no hidden backup is kept (it may need them); never history files;
+//! - nothing else (keys, system records, loose objects, other folders).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use cloud_dump_storage::ObjectVersion;
 
-use crate::expire::{BackupFacts, ExpirePlan, Policy};
-use crate::layout::Layout;
-use crate::repository::{time_us, wal_name_of};
+use crate::expire::{self, BackupFacts, ExpirePlan, Policy};
+use crate::layout::{self, Layout};
+use crate::repository::wal_name_of;
 use crate::wal::{classify, segment_number, WalFileKind};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,77 +32,89 @@ pub struct OldVersionsPlan {
     pub remove: Vec<(String, String)>,
     /// Delete markers, removed once every data version of their key is gone.
     pub markers: Vec<(String, String)>,
-    /// Deleted backup folders whose old versions stay: the policy still needs them.
-    pub hidden_backups_kept: Vec<String>,
+    /// Deleted backup folders whose old versions stay, with why.
+    pub hidden_backups_kept: Vec<(String, String)>,
 }
 
-/// The plan for `versions` (keys relative to the repository), after `expire_plan` has run
-/// on `backups` under `policy`; `live_folders`: every backup folder that still holds a
-/// current object (complete, unfinished or unreadable).
-pub fn plan(
-    versions: &[ObjectVersion],
-    layout: &Layout,
-    live_folders: &BTreeSet<String>,
-    backups: &[BackupFacts],
-    expire_plan: &ExpirePlan,
-    policy: &Policy,
-) -> OldVersionsPlan {
-    // Keys whose newest version is a delete marker.
+/// Deleted keys (newest version a delete marker) with all their versions.
+pub fn deleted_keys(versions: &[ObjectVersion]) -> BTreeMap<&str, Vec<&ObjectVersion>> {
     let mut by_key: BTreeMap<&str, Vec<&ObjectVersion>> = BTreeMap::new();
     for v in versions {
         by_key.entry(v.key.as_str()).or_default().push(v);
     }
-    let deleted: Vec<(&str, &Vec<&ObjectVersion>)> = by_key
-        .iter()
-        .filter(|(_, vs)| vs.iter().any(|v| v.latest) && vs.iter().all(|v| !v.latest || v.delete_marker))
-        .map(|(k, vs)| (*k, vs))
-        .collect();
+    by_key.retain(|_, vs| vs.iter().any(|v| v.latest) && vs.iter().all(|v| !v.latest || v.delete_marker));
+    by_key
+}
 
+/// Deleted backup folders (not in `live_folders`), each with the newest data version of
+/// its manifest, if any: what the runner reads to learn what the backup was.
+pub fn hidden_folders<'v>(
+    versions: &'v [ObjectVersion],
+    layout: &Layout,
+    live_folders: &BTreeSet<String>,
+) -> BTreeMap<String, Option<&'v ObjectVersion>> {
     let root = layout.backups_root();
     let wal_dir = layout.wal_dir();
-    // Deleted backup folders: the newest write among their data versions.
-    let mut ghosts: BTreeMap<&str, Option<i64>> = BTreeMap::new();
-    for (key, vs) in &deleted {
-        let Some(folder) = folder_of(key, &root, &wal_dir) else { continue };
+    let mut out: BTreeMap<String, Option<&ObjectVersion>> = BTreeMap::new();
+    for (key, vs) in deleted_keys(versions) {
+        let Some((folder, rest)) = folder_of(key, &root, &wal_dir) else { continue };
         if live_folders.contains(folder) {
             continue;
         }
-        let newest = vs.iter().filter(|v| !v.delete_marker).filter_map(|v| time_us(&v.last_modified)).max();
-        let e = ghosts.entry(folder).or_insert(Some(i64::MIN));
-        // An unreadable time anywhere makes the folder's time unknown (kept).
-        *e = match (*e, newest) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (Some(a), None) if vs.iter().all(|v| v.delete_marker) => Some(a),
-            _ => None,
-        };
-    }
-    let kept_stops: Vec<i64> = expire_plan
-        .backups
-        .iter()
-        .filter(|(_, v)| !v.is_delete())
-        .filter_map(|(n, _)| backups.iter().find(|b| &b.name == n).and_then(|b| b.stop_time_us))
-        .collect();
-    let window_start = policy.retain_days.map(|d| policy.now_us - (d * 86_400e6) as i64);
-    let need = policy.retain_full.unwrap_or(1).max(1);
-    let mut out = OldVersionsPlan::default();
-    let mut purge_folders = BTreeSet::new();
-    for (folder, written) in &ghosts {
-        let goes = written.filter(|w| *w != i64::MIN).is_some_and(|w| {
-            let newer = kept_stops.iter().filter(|t| **t >= w).count() >= need;
-            let outside_window = window_start.is_none_or(|ws| w < ws && kept_stops.iter().any(|t| *t >= w && *t < ws));
-            newer && outside_window
-        });
-        if goes {
-            purge_folders.insert(*folder);
-        } else {
-            out.hidden_backups_kept.push((*folder).to_owned());
+        let e = out.entry(folder.to_owned()).or_default();
+        if rest == layout::MANIFEST_FILE {
+            *e = vs.iter().copied().find(|v| !v.delete_marker);
         }
     }
+    out
+}
 
-    for (key, vs) in deleted {
+/// The plan for `versions` (keys relative to the repository), after `expire_plan` has run
+/// on the live `backups` under `policy`. `hidden`: each deleted backup folder with what its
+/// hidden manifest says (`None`: none could be read).
+pub fn plan(
+    versions: &[ObjectVersion],
+    layout: &Layout,
+    hidden: &BTreeMap<String, Option<BackupFacts>>,
+    backups: &[BackupFacts],
+    archive_system: Option<&str>,
+    expire_plan: &ExpirePlan,
+    policy: &Policy,
+) -> OldVersionsPlan {
+    let root = layout.backups_root();
+    let wal_dir = layout.wal_dir();
+    let mut out = OldVersionsPlan::default();
+    let mut purge_folders = BTreeSet::new();
+    for (folder, facts) in hidden {
+        let why = match facts {
+            None => Some("no readable manifest among its old versions".to_owned()),
+            Some(f) if f.name != *folder => Some(format!("its old manifest names another backup ({})", f.name)),
+            Some(f) => {
+                let mut all = backups.to_vec();
+                all.push(f.clone());
+                match expire::plan(&all, &[], archive_system, policy, 0) {
+                    Ok(p) => match p.backups.iter().find(|(n, _)| n == folder).map(|(_, v)| v) {
+                        Some(v) if v.is_delete() => None,
+                        Some(v) => Some(format!("the policy would keep it: {}", v.reason())),
+                        None => Some("not planned".into()),
+                    },
+                    Err(e) => Some(e),
+                }
+            }
+        };
+        match why {
+            None => {
+                purge_folders.insert(folder.as_str());
+            }
+            Some(w) => out.hidden_backups_kept.push((folder.clone(), w)),
+        }
+    }
+    let wal_cut = if out.hidden_backups_kept.is_empty() { expire_plan.wal_cut } else { None };
+
+    for (key, vs) in deleted_keys(versions) {
         let goes = match folder_of(key, &root, &wal_dir) {
-            Some(folder) => purge_folders.contains(folder),
-            None => key.strip_prefix(&wal_dir).is_some_and(|rel| below_cut(rel, expire_plan.wal_cut)),
+            Some((folder, _)) => purge_folders.contains(folder),
+            None => key.strip_prefix(&wal_dir).is_some_and(|rel| below_cut(rel, wal_cut)),
         };
         if !goes {
             continue;
@@ -119,14 +131,15 @@ pub fn plan(
     out
 }
 
-/// The backup folder a key is in (none for the WAL folder and loose objects).
-fn folder_of<'k>(key: &'k str, root: &str, wal_dir: &str) -> Option<&'k str> {
+/// The backup folder a key is in and the rest of the key (none for the WAL folder, loose
+/// objects, and names no backup can have).
+fn folder_of<'k>(key: &'k str, root: &str, wal_dir: &str) -> Option<(&'k str, &'k str)> {
     if key.starts_with(wal_dir) {
         return None;
     }
     let rel = key.strip_prefix(root)?;
     let (folder, rest) = rel.split_once('/')?;
-    (!folder.is_empty() && !rest.is_empty()).then_some(folder)
+    (layout::validate_component("backup name", folder).is_ok() && !rest.is_empty()).then_some((folder, rest))
 }
 
 /// Whether a WAL archive object (relative to the WAL folder) is of a segment below the cut.
@@ -143,7 +156,6 @@ fn below_cut(rel: &str, cut: Option<(u64, u64)>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::expire::Verdict;
     use crate::lsn::Lsn;
 
     const DAY: i64 = 86_400_000_000;
@@ -162,23 +174,14 @@ mod tests {
         [v(key, &format!("{key}#m"), true, true, d + 1), v(key, &format!("{key}#1"), false, false, d)]
     }
 
-    fn facts(name: &str, d: i64) -> BackupFacts {
+    fn facts(name: &str, d: i64, system: &str) -> BackupFacts {
         BackupFacts {
             name: name.into(),
             stop_time_us: Some(d * DAY),
             segment_size: SEG,
-            start_lsn: Lsn(0),
-            system_id: "S".into(),
+            start_lsn: Lsn(d as u64 * SEG),
+            system_id: system.into(),
             kept: false,
-        }
-    }
-
-    fn expire_plan(kept: &[&str], cut: Option<u64>) -> ExpirePlan {
-        ExpirePlan {
-            backups: kept.iter().map(|n| ((*n).to_owned(), Verdict::Keep("x".into()))).collect(),
-            wal_delete: vec![],
-            wal_reason: String::new(),
-            wal_cut: cut.map(|c| (c, SEG)),
         }
     }
 
@@ -190,11 +193,31 @@ mod tests {
         Layout::new(Some("c"), None).unwrap()
     }
 
+    /// The plan as the runner makes it: expire over the live backups, then old versions.
+    fn run(
+        vs: &[ObjectVersion],
+        hidden: &[(&str, Option<BackupFacts>)],
+        live: &[BackupFacts],
+        p: &Policy,
+    ) -> OldVersionsPlan {
+        let names: Vec<String> = (0..40).map(|n| format!("{:08X}{:08X}{:08X}", 1, 0, n)).collect();
+        let wal: Vec<expire::WalObject> = names
+            .iter()
+            .map(|n| expire::WalObject { key: format!("c/wal_archive/{n}.zst"), name: n.clone() })
+            .collect();
+        let ep = expire::plan(live, &wal, Some("S"), p, 0).unwrap();
+        let hidden: BTreeMap<String, Option<BackupFacts>> =
+            hidden.iter().map(|(n, f)| ((*n).to_owned(), f.clone())).collect();
+        plan(vs, &layout(), &hidden, live, Some("S"), &ep, p)
+    }
+
     #[test]
-    fn only_deleted_objects_below_the_policy_go() {
+    fn only_deleted_objects_the_policy_would_delete_go() {
         let mut vs = Vec::new();
         vs.extend(gone("c/backup/old/manifest.json", 1));
         vs.extend(gone("c/backup/old/base.tar.zst", 1));
+        // Its deleting mark, written when expire deleted it (long after the backup).
+        vs.extend(gone("c/backup/old/deleting-00000000000000000009", 9));
         vs.extend(gone("c/wal_archive/000000010000000000000003.zst", 1));
         vs.extend(gone("c/wal_archive/000000010000000000000009.zst", 1));
         vs.extend(gone("c/wal_archive/00000002.history", 1));
@@ -202,73 +225,99 @@ mod tests {
         // A live key with an older version: never touched.
         vs.push(v("c/backup/new/manifest.json", "n2", true, false, 5));
         vs.push(v("c/backup/new/manifest.json", "n1", false, false, 4));
-        let backups = [facts("new", 5), facts("mid", 4)];
-        let live: BTreeSet<String> = ["new".to_owned(), "mid".to_owned()].into();
-        let p =
-            plan(&vs, &layout(), &live, &backups, &expire_plan(&["new", "mid"], Some(5)), &policy(Some(2), None, 6));
+        let live = [facts("new", 5, "S"), facts("mid", 4, "S")];
+        let p = run(&vs, &[("old", Some(facts("old", 1, "S")))], &live, &policy(Some(2), None, 10));
         let removed: BTreeSet<&str> = p.remove.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             removed,
-            ["c/backup/old/manifest.json", "c/backup/old/base.tar.zst", "c/wal_archive/000000010000000000000003.zst"]
-                .into()
+            [
+                "c/backup/old/manifest.json",
+                "c/backup/old/base.tar.zst",
+                "c/backup/old/deleting-00000000000000000009",
+                "c/wal_archive/000000010000000000000003.zst"
+            ]
+            .into()
         );
-        assert_eq!(p.markers.len(), 3);
+        assert_eq!(p.markers.len(), 4);
         assert!(p.remove.iter().chain(&p.markers).all(|(k, _)| !k.contains("history") && !k.contains("new/")));
-        // No WAL cut: no WAL goes.
-        let p = plan(&vs, &layout(), &live, &backups, &expire_plan(&["new", "mid"], None), &policy(Some(2), None, 6));
-        assert!(p.remove.iter().all(|(k, _)| !k.contains("wal_archive")));
     }
 
     #[test]
-    fn a_hidden_backup_the_policy_needs_stays() {
-        // Someone hid the newest backup ("hid", written day 9) with delete markers: the kept
-        // backups all ended before it.
+    fn a_hidden_backup_the_policy_needs_stays_and_keeps_its_wal() {
         let mut vs = Vec::new();
         vs.extend(gone("c/backup/hid/manifest.json", 9));
         vs.extend(gone("c/backup/old/manifest.json", 1));
-        let backups = [facts("b5", 5), facts("b6", 6)];
-        let live: BTreeSet<String> = ["b5".to_owned(), "b6".to_owned()].into();
-        let p = plan(&vs, &layout(), &live, &backups, &expire_plan(&["b5", "b6"], None), &policy(Some(2), None, 10));
-        assert_eq!(p.hidden_backups_kept, vec!["hid".to_owned()]);
-        assert!(p.remove.iter().all(|(k, _)| k.contains("/old/")) && !p.remove.is_empty());
-        // retain-full 3: two kept backups newer than "old" are not enough.
-        let p = plan(&vs, &layout(), &live, &backups, &expire_plan(&["b5", "b6"], None), &policy(Some(3), None, 10));
-        assert!(p.remove.is_empty());
-        // A window from day 4: "old" (day 1) is before it, but no kept backup ended between
-        // the two: "old" would be the window's base, so it stays.
-        let p = plan(&vs, &layout(), &live, &backups, &expire_plan(&["b5", "b6"], None), &policy(None, Some(6.0), 10));
+        vs.extend(gone("c/wal_archive/000000010000000000000002.zst", 1));
+        let live = [facts("b5", 5, "S"), facts("b6", 6, "S")];
+        // Someone hid the newest backup: the policy keeps it, so it stays, and no WAL goes.
+        let hidden = [("hid", Some(facts("hid", 9, "S"))), ("old", Some(facts("old", 1, "S")))];
+        let p = run(&vs, &hidden, &live, &policy(Some(2), None, 10));
+        assert_eq!(p.hidden_backups_kept.len(), 1);
+        assert_eq!(p.hidden_backups_kept[0].0, "hid");
+        assert!(p.remove.iter().all(|(k, _)| k.contains("/old/")) && !p.remove.is_empty(), "{p:?}");
+        // retain-full 3: "old" would be kept too.
+        let p = run(&vs, &hidden[1..], &live, &policy(Some(3), None, 10));
         assert!(p.remove.is_empty(), "{p:?}");
-        // A window from day 5.5: b5 ended before it and after "old": old goes.
-        let p = plan(&vs, &layout(), &live, &backups, &expire_plan(&["b5", "b6"], None), &policy(None, Some(4.5), 10));
-        assert!(p.remove.iter().any(|(k, _)| k.contains("/old/")));
+        // A window from day 4: "old" (day 1) would be the window's base: it stays.
+        let p = run(&vs, &hidden[1..], &live, &policy(None, Some(6.0), 10));
+        assert!(p.remove.is_empty(), "{p:?}");
+        // A window from day 5.5: b5 is the base; "old" and the WAL below b5 go.
+        let p = run(&vs, &hidden[1..], &live, &policy(None, Some(4.5), 10));
+        assert!(p.remove.iter().any(|(k, _)| k.contains("/old/")), "{p:?}");
+        assert!(p.remove.iter().any(|(k, _)| k.contains("wal_archive")), "{p:?}");
     }
 
     #[test]
-    fn live_folders_and_unknown_times_are_kept() {
-        // A folder with one current object left (e.g. a kill -9 mid-delete, or a running
-        // backup) is live: none of its deleted keys' versions go.
+    fn keep_marks_systems_and_unreadable_manifests_are_respected() {
         let mut vs = Vec::new();
-        vs.extend(gone("c/backup/half/base.tar.zst", 1));
-        vs.push(v("c/backup/half/pg_wal.tar.zst", "h", true, false, 1));
-        let mut bad = gone("c/backup/odd/manifest.json", 1).to_vec();
-        bad[1].last_modified = "yesterday".into();
-        vs.extend(bad);
-        let backups = [facts("b5", 5), facts("b6", 6)];
-        let live: BTreeSet<String> = ["b5", "b6", "half"].iter().map(|s| s.to_string()).collect();
-        let p = plan(&vs, &layout(), &live, &backups, &expire_plan(&["b5", "b6"], None), &policy(Some(1), None, 10));
+        vs.extend(gone("c/backup/k/manifest.json", 1));
+        vs.extend(gone("c/backup/x/manifest.json", 1));
+        vs.extend(gone("c/backup/odd/base.tar.zst", 1));
+        let live = [facts("b5", 5, "S"), facts("b6", 6, "S")];
+        let mut kept = facts("k", 1, "S");
+        kept.kept = true;
+        // The last backup of another system (before a pg_upgrade): that system's newest.
+        let other = facts("x", 1, "OLD");
+        let p = run(&vs, &[("k", Some(kept)), ("x", Some(other)), ("odd", None)], &live, &policy(Some(1), None, 10));
         assert!(p.remove.is_empty() && p.markers.is_empty(), "{p:?}");
-        assert_eq!(p.hidden_backups_kept, vec!["odd".to_owned()]);
+        let why: BTreeMap<&str, &str> = p.hidden_backups_kept.iter().map(|(f, w)| (f.as_str(), w.as_str())).collect();
+        assert!(why["k"].contains("keep mark"), "{why:?}");
+        assert!(why["x"].contains("newest"), "{why:?}");
+        assert!(why["odd"].contains("no readable manifest"), "{why:?}");
+        // A manifest naming another backup is not believed.
+        let p = run(&vs, &[("x", Some(facts("b6", 1, "S")))], &live, &policy(Some(1), None, 10));
+        assert!(p.remove.is_empty(), "{p:?}");
     }
 
     #[test]
-    fn a_key_whose_newest_version_is_data_is_never_touched() {
+    fn live_folders_and_keys_whose_newest_version_is_data_are_never_touched() {
         // Deleted then written again (newest is data): its old versions stay.
-        let vs = vec![
+        let mut vs = vec![
             v("c/wal_archive/000000010000000000000001.zst", "3", true, false, 3),
             v("c/wal_archive/000000010000000000000001.zst", "2", false, true, 2),
             v("c/wal_archive/000000010000000000000001.zst", "1", false, false, 1),
         ];
-        let p = plan(&vs, &layout(), &BTreeSet::new(), &[], &expire_plan(&[], Some(9)), &policy(Some(1), None, 10));
+        // A folder with a current object (a kill -9 mid-delete, or a running backup).
+        vs.extend(gone("c/backup/half/base.tar.zst", 1));
+        vs.push(v("c/backup/half/pg_wal.tar.zst", "h", true, false, 1));
+        let live_names: BTreeSet<String> = ["half".to_owned()].into();
+        assert!(hidden_folders(&vs, &layout(), &live_names).is_empty());
+        let p = run(&vs, &[], &[facts("b9", 9, "S")], &policy(Some(1), None, 10));
         assert_eq!(p, OldVersionsPlan::default());
+    }
+
+    #[test]
+    fn flat_layouts_see_only_backup_folders() {
+        let flat = Layout::new(None, None).unwrap();
+        let mut vs = Vec::new();
+        vs.extend(gone("old/manifest.json", 1));
+        vs.extend(gone("c2/backup/y/manifest.json", 1));
+        vs.extend(gone("wal_archive/000000010000000000000001.zst", 1));
+        vs.extend(gone(".key", 1));
+        let h = hidden_folders(&vs, &flat, &BTreeSet::new());
+        let names: Vec<&str> = h.keys().map(String::as_str).collect();
+        assert_eq!(names, ["c2", "old"]);
+        // "c2" (another cluster's folder) has no manifest of its own: nothing to read, kept.
+        assert!(h["c2"].is_none() && h["old"].is_some());
     }
 }

@@ -49,14 +49,20 @@ pub struct Inventory {
     pub unfinished: Vec<String>,
     /// Folders whose manifest exists but cannot be read, with why.
     pub unreadable: Vec<(String, String)>,
-    /// Folders whose delete began but did not finish, with what is left of them.
+    /// Folders whose delete got past the manifest but did not finish (a deleting mark, no
+    /// manifest), with what is left of them. A folder with a mark and its manifest is still
+    /// a backup: a mark alone (planted, or a delete stopped before the manifest) deletes
+    /// nothing.
     pub interrupted: Vec<(String, Vec<ObjectInfo>)>,
+    /// Every backup folder the listing returned, whatever became of it since.
+    pub listed: std::collections::BTreeSet<String>,
 }
 
 impl Inventory {
-    /// Every backup folder that still holds an object.
+    /// Every backup folder that held an object when listed.
     pub fn folders(&self) -> std::collections::BTreeSet<String> {
-        let mut all: std::collections::BTreeSet<String> = self.backups.iter().map(|b| b.name().to_owned()).collect();
+        let mut all = self.listed.clone();
+        all.extend(self.backups.iter().map(|b| b.name().to_owned()));
         all.extend(self.unfinished.iter().cloned());
         all.extend(self.unreadable.iter().map(|(n, _)| n.clone()));
         all.extend(self.interrupted.iter().map(|(n, _)| n.clone()));
@@ -146,6 +152,7 @@ impl<'a> PgRepository<'a> {
             }
             folders.entry(folder.to_owned()).or_default().push(o);
         }
+        let listed: std::collections::BTreeSet<String> = folders.keys().cloned().collect();
         let with_manifest: Vec<(String, Vec<ObjectInfo>)> = folders.into_iter().collect::<Vec<_>>();
         let mut unfinished = Vec::new();
         let mut interrupted = Vec::new();
@@ -153,9 +160,10 @@ impl<'a> PgRepository<'a> {
         for (name, objects) in with_manifest {
             let dir = self.layout.backup_dir(&name);
             let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
-            if objects.iter().any(|o| is_deleting_mark(&o.key, &dir)) {
+            let has_manifest = objects.iter().any(|o| o.key == manifest_key);
+            if !has_manifest && objects.iter().any(|o| is_deleting_mark(&o.key, &dir)) {
                 interrupted.push((name, objects));
-            } else if objects.iter().any(|o| o.key == manifest_key) {
+            } else if has_manifest {
                 todo.push((name, objects, manifest_key));
             } else {
                 unfinished.push(name);
@@ -194,7 +202,7 @@ impl<'a> PgRepository<'a> {
         });
         unfinished.sort();
         unreadable.sort();
-        Ok(Inventory { backups, unfinished, unreadable, interrupted })
+        Ok(Inventory { backups, unfinished, unreadable, interrupted, listed })
     }
 
     /// Keeps a backup from `expire`, or releases it: a new write-once mark either way.
@@ -245,6 +253,21 @@ impl<'a> PgRepository<'a> {
             marks.push(mark);
         }
         let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
+        // What is deleted by key must still be what was listed: a name deleted and backed up
+        // again since (by another run) is left alone.
+        for key in [manifest_key.clone(), format!("{dir}{}", crate::backup::CLAIM_FILE)] {
+            let listed = objects.iter().find(|o| o.key == key);
+            let now = self.repo.head(&key).await?;
+            let same = match (listed, &now) {
+                (Some(a), Some(b)) => a.same_object(b),
+                (None, None) => true,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+            };
+            if !same {
+                return Ok(vec![(key, "changed since it was listed (a new backup of that name?): left alone".into())]);
+            }
+        }
         match self.repo.delete(&manifest_key).await {
             Ok(()) | Err(StorageError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -277,13 +300,20 @@ impl<'a> PgRepository<'a> {
             Err(StorageError::NotFound { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        // Without a claim, the newest object tells when the folder was last written.
+        // The newest of the claim's start and the folder's objects: a backup still
+        // uploading keeps it young.
         let newest = objects
             .iter()
             .filter_map(|o| o.last_modified.duration_since(std::time::UNIX_EPOCH).ok())
             .map(|d| d.as_micros() as i64)
             .max();
-        let since = started.or(newest).unwrap_or(i64::MAX);
+        let since = match (started, newest) {
+            (Some(a), Some(b)) => a.max(b),
+            (a, b) => a.or(b).unwrap_or(i64::MAX),
+        };
+        if objects.iter().any(|o| o.key == format!("{dir}{}", layout::MANIFEST_FILE)) {
+            return Err(Error::Config(format!("{dir} has a manifest: it is a backup, not an abandoned one")));
+        }
         let age = now_us() - since;
         if age < min_age_us {
             return Err(Error::Config(format!(
@@ -421,22 +451,27 @@ pub struct OldVersionsOutcome {
     pub removed: usize,
     /// Delete markers removed once their key's data was gone.
     pub markers_removed: usize,
-    /// Data versions the store refused, by code (`AccessDenied`: still locked); their keys
-    /// keep their markers and a later run tries again.
+    /// Data versions refused as still locked (AccessDenied while their retention may still
+    /// run); their keys keep their markers and a later run tries again.
+    pub locked: usize,
+    /// Other refusals, by code (AccessDenied long after the lock should have passed counts
+    /// here: the credentials may not delete versions).
     pub refused: BTreeMap<String, usize>,
-    /// Deleted backup folders whose old versions the policy still needs.
-    pub hidden_backups_kept: Vec<String>,
+    /// Deleted backup folders whose old versions stay, with why.
+    pub hidden_backups_kept: Vec<(String, String)>,
 }
 
 impl<'a> PgRepository<'a> {
-    /// After an expire on a versioned bucket: deletes for good the old versions the
+    /// After an expire on a bucket with Object Lock: deletes for good the old versions the
     /// [`old_versions::plan`] allows; versions still locked stay for a later run. The
-    /// inventory is taken again (after the expire's deletes).
+    /// inventory is taken again (after the expire's deletes). `retention_days`: the
+    /// bucket's default retention, to tell a lock from a missing permission.
     pub async fn expire_old_versions(
         &self,
         versions: &Versions,
         policy: &Policy,
         expire_plan: &ExpirePlan,
+        retention_days: Option<u32>,
         dry_run: bool,
     ) -> Result<OldVersionsOutcome> {
         let inv = self.inventory().await?;
@@ -447,7 +482,38 @@ impl<'a> PgRepository<'a> {
             None => String::new(),
         };
         let listed = versions.list(&prefix).await.map_err(Error::OldVersions)?;
-        let plan = old_versions::plan(&listed, &self.layout, &live, &facts, expire_plan, policy);
+        // What each hidden backup was: its newest old manifest, read by version.
+        let mut hidden: BTreeMap<String, Option<BackupFacts>> = BTreeMap::new();
+        for (folder, manifest) in old_versions::hidden_folders(&listed, &self.layout, &live) {
+            let dir = self.layout.backup_dir(&folder);
+            let facts = match manifest {
+                Some(v) => {
+                    let bytes = versions.get(&v.key, &v.version_id).await.map_err(Error::OldVersions)?;
+                    BackupManifest::parse(&bytes).ok().filter(|m| m.cluster.as_deref() == self.layout.cluster()).map(
+                        |m| {
+                            // Its keep marks: every key its folder ever held.
+                            let names: Vec<&str> = listed
+                                .iter()
+                                .filter(|x| !x.delete_marker)
+                                .filter_map(|x| x.key.strip_prefix(&dir))
+                                .collect();
+                            BackupFacts {
+                                name: m.name.clone(),
+                                stop_time_us: time_us(&m.stop_time),
+                                segment_size: m.wal_segment_size(),
+                                start_lsn: m.start_lsn,
+                                system_id: m.system_id.clone(),
+                                kept: kept_by_marks(names.into_iter(), now_us()),
+                            }
+                        },
+                    )
+                }
+                None => None,
+            };
+            hidden.insert(folder, facts);
+        }
+        let system = self.archive_system().await?;
+        let plan = old_versions::plan(&listed, &self.layout, &hidden, &facts, system.as_deref(), expire_plan, policy);
         let mut out =
             OldVersionsOutcome { hidden_backups_kept: plan.hidden_backups_kept.clone(), ..Default::default() };
         if dry_run {
@@ -456,14 +522,36 @@ impl<'a> PgRepository<'a> {
             return Ok(out);
         }
         let refused = versions.delete(&plan.remove).await.map_err(Error::OldVersions)?;
-        let refused_keys: std::collections::BTreeSet<&str> = refused.iter().map(|r| r.key.as_str()).collect();
+        // When each refused key's newest data was written: a lock from then has passed
+        // after the bucket's retention (a day's slack for clocks and explicit locks).
+        let written: BTreeMap<&str, i64> = listed
+            .iter()
+            .filter(|v| !v.delete_marker)
+            .filter_map(|v| time_us(&v.last_modified).map(|t| (v.key.as_str(), t)))
+            .fold(BTreeMap::new(), |mut m, (k, t)| {
+                let e = m.entry(k).or_insert(t);
+                *e = (*e).max(t);
+                m
+            });
+        let now = now_us();
         for r in &refused {
-            *out.refused.entry(r.code.clone()).or_default() += 1;
+            let lock_passed = retention_days
+                .zip(written.get(r.key.as_str()))
+                .is_some_and(|(d, t)| now > t + (i64::from(d) + 1) * 86_400_000_000);
+            if r.code == "AccessDenied" && !lock_passed {
+                out.locked += 1;
+            } else {
+                let code = if r.code == "AccessDenied" { "AccessDenied after the lock passed" } else { &r.code };
+                *out.refused.entry(code.to_owned()).or_default() += 1;
+            }
         }
         out.removed = plan.remove.len() - refused.len().min(plan.remove.len());
-        // A key keeps its markers while any of its data is left.
+        // A key's markers go only once none of its data is left, as the store now says.
+        let after = versions.list(&prefix).await.map_err(Error::OldVersions)?;
+        let with_data: std::collections::BTreeSet<&str> =
+            after.iter().filter(|v| !v.delete_marker).map(|v| v.key.as_str()).collect();
         let markers: Vec<(String, String)> =
-            plan.markers.into_iter().filter(|(k, _)| !refused_keys.contains(k.as_str())).collect();
+            plan.markers.into_iter().filter(|(k, _)| !with_data.contains(k.as_str())).collect();
         let refused_markers = versions.delete(&markers).await.map_err(Error::OldVersions)?;
         out.markers_removed = markers.len() - refused_markers.len().min(markers.len());
         Ok(out)

@@ -68,6 +68,20 @@ pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
     pub last_modified: std::time::SystemTime,
+    /// The store's entity tag, where it gives one (same in LIST and HEAD).
+    pub e_tag: Option<String>,
+}
+
+impl ObjectInfo {
+    /// Whether two looks at a key saw the same object: the entity tags where both have one,
+    /// else size and time to the second (LIST and HEAD differ in sub-second precision).
+    pub fn same_object(&self, other: &ObjectInfo) -> bool {
+        let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        match (&self.e_tag, &other.e_tag) {
+            (Some(a), Some(b)) => a.trim_matches('"') == b.trim_matches('"') && self.size == other.size,
+            _ => self.size == other.size && secs(self.last_modified) == secs(other.last_modified),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -300,7 +314,12 @@ impl Repo {
 
     pub async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
         match self.store.head(&self.path(key)).await {
-            Ok(m) => Ok(Some(ObjectInfo { key: key.to_owned(), size: m.size, last_modified: m.last_modified.into() })),
+            Ok(m) => Ok(Some(ObjectInfo {
+                key: key.to_owned(),
+                size: m.size,
+                last_modified: m.last_modified.into(),
+                e_tag: m.e_tag,
+            })),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.fail("look up", key, e)),
         }
@@ -446,7 +465,12 @@ impl Repo {
         let metas: Vec<_> = self.store.list(prefix).try_collect().await.map_err(|e| self.fail("list", dir, e))?;
         Ok(metas
             .into_iter()
-            .map(|m| ObjectInfo { key: self.strip(&m.location), size: m.size, last_modified: m.last_modified.into() })
+            .map(|m| ObjectInfo {
+                key: self.strip(&m.location),
+                size: m.size,
+                last_modified: m.last_modified.into(),
+                e_tag: m.e_tag,
+            })
             .collect())
     }
 
@@ -473,7 +497,12 @@ impl Repo {
                 }
                 continue;
             }
-            out.push(ObjectInfo { key: self.strip(&m.location), size: m.size, last_modified: m.last_modified.into() });
+            out.push(ObjectInfo {
+                key: self.strip(&m.location),
+                size: m.size,
+                last_modified: m.last_modified.into(),
+                e_tag: m.e_tag,
+            });
             if out.len() >= max {
                 break;
             }

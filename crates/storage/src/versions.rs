@@ -111,8 +111,16 @@ pub(crate) fn escape(s: &str) -> String {
 }
 
 /// The versions and delete markers of one ListObjectVersions page, and the markers of the
-/// next page when it is truncated.
-pub(crate) fn parse_list_page(xml: &str) -> (Vec<ObjectVersion>, Option<(String, String)>) {
+/// next page when it is truncated. A body that is not a whole ListVersionsResult, or a
+/// truncated page without the next marker, is an error: a partial listing must never be
+/// taken for the whole.
+/// One page of a version listing, and where the next one starts (key and version markers).
+pub(crate) type Page = (Vec<ObjectVersion>, Option<(String, String)>);
+
+pub(crate) fn parse_list_page(xml: &str) -> Result<Page, String> {
+    if !xml.contains("<ListVersionsResult") || !xml.contains("</ListVersionsResult>") {
+        return Err("the store's answer is not a complete ListVersionsResult".into());
+    }
     let mut out = Vec::new();
     // Versions and delete markers interleave in key order; each block is read on its own.
     let mut rest = xml;
@@ -141,15 +149,23 @@ pub(crate) fn parse_list_page(xml: &str) -> (Vec<ObjectVersion>, Option<(String,
     // Only the result's own IsTruncated (blocks have none).
     let truncated = field(xml, "IsTruncated").as_deref() == Some("true");
     let next = match (truncated, field(xml, "NextKeyMarker")) {
-        (true, Some(k)) => Some((k, field(xml, "NextVersionIdMarker").unwrap_or_default())),
-        _ => None,
+        (true, Some(k)) if !k.is_empty() => Some((k, field(xml, "NextVersionIdMarker").unwrap_or_default())),
+        (true, _) => return Err("the store says the listing goes on but gives no marker to go on from".into()),
+        (false, _) => None,
     };
-    (out, next)
+    Ok((out, next))
 }
 
-/// The refusals in a DeleteObjects answer (quiet mode lists only those).
-pub(crate) fn parse_delete_result(xml: &str) -> Vec<VersionRefused> {
-    blocks(xml, "Error")
+/// The refusals in a DeleteObjects answer (quiet mode lists only those). An answer that is
+/// not a DeleteResult, or a refusal without its key, is an error.
+pub(crate) fn parse_delete_result(xml: &str) -> Result<Vec<VersionRefused>, String> {
+    if !xml.contains("<DeleteResult") {
+        return Err(format!(
+            "the store's answer to DeleteObjects is not a DeleteResult: {}",
+            xml.chars().take(200).collect::<String>()
+        ));
+    }
+    let refused: Vec<VersionRefused> = blocks(xml, "Error")
         .into_iter()
         .map(|b| VersionRefused {
             key: field(b, "Key").unwrap_or_default(),
@@ -157,7 +173,11 @@ pub(crate) fn parse_delete_result(xml: &str) -> Vec<VersionRefused> {
             code: field(b, "Code").unwrap_or_default(),
             message: field(b, "Message").unwrap_or_default(),
         })
-        .collect()
+        .collect();
+    if refused.iter().any(|r| r.key.is_empty()) {
+        return Err("the store refused a delete without saying which object".into());
+    }
+    Ok(refused)
 }
 
 /// A DeleteObjects body for `(key, version)` pairs, quiet.
@@ -189,7 +209,7 @@ impl Versions {
             if status != 200 {
                 return Err(format!("listing the versions under {full} answered HTTP {status}"));
             }
-            let (page, next) = parse_list_page(&body);
+            let (page, next) = parse_list_page(&body).map_err(|e| format!("listing the versions under {full}: {e}"))?;
             for mut v in page {
                 let Some(rel) = v.key.strip_prefix(&self.prefix) else { continue };
                 v.key = rel.to_owned();
@@ -201,6 +221,16 @@ impl Versions {
                 None => return Ok(out),
             }
         }
+    }
+
+    /// One version of an object (relative key), e.g. the manifest of a deleted backup.
+    pub async fn get(&self, key: &str, version_id: &str) -> Result<Bytes, String> {
+        let full = format!("{}{key}", self.prefix);
+        let (status, body) = self.bucket.send("GET", &full, &[("versionId", version_id)], Bytes::new(), &[]).await?;
+        if status != 200 {
+            return Err(format!("GET {full} version {version_id} answered HTTP {status}"));
+        }
+        Ok(Bytes::from(body))
     }
 
     /// Deletes the given versions for good, 1000 per request; answers those the store
@@ -216,7 +246,7 @@ impl Versions {
             if status != 200 {
                 return Err(format!("deleting old versions answered HTTP {status}"));
             }
-            for mut r in parse_delete_result(&text) {
+            for mut r in parse_delete_result(&text)? {
                 if let Some(rel) = r.key.strip_prefix(&self.prefix) {
                     r.key = rel.to_owned();
                 }
@@ -241,14 +271,18 @@ mod tests {
 <Version><Key>pg/a</Key><VersionId>v1</VersionId><IsLatest>false</IsLatest><LastModified>2026-11-23T08:00:00.000Z</LastModified><ETag>"x"</ETag><Size>3</Size></Version>
 <Version><Key>pg/b&amp;c</Key><VersionId>v9</VersionId><IsLatest>true</IsLatest><LastModified>2026-11-23T08:00:02.000Z</LastModified></Version>
 </ListVersionsResult>"#;
-        let (page, next) = parse_list_page(xml);
+        let (page, next) = parse_list_page(xml).unwrap();
         assert_eq!(next, Some(("pg/b&c".to_owned(), "v9".to_owned())));
         assert_eq!(page.len(), 3);
         assert!(page[0].delete_marker && page[0].latest && page[0].version_id == "v2");
         assert!(!page[1].delete_marker && !page[1].latest && page[1].key == "pg/a");
         assert_eq!(page[2].key, "pg/b&c");
-        let (_, none) = parse_list_page("<ListVersionsResult><IsTruncated>false</IsTruncated></ListVersionsResult>");
+        let (_, none) =
+            parse_list_page("<ListVersionsResult><IsTruncated>false</IsTruncated></ListVersionsResult>").unwrap();
         assert_eq!(none, None);
+        // Cut short, or truncated without a marker: never taken for the whole listing.
+        assert!(parse_list_page(&xml[..xml.len() / 2]).is_err());
+        assert!(parse_list_page("<ListVersionsResult><IsTruncated>true</IsTruncated></ListVersionsResult>").is_err());
     }
 
     #[test]
@@ -257,7 +291,10 @@ mod tests {
         assert!(body.contains("<Key>a&lt;b</Key><VersionId>1</VersionId>"), "{body}");
         let r = parse_delete_result(
             "<DeleteResult><Error><Key>pg/x</Key><VersionId>7</VersionId><Code>AccessDenied</Code><Message>locked</Message></Error></DeleteResult>",
-        );
+        )
+        .unwrap();
+        assert!(parse_delete_result("<Error><Code>InternalError</Code></Error>").is_err());
+        assert!(parse_delete_result("<DeleteResult><Error><Code>AccessDenied</Code></Error></DeleteResult>").is_err());
         assert_eq!(
             r,
             vec![VersionRefused {

@@ -159,19 +159,22 @@ fn lifecycle_keep_expire_delete_info() {
     assert!(!dir.path().join("c/backup/b2").exists());
     cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "b2"], &[]).fails_with("not found");
 
-    // A delete cut short (here every delete the store gets fails): the backup is gone for
-    // list and restore at once, and the next expire finishes the delete.
+    // A delete stopped before the manifest went (here every delete the store gets fails):
+    // the mark alone deletes nothing, the backup stays whole and listed.
     let broken = vec![("CLOUD_DUMP_FAULTS".to_owned(), "seed=1,rate=1,kinds=error,ops=delete".to_owned())];
     cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "b4"], &broken)
         .fails_with("cannot delete backup b4");
-    assert!(dir.path().join("c/backup/b4/manifest.json").exists());
+    assert_eq!(names(&url), ["b4", "b5"]);
+    // A mark planted by someone who can only write (b5 is the newest): nothing changes.
+    std::fs::write(dir.path().join("c/backup/b5/deleting-00000000000000000001"), "x").unwrap();
+    let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "5"], &[]).ok();
+    assert!(!r.stdout.contains("deleting backup") && !r.stdout.contains("finishing"), "{}", r.stdout);
+    assert_eq!(names(&url), ["b4", "b5"]);
+    std::fs::remove_file(dir.path().join("c/backup/b5/deleting-00000000000000000001")).unwrap();
+    // Cut short after the manifest went (kill -9 there): gone for list at once, and the next
+    // expire finishes the delete.
+    std::fs::remove_file(dir.path().join("c/backup/b4/manifest.json")).unwrap();
     assert_eq!(names(&url), ["b5"]);
-    let target = work.path().join("b4-restore");
-    cloud_dump(
-        &["restore", "--repo", &url, "--cluster", "c", "--name", "b4", "--pgdata", target.to_str().unwrap()],
-        &[],
-    )
-    .fails_with("is being deleted");
     let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "5", "--dry-run"], &[]).ok();
     assert!(r.stdout.contains("would finish deleting backup b4"), "{}", r.stdout);
     cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "5"], &[]).ok();
@@ -193,12 +196,29 @@ fn lifecycle_keep_expire_delete_info() {
     let fmt = |t: time::OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap();
     claim("cut", &fmt(now));
     claim("old-cut", &fmt(now - time::Duration::days(2)));
+    // Its objects were last written two days ago too (a running backup keeps them young).
+    for f in ["claim", "base.tar.zst"] {
+        let p = dir.path().join("c/backup/old-cut").join(f);
+        assert!(std::process::Command::new("touch").args(["-d", "2 days ago"]).arg(&p).status().unwrap().success());
+    }
     let r = cloud_dump(&["expire", "--repo", &url, "--cluster", "c", "--retain-full", "5"], &[]).ok();
     assert!(r.stdout.contains("left alone cut") && r.stdout.contains("left alone old-cut"), "{}", r.stdout);
     cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "cut"], &[]).fails_with("--abandoned");
     cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "cut", "--abandoned"], &[])
         .fails_with("may still be running");
     assert!(dir.path().join("c/backup/cut/claim").exists());
+    // An old claim, but an object written just now: still running.
+    claim("busy", &fmt(now - time::Duration::days(2)));
+    let claim_file = dir.path().join("c/backup/busy/claim");
+    assert!(std::process::Command::new("touch")
+        .args(["-d", "2 days ago"])
+        .arg(&claim_file)
+        .status()
+        .unwrap()
+        .success());
+    cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "busy", "--abandoned"], &[])
+        .fails_with("may still be running");
+    std::fs::remove_dir_all(dir.path().join("c/backup/busy")).unwrap();
     cloud_dump(&["delete", "--repo", &url, "--cluster", "c", "--name", "old-cut", "--abandoned"], &[]).ok();
     assert!(!dir.path().join("c/backup/old-cut").exists());
     std::fs::remove_dir_all(dir.path().join("c/backup/cut")).unwrap();
