@@ -7,9 +7,9 @@ use std::str::FromStr;
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{parse_recipients, Compression, Decryption};
 use cloud_dump_sqlite::config::{parse_duration, Config, DbSpec, ReplicaSpec};
-use cloud_dump_sqlite::layout::{Entry, Kind};
-use cloud_dump_sqlite::replica::list_entries;
+use cloud_dump_sqlite::layout::Kind;
 use cloud_dump_sqlite::restore::{self, format_ms, Target};
+use cloud_dump_sqlite::stored::{self, StoredReplica};
 use cloud_dump_sqlite::SqliteError;
 use cloud_dump_storage::Repo;
 use serde::Serialize;
@@ -345,7 +345,7 @@ async fn restore(g: &GlobalArgs, a: &SqliteRestoreArgs) -> Result<ExitCode> {
     let (mut empty, mut errors) = (Vec::new(), Vec::new());
     for r in replicas {
         let planned = match Repo::open(&r.url, &r.storage).await {
-            Ok(repo) => restore::plan_from(&repo, &target).await.map(|p| (repo, p)),
+            Ok(repo) => StoredReplica::new(&repo).plan_restore(&target).await.map(|p| (repo, p)),
             Err(e) => Err(e.into()),
         };
         match planned {
@@ -452,24 +452,18 @@ async fn list(g: &GlobalArgs, a: &SqliteListArgs, what: Listing) -> Result<ExitC
     let mut objects = Vec::new();
     for r in &replicas {
         let repo = Repo::open(&r.url, &r.storage).await?;
-        let entries = list_entries(&repo, None).await?;
-        let mut by_gen: std::collections::BTreeMap<&str, Vec<&Entry>> = Default::default();
-        for e in &entries {
-            by_gen.entry(e.generation.as_str()).or_default().push(e);
-        }
+        let entries = StoredReplica::new(&repo).entries().await?;
         let now = cloud_dump_sqlite::db::now_ms();
-        for (gname, es) in &by_gen {
-            let start = es.iter().map(|e| e.time_ms).min().unwrap_or(0);
-            let end = es.iter().map(|e| e.time_ms).max().unwrap_or(0);
+        for gen in stored::generations(&entries) {
             gens.push(GenerationRow {
                 replica: r.name.clone(),
-                generation: gname.to_string(),
-                snapshots: es.iter().filter(|e| e.is_snapshot()).count(),
-                wal_objects: es.iter().filter(|e| e.is_wal()).count(),
-                bytes: es.iter().map(|e| e.size).sum(),
-                start: format_ms(start),
-                end: format_ms(end),
-                lag_seconds: (now - end) as f64 / 1000.0,
+                generation: gen.generation,
+                snapshots: gen.snapshots,
+                wal_objects: gen.wal_objects,
+                bytes: gen.bytes,
+                start: format_ms(gen.first_ms),
+                end: format_ms(gen.last_ms),
+                lag_seconds: (now - gen.last_ms) as f64 / 1000.0,
             });
         }
         for e in &entries {
@@ -630,8 +624,7 @@ async fn verify(g: &GlobalArgs, a: &crate::args::SqliteVerifyArgs) -> Result<Exi
         let repo = Repo::open(&r.url, &r.storage).await?;
         let dec = decryption_for(r, &a.age.age_identity_file)?;
         let can = !matches!(dec, Decryption::None);
-        let checks =
-            cloud_dump_sqlite::verify::verify_replica(&repo, &dec, can, scratch.path(), a.parallelism as usize).await?;
+        let checks = StoredReplica::new(&repo).verify(&dec, can, scratch.path(), a.parallelism as usize).await?;
         if checks.is_empty() {
             problems.push(format!("replica {} ({}): holds no generation", r.name, r.url));
         }
@@ -683,28 +676,16 @@ async fn info(g: &GlobalArgs, a: &crate::args::SqliteInfoArgs) -> Result<ExitCod
     let mut rows = Vec::new();
     for r in &replicas {
         let repo = Repo::open(&r.url, &r.storage).await?;
-        let entries = list_entries(&repo, None).await?;
-        let mut gens: Vec<&str> = entries.iter().map(|e| e.generation.as_str()).collect();
-        gens.sort();
-        gens.dedup();
-        // The newest generation: the highest sequence number, else the latest activity.
-        let newest = entries
-            .iter()
-            .filter(|e| e.is_snapshot())
-            .max_by_key(|e| (e.seq.unwrap_or(0), e.time_ms))
-            .map(|e| e.generation.clone());
-        let span = newest.as_ref().map(|gname| {
-            let es: Vec<&Entry> = entries.iter().filter(|e| &e.generation == gname).collect();
-            let from = es.iter().filter(|e| e.is_snapshot() && e.marked).map(|e| e.time_ms).min();
-            let to = es.iter().map(|e| e.time_ms).max();
-            (from, to)
-        });
-        let (from, to) = span.unwrap_or((None, None));
+        let entries = StoredReplica::new(&repo).entries().await?;
+        let gens = stored::generations(&entries);
+        // The newest generation's span: from its first complete snapshot to its newest upload.
+        let newest = stored::newest(&entries).and_then(|n| gens.iter().find(|g| g.generation == n));
+        let (from, to) = newest.map_or((None, None), |g| (g.restorable_from_ms, Some(g.last_ms)));
         rows.push(ReplicaInfo {
             replica: r.name.clone(),
             url: r.url.clone(),
             generations: gens.len(),
-            bytes: entries.iter().map(|e| e.size).sum(),
+            bytes: gens.iter().map(|g| g.bytes).sum(),
             restorable_from: from.map(format_ms),
             restorable_to: to.map(format_ms),
             lag_seconds: to.map(|t| ((now - t) as f64 / 1000.0).max(0.0)),

@@ -19,6 +19,7 @@ pub mod pos;
 pub mod replica;
 pub mod replicate;
 pub mod restore;
+pub mod stored;
 pub mod verify;
 pub mod wal;
 
