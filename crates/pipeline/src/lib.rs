@@ -3,6 +3,7 @@
 
 mod codec;
 mod error;
+pub mod keys;
 pub mod repokey;
 mod stages;
 mod transfer;

@@ -312,8 +312,17 @@ pub fn check_decryption(m: &BackupManifest, given: &Decryption, key_needed: bool
 /// (one scrypt), and that key opens every archive; identities and plain backups as given.
 /// Restore and verify both ask here.
 pub async fn backup_decryption(m: &BackupManifest, given: &Decryption, dir: &str) -> Result<Decryption> {
-    match (&m.sealed_key, given) {
-        (Some(sealed), Decryption::Passphrase(p)) => {
+    use cloud_dump_pipeline::keys::{opener, Opener, Sealing};
+    let sealing = match (m.encrypted, &m.sealed_key, m.encryption.as_str()) {
+        (false, _, _) => Sealing::Plain,
+        (true, Some(_), _) => Sealing::ToBackupKey,
+        (true, None, "passphrase") => Sealing::ToPassphrase,
+        (true, None, _) => Sealing::ToRecipients,
+    };
+    let (has_passphrase, has_identities) =
+        (matches!(given, Decryption::Passphrase(_)), matches!(given, Decryption::Identities(_)));
+    match (opener(sealing, has_passphrase, has_identities), &m.sealed_key, given) {
+        (Opener::BackupKey, Some(sealed), Decryption::Passphrase(p)) => {
             let (sealed, p, what) = (sealed.clone(), p.clone(), format!("{dir}manifest.json (backup key)"));
             let id =
                 tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::open_identity(&sealed, &p, &what))
@@ -321,7 +330,8 @@ pub async fn backup_decryption(m: &BackupManifest, given: &Decryption, dir: &str
                     .map_err(|e| Error::Io(std::io::Error::other(e)))??;
             Ok(Decryption::Identities(vec![id]))
         }
-        (_, d) => Ok(d.clone()),
+        // The key as given: it opens the object, or the decoder names what is missing.
+        (_, _, d) => Ok(d.clone()),
     }
 }
 

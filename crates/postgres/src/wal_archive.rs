@@ -336,23 +336,21 @@ impl<'a> WalArchive<'a> {
 
     /// Decrypts and decompresses a stored WAL object in memory.
     async fn decode(&self, key: &str, stored: Bytes, keys: &WalKeys) -> Result<Vec<u8>> {
+        use cloud_dump_pipeline::keys::{opener, Opener, Sealing};
         let (compression, encrypted) = codec_of(key);
-        let dec = if !encrypted {
-            Decryption::None
-        } else if is_scrypt(&stored) {
-            match &keys.passphrase {
-                Some(p) => Decryption::Passphrase(p.clone()),
-                None => Decryption::None,
-            }
-        } else if !keys.identities.is_empty() {
-            Decryption::Identities(keys.identities.clone())
-        } else if let Some(p) = &keys.passphrase {
-            match repokey::identity(self.repo, &self.dir, p).await? {
+        let sealing = match (encrypted, is_scrypt(&stored)) {
+            (false, _) => Sealing::Plain,
+            (true, true) => Sealing::ToPassphrase,
+            (true, false) => Sealing::ToRecipients,
+        };
+        let dec = match (opener(sealing, keys.passphrase.is_some(), !keys.identities.is_empty()), &keys.passphrase) {
+            (Opener::Passphrase, Some(p)) => Decryption::Passphrase(p.clone()),
+            (Opener::Identities, _) => Decryption::Identities(keys.identities.clone()),
+            (Opener::RepositoryKey, Some(p)) => match repokey::identity(self.repo, &self.dir, p).await? {
                 Some(id) => Decryption::Identities(vec![id]),
                 None => Decryption::None,
-            }
-        } else {
-            Decryption::None
+            },
+            _ => Decryption::None,
         };
         let key = key.to_owned();
         tokio::task::spawn_blocking(move || -> Result<Vec<u8>> {

@@ -329,10 +329,10 @@ impl Replica {
     async fn validate(&mut self) {
         let scratch = self.shared.meta_dir.join(format!("validate-{}.db", self.spec.name));
         let _ = std::fs::remove_file(&scratch);
-        let dec = if self.spec.identities.is_empty() {
-            cloud_dump_pipeline::Decryption::None
-        } else {
-            cloud_dump_pipeline::Decryption::Identities(self.spec.identities.clone())
+        use cloud_dump_pipeline::keys::{opener, Opener, Sealing};
+        let dec = match opener(Sealing::ToRecipients, false, !self.spec.identities.is_empty()) {
+            Opener::Identities => cloud_dump_pipeline::Decryption::Identities(self.spec.identities.clone()),
+            _ => cloud_dump_pipeline::Decryption::None,
         };
         let started = std::time::Instant::now();
         let result = match crate::restore::plan_from(&self.repo, &crate::restore::Target::default()).await {
