@@ -170,11 +170,15 @@ pub async fn delete(g: &GlobalArgs, a: &DeleteArgs) -> Result<()> {
     }
     let failed = pg.delete_backup(b).await.with_context(|| format!("cannot delete backup {}", a.name))?;
     if !failed.is_empty() {
+        let list = failed.iter().map(|(k, w)| format!("{k} ({w})")).collect::<Vec<_>>().join(", ");
+        let manifest = format!("{}{}", layout.backup_dir(&a.name), cloud_dump_postgres::layout::MANIFEST_FILE);
+        if failed.iter().any(|(k, _)| *k == manifest) {
+            bail!("backup {} was not deleted: {list}", a.name);
+        }
         bail!(
-            "backup {} is gone (its manifest is deleted), but {} of its objects are left (the next expire or delete finishes it): {}",
+            "backup {} is gone (its manifest is deleted), but {} of its objects are left (the next expire or delete finishes it): {list}",
             a.name,
-            failed.len(),
-            failed.iter().map(|(k, w)| format!("{k} ({w})")).collect::<Vec<_>>().join(", ")
+            failed.len()
         );
     }
     println!("deleted backup {} ({} objects) from {}", a.name, b.objects.len(), repo.url());

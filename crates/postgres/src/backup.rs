@@ -293,16 +293,40 @@ async fn backup_claimed(
             }
         }
     }
-    // Success only if what the manifest names is all there now, and no delete began.
-    let after = repo.list(&dir).await?;
-    let missing: Vec<&str> = manifest
-        .objects
-        .iter()
-        .filter(|o| !after.iter().any(|a| a.key == format!("{dir}{}", o.key) && a.size == o.size))
-        .map(|o| o.key.as_str())
-        .collect();
+    // Success only if what the manifest names is all there now, and no delete began. When
+    // that cannot be told, everything stays as it is (the outcome is unknown).
+    let after = match repo.list(&dir).await {
+        Ok(a) => a,
+        Err(e) => {
+            *unknown = true;
+            return Err(Error::Restore(format!(
+                "{e}; backup {} was written but could not be checked afterwards: everything is left in place (verify --name {} tells)",
+                manifest.name, manifest.name
+            )));
+        }
+    };
+    let mut missing = Vec::new();
+    for o in &manifest.objects {
+        let key = format!("{dir}{}", o.key);
+        if after.iter().any(|a| a.key == key && a.size == o.size) {
+            continue;
+        }
+        // A listing may lag a write: ask the object itself before calling it missing.
+        match repo.head(&key).await {
+            Ok(Some(h)) if h.size == o.size => {}
+            Ok(_) => missing.push(o.key.as_str()),
+            Err(e) => {
+                *unknown = true;
+                return Err(Error::Restore(format!(
+                    "{e}; backup {} was written but could not be checked afterwards: everything is left in place",
+                    manifest.name
+                )));
+            }
+        }
+    }
     if deleting(&after) || !missing.is_empty() {
-        written.push(manifest_key.clone());
+        // The manifest goes first: the backup is invisible before anything else goes.
+        written.insert(0, manifest_key.clone());
         return Err(Error::Restore(format!(
             "backup {}: its folder {dir} was deleted while the manifest was written ({}); the backup is not usable",
             manifest.name,

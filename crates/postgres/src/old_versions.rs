@@ -9,10 +9,12 @@
 //! - only keys whose newest version is a delete marker (deleted objects); a key whose
 //!   newest version is data is never touched, nor are its older versions;
 //! - backups: a deleted folder (nothing current left in it, and none listed) whose hidden
-//!   manifest reads as a backup of this layout, and which the expire policy would delete
-//!   were it still there: [`crate::expire::plan`] runs over the live backups plus that one,
-//!   with its own keep marks and system. A folder without a readable manifest, or one the
-//!   policy would keep (hidden by someone else's delete markers), stays;
+//!   manifest versions all read as backups of this layout that the expire policy would
+//!   delete were they still there: [`crate::expire::plan`] runs over the live backups plus
+//!   that one, with its system and any keep mark it ever had. A folder with an unreadable
+//!   manifest, or one the policy would keep (hidden by someone else's delete markers),
+//!   stays; one that never had a manifest (a backup cut short) goes. The manifest's
+//!   versions go last, once nothing else of the folder is left;
 //! - WAL: segments (and their `.partial`/`.backup` files) below the plan's WAL cut, and only
 //!   while no hidden backup is kept (it may need them); never history files;
 //! - nothing else (keys, system records, loose objects, other folders).
@@ -30,10 +32,26 @@ use crate::wal::{classify, segment_number, WalFileKind};
 pub struct OldVersionsPlan {
     /// Data versions to delete for good: (key, version id).
     pub remove: Vec<(String, String)>,
+    /// The manifests' data versions of folders that go: deleted only once nothing else of
+    /// their folder is left (a manifest gone first would leave the rest unjudgeable).
+    pub remove_last: Vec<(String, String)>,
     /// Delete markers, removed once every data version of their key is gone.
     pub markers: Vec<(String, String)>,
     /// Deleted backup folders whose old versions stay, with why.
     pub hidden_backups_kept: Vec<(String, String)>,
+}
+
+/// What a deleted backup folder was, as the runner could tell from its old versions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hidden {
+    /// Every old version of its manifest, read (with keep marks it ever had).
+    Backup(Vec<BackupFacts>),
+    /// A manifest version that cannot be read, or is not of this layout: kept, and the
+    /// WAL with it.
+    Unreadable(String),
+    /// No manifest version at all, only files directly in the folder: never a complete
+    /// backup (one cut short, or abandoned), or one purged up to its manifest already.
+    NeverABackup,
 }
 
 /// Deleted keys (newest version a delete marker) with all their versions.
@@ -46,36 +64,43 @@ pub fn deleted_keys(versions: &[ObjectVersion]) -> BTreeMap<&str, Vec<&ObjectVer
     by_key
 }
 
-/// Deleted backup folders (not in `live_folders`), each with the newest data version of
-/// its manifest, if any: what the runner reads to learn what the backup was.
+/// Deleted backup folders (not in `live_folders`, holding only files directly inside), each
+/// with every data version of its manifest: what the runner reads to learn what the backup
+/// was. Folders with deeper keys and no manifest are no backup folder (another cluster's
+/// tree beside a flat layout): they are not returned, and nothing of them goes.
 pub fn hidden_folders<'v>(
     versions: &'v [ObjectVersion],
     layout: &Layout,
     live_folders: &BTreeSet<String>,
-) -> BTreeMap<String, Option<&'v ObjectVersion>> {
+) -> BTreeMap<String, Vec<&'v ObjectVersion>> {
     let root = layout.backups_root();
     let wal_dir = layout.wal_dir();
-    let mut out: BTreeMap<String, Option<&ObjectVersion>> = BTreeMap::new();
+    let mut out: BTreeMap<String, Vec<&ObjectVersion>> = BTreeMap::new();
+    let mut nested = BTreeSet::new();
     for (key, vs) in deleted_keys(versions) {
         let Some((folder, rest)) = folder_of(key, &root, &wal_dir) else { continue };
         if live_folders.contains(folder) {
             continue;
         }
+        if rest.contains('/') {
+            nested.insert(folder.to_owned());
+        }
         let e = out.entry(folder.to_owned()).or_default();
         if rest == layout::MANIFEST_FILE {
-            *e = vs.iter().copied().find(|v| !v.delete_marker);
+            e.extend(vs.iter().copied().filter(|v| !v.delete_marker));
         }
     }
+    out.retain(|f, manifests| !manifests.is_empty() || !nested.contains(f));
     out
 }
 
 /// The plan for `versions` (keys relative to the repository), after `expire_plan` has run
-/// on the live `backups` under `policy`. `hidden`: each deleted backup folder with what its
-/// hidden manifest says (`None`: none could be read).
+/// on the live `backups` under `policy`. `hidden`: what each deleted folder of
+/// [`hidden_folders`] was.
 pub fn plan(
     versions: &[ObjectVersion],
     layout: &Layout,
-    hidden: &BTreeMap<String, Option<BackupFacts>>,
+    hidden: &BTreeMap<String, Hidden>,
     backups: &[BackupFacts],
     archive_system: Option<&str>,
     expire_plan: &ExpirePlan,
@@ -85,14 +110,20 @@ pub fn plan(
     let wal_dir = layout.wal_dir();
     let mut out = OldVersionsPlan::default();
     let mut purge_folders = BTreeSet::new();
-    for (folder, facts) in hidden {
-        let why = match facts {
-            None => Some("no readable manifest among its old versions".to_owned()),
-            Some(f) if f.name != *folder => Some(format!("its old manifest names another backup ({})", f.name)),
-            Some(f) => {
-                let mut all = backups.to_vec();
-                all.push(f.clone());
-                match expire::plan(&all, &[], archive_system, policy, 0) {
+    let mut wal_blocked = false;
+    for (folder, what) in hidden {
+        let why = match what {
+            Hidden::NeverABackup => None,
+            Hidden::Unreadable(w) => Some(w.clone()),
+            // Every version the manifest ever had must be one the policy deletes: a later
+            // version written by someone else decides nothing alone.
+            Hidden::Backup(all) => all.iter().find_map(|f| {
+                if f.name != *folder {
+                    return Some(format!("an old manifest names another backup ({})", f.name));
+                }
+                let mut with = backups.to_vec();
+                with.push(f.clone());
+                match expire::plan(&with, &[], archive_system, policy, 0) {
                     Ok(p) => match p.backups.iter().find(|(n, _)| n == folder).map(|(_, v)| v) {
                         Some(v) if v.is_delete() => None,
                         Some(v) => Some(format!("the policy would keep it: {}", v.reason())),
@@ -100,21 +131,24 @@ pub fn plan(
                     },
                     Err(e) => Some(e),
                 }
-            }
+            }),
         };
         match why {
             None => {
                 purge_folders.insert(folder.as_str());
             }
-            Some(w) => out.hidden_backups_kept.push((folder.clone(), w)),
+            Some(w) => {
+                wal_blocked = true;
+                out.hidden_backups_kept.push((folder.clone(), w));
+            }
         }
     }
-    let wal_cut = if out.hidden_backups_kept.is_empty() { expire_plan.wal_cut } else { None };
+    let wal_cut = if wal_blocked { None } else { expire_plan.wal_cut };
 
     for (key, vs) in deleted_keys(versions) {
-        let goes = match folder_of(key, &root, &wal_dir) {
-            Some((folder, _)) => purge_folders.contains(folder),
-            None => key.strip_prefix(&wal_dir).is_some_and(|rel| below_cut(rel, wal_cut)),
+        let (goes, last) = match folder_of(key, &root, &wal_dir) {
+            Some((folder, rest)) => (purge_folders.contains(folder), rest == layout::MANIFEST_FILE),
+            None => (key.strip_prefix(&wal_dir).is_some_and(|rel| below_cut(rel, wal_cut)), false),
         };
         if !goes {
             continue;
@@ -123,6 +157,8 @@ pub fn plan(
             let item = (v.key.clone(), v.version_id.clone());
             if v.delete_marker {
                 out.markers.push(item);
+            } else if last {
+                out.remove_last.push(item);
             } else {
                 out.remove.push(item);
             }
@@ -194,20 +230,14 @@ mod tests {
     }
 
     /// The plan as the runner makes it: expire over the live backups, then old versions.
-    fn run(
-        vs: &[ObjectVersion],
-        hidden: &[(&str, Option<BackupFacts>)],
-        live: &[BackupFacts],
-        p: &Policy,
-    ) -> OldVersionsPlan {
+    fn run(vs: &[ObjectVersion], hidden: &[(&str, Hidden)], live: &[BackupFacts], p: &Policy) -> OldVersionsPlan {
         let names: Vec<String> = (0..40).map(|n| format!("{:08X}{:08X}{:08X}", 1, 0, n)).collect();
         let wal: Vec<expire::WalObject> = names
             .iter()
             .map(|n| expire::WalObject { key: format!("c/wal_archive/{n}.zst"), name: n.clone() })
             .collect();
         let ep = expire::plan(live, &wal, Some("S"), p, 0).unwrap();
-        let hidden: BTreeMap<String, Option<BackupFacts>> =
-            hidden.iter().map(|(n, f)| ((*n).to_owned(), f.clone())).collect();
+        let hidden: BTreeMap<String, Hidden> = hidden.iter().map(|(n, f)| ((*n).to_owned(), f.clone())).collect();
         plan(vs, &layout(), &hidden, live, Some("S"), &ep, p)
     }
 
@@ -226,17 +256,21 @@ mod tests {
         vs.push(v("c/backup/new/manifest.json", "n2", true, false, 5));
         vs.push(v("c/backup/new/manifest.json", "n1", false, false, 4));
         let live = [facts("new", 5, "S"), facts("mid", 4, "S")];
-        let p = run(&vs, &[("old", Some(facts("old", 1, "S")))], &live, &policy(Some(2), None, 10));
+        let p = run(&vs, &[("old", Hidden::Backup(vec![facts("old", 1, "S")]))], &live, &policy(Some(2), None, 10));
         let removed: BTreeSet<&str> = p.remove.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(
             removed,
             [
-                "c/backup/old/manifest.json",
                 "c/backup/old/base.tar.zst",
                 "c/backup/old/deleting-00000000000000000009",
                 "c/wal_archive/000000010000000000000003.zst"
             ]
             .into()
+        );
+        // The manifest last, once the rest of its folder is gone.
+        assert_eq!(
+            p.remove_last,
+            vec![("c/backup/old/manifest.json".to_owned(), "c/backup/old/manifest.json#1".to_owned())]
         );
         assert_eq!(p.markers.len(), 4);
         assert!(p.remove.iter().chain(&p.markers).all(|(k, _)| !k.contains("history") && !k.contains("new/")));
@@ -250,20 +284,22 @@ mod tests {
         vs.extend(gone("c/wal_archive/000000010000000000000002.zst", 1));
         let live = [facts("b5", 5, "S"), facts("b6", 6, "S")];
         // Someone hid the newest backup: the policy keeps it, so it stays, and no WAL goes.
-        let hidden = [("hid", Some(facts("hid", 9, "S"))), ("old", Some(facts("old", 1, "S")))];
+        let hidden =
+            [("hid", Hidden::Backup(vec![facts("hid", 9, "S")])), ("old", Hidden::Backup(vec![facts("old", 1, "S")]))];
         let p = run(&vs, &hidden, &live, &policy(Some(2), None, 10));
         assert_eq!(p.hidden_backups_kept.len(), 1);
         assert_eq!(p.hidden_backups_kept[0].0, "hid");
-        assert!(p.remove.iter().all(|(k, _)| k.contains("/old/")) && !p.remove.is_empty(), "{p:?}");
+        assert!(p.remove_last.iter().all(|(k, _)| k.contains("/old/")) && !p.remove_last.is_empty(), "{p:?}");
+        assert!(p.remove.iter().all(|(k, _)| !k.contains("/hid/")), "{p:?}");
         // retain-full 3: "old" would be kept too.
         let p = run(&vs, &hidden[1..], &live, &policy(Some(3), None, 10));
-        assert!(p.remove.is_empty(), "{p:?}");
+        assert!(p.remove_last.is_empty(), "{p:?}");
         // A window from day 4: "old" (day 1) would be the window's base: it stays.
         let p = run(&vs, &hidden[1..], &live, &policy(None, Some(6.0), 10));
-        assert!(p.remove.is_empty(), "{p:?}");
+        assert!(p.remove_last.is_empty(), "{p:?}");
         // A window from day 5.5: b5 is the base; "old" and the WAL below b5 go.
         let p = run(&vs, &hidden[1..], &live, &policy(None, Some(4.5), 10));
-        assert!(p.remove.iter().any(|(k, _)| k.contains("/old/")), "{p:?}");
+        assert!(p.remove_last.iter().any(|(k, _)| k.contains("/old/")), "{p:?}");
         assert!(p.remove.iter().any(|(k, _)| k.contains("wal_archive")), "{p:?}");
     }
 
@@ -278,15 +314,32 @@ mod tests {
         kept.kept = true;
         // The last backup of another system (before a pg_upgrade): that system's newest.
         let other = facts("x", 1, "OLD");
-        let p = run(&vs, &[("k", Some(kept)), ("x", Some(other)), ("odd", None)], &live, &policy(Some(1), None, 10));
-        assert!(p.remove.is_empty() && p.markers.is_empty(), "{p:?}");
+        let p = run(
+            &vs,
+            &[
+                ("k", Hidden::Backup(vec![kept])),
+                ("x", Hidden::Backup(vec![other])),
+                ("odd", Hidden::Unreadable("no".into())),
+            ],
+            &live,
+            &policy(Some(1), None, 10),
+        );
+        assert!(p.remove.is_empty() && p.remove_last.is_empty() && p.markers.is_empty(), "{p:?}");
         let why: BTreeMap<&str, &str> = p.hidden_backups_kept.iter().map(|(f, w)| (f.as_str(), w.as_str())).collect();
         assert!(why["k"].contains("keep mark"), "{why:?}");
         assert!(why["x"].contains("newest"), "{why:?}");
-        assert!(why["odd"].contains("no readable manifest"), "{why:?}");
+        assert_eq!(why["odd"], "no");
         // A manifest naming another backup is not believed.
-        let p = run(&vs, &[("x", Some(facts("b6", 1, "S")))], &live, &policy(Some(1), None, 10));
-        assert!(p.remove.is_empty(), "{p:?}");
+        let p = run(&vs, &[("x", Hidden::Backup(vec![facts("b6", 1, "S")]))], &live, &policy(Some(1), None, 10));
+        assert!(p.remove_last.is_empty(), "{p:?}");
+        // Every manifest version must be one the policy deletes: an old one it deletes and
+        // a newer one (written by someone else) that it keeps keeps the folder.
+        let newer = facts("x", 9, "S");
+        let p = run(&vs, &[("x", Hidden::Backup(vec![facts("x", 1, "S"), newer]))], &live, &policy(Some(1), None, 10));
+        assert!(p.remove_last.is_empty() && p.remove.is_empty(), "{p:?}");
+        // A folder that never had a manifest (a backup cut short) goes, and holds no WAL.
+        let p = run(&vs, &[("odd", Hidden::NeverABackup)], &live, &policy(Some(1), None, 10));
+        assert!(p.remove.iter().any(|(k, _)| k.contains("/odd/")) && p.hidden_backups_kept.is_empty(), "{p:?}");
     }
 
     #[test]
@@ -315,9 +368,9 @@ mod tests {
         vs.extend(gone("wal_archive/000000010000000000000001.zst", 1));
         vs.extend(gone(".key", 1));
         let h = hidden_folders(&vs, &flat, &BTreeSet::new());
+        // "c2" (another cluster's tree) is no backup folder: not even looked at.
         let names: Vec<&str> = h.keys().map(String::as_str).collect();
-        assert_eq!(names, ["c2", "old"]);
-        // "c2" (another cluster's folder) has no manifest of its own: nothing to read, kept.
-        assert!(h["c2"].is_none() && h["old"].is_some());
+        assert_eq!(names, ["old"]);
+        assert_eq!(h["old"].len(), 1);
     }
 }

@@ -246,27 +246,26 @@ impl<'a> PgRepository<'a> {
     pub async fn delete_folder(&self, name: &str, objects: &[ObjectInfo]) -> Result<Vec<(String, String)>> {
         let dir = self.layout.backup_dir(name);
         let is_mark = |k: &str| is_deleting_mark(k, &dir);
-        let mut marks: Vec<String> = objects.iter().map(|o| o.key.clone()).filter(|k| is_mark(k)).collect();
-        if marks.is_empty() {
-            let mark = format!("{dir}{DELETING_PREFIX}{:020}", now_us().max(0));
-            self.repo.put_new(&mark, Bytes::from_static(b"deleting\n")).await?;
-            marks.push(mark);
-        }
         let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
         // What is deleted by key must still be what was listed: a name deleted and backed up
-        // again since (by another run) is left alone.
+        // again since (by another run) is left alone, and gets no mark.
         for key in [manifest_key.clone(), format!("{dir}{}", crate::backup::CLAIM_FILE)] {
             let listed = objects.iter().find(|o| o.key == key);
             let now = self.repo.head(&key).await?;
             let same = match (listed, &now) {
                 (Some(a), Some(b)) => a.same_object(b),
-                (None, None) => true,
-                (Some(_), None) => true,
+                (_, None) => true,
                 (None, Some(_)) => false,
             };
             if !same {
                 return Ok(vec![(key, "changed since it was listed (a new backup of that name?): left alone".into())]);
             }
+        }
+        let mut marks: Vec<String> = objects.iter().map(|o| o.key.clone()).filter(|k| is_mark(k)).collect();
+        if marks.is_empty() {
+            let mark = format!("{dir}{DELETING_PREFIX}{:020}", now_us().max(0));
+            self.repo.put_new(&mark, Bytes::from_static(b"deleting\n")).await?;
+            marks.push(mark);
         }
         match self.repo.delete(&manifest_key).await {
             Ok(()) | Err(StorageError::NotFound { .. }) => {}
@@ -482,48 +481,55 @@ impl<'a> PgRepository<'a> {
             None => String::new(),
         };
         let listed = versions.list(&prefix).await.map_err(Error::OldVersions)?;
-        // What each hidden backup was: its newest old manifest, read by version.
-        let mut hidden: BTreeMap<String, Option<BackupFacts>> = BTreeMap::new();
-        for (folder, manifest) in old_versions::hidden_folders(&listed, &self.layout, &live) {
+        // What each hidden backup was: every old version of its manifest, read.
+        let mut hidden: BTreeMap<String, old_versions::Hidden> = BTreeMap::new();
+        for (folder, manifests) in old_versions::hidden_folders(&listed, &self.layout, &live) {
             let dir = self.layout.backup_dir(&folder);
-            let facts = match manifest {
-                Some(v) => {
-                    let bytes = versions.get(&v.key, &v.version_id).await.map_err(Error::OldVersions)?;
-                    BackupManifest::parse(&bytes).ok().filter(|m| m.cluster.as_deref() == self.layout.cluster()).map(
-                        |m| {
-                            // Its keep marks: every key its folder ever held.
-                            let names: Vec<&str> = listed
-                                .iter()
-                                .filter(|x| !x.delete_marker)
-                                .filter_map(|x| x.key.strip_prefix(&dir))
-                                .collect();
-                            BackupFacts {
-                                name: m.name.clone(),
-                                stop_time_us: time_us(&m.stop_time),
-                                segment_size: m.wal_segment_size(),
-                                start_lsn: m.start_lsn,
-                                system_id: m.system_id.clone(),
-                                kept: kept_by_marks(names.into_iter(), now_us()),
-                            }
-                        },
-                    )
-                }
-                None => None,
+            // A keep mark it ever had keeps it (a later release may be someone else's).
+            let kept = listed
+                .iter()
+                .filter(|x| !x.delete_marker)
+                .filter_map(|x| x.key.strip_prefix(&dir))
+                .any(|n| kept_by_marks(std::iter::once(n), now_us()));
+            let mut what = if manifests.is_empty() {
+                old_versions::Hidden::NeverABackup
+            } else {
+                old_versions::Hidden::Backup(Vec::new())
             };
-            hidden.insert(folder, facts);
+            for v in manifests {
+                let bytes = versions.get(&v.key, &v.version_id).await.map_err(Error::OldVersions)?;
+                let read = BackupManifest::parse(&bytes).ok().filter(|m| m.cluster.as_deref() == self.layout.cluster());
+                match (&mut what, read) {
+                    (old_versions::Hidden::Backup(all), Some(m)) => all.push(BackupFacts {
+                        name: m.name.clone(),
+                        stop_time_us: time_us(&m.stop_time),
+                        segment_size: m.wal_segment_size(),
+                        start_lsn: m.start_lsn,
+                        system_id: m.system_id.clone(),
+                        kept,
+                    }),
+                    (old_versions::Hidden::Backup(_), None) => {
+                        what = old_versions::Hidden::Unreadable(format!(
+                            "version {} of its manifest is not a manifest of this repository",
+                            v.version_id
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            hidden.insert(folder, what);
         }
         let system = self.archive_system().await?;
         let plan = old_versions::plan(&listed, &self.layout, &hidden, &facts, system.as_deref(), expire_plan, policy);
         let mut out =
             OldVersionsOutcome { hidden_backups_kept: plan.hidden_backups_kept.clone(), ..Default::default() };
         if dry_run {
-            out.removed = plan.remove.len();
+            out.removed = plan.remove.len() + plan.remove_last.len();
             out.markers_removed = plan.markers.len();
             return Ok(out);
         }
-        let refused = versions.delete(&plan.remove).await.map_err(Error::OldVersions)?;
-        // When each refused key's newest data was written: a lock from then has passed
-        // after the bucket's retention (a day's slack for clocks and explicit locks).
+        // When each key's newest data was written: a lock from then has passed after the
+        // bucket's retention (a day's slack for clocks and explicit locks).
         let written: BTreeMap<&str, i64> = listed
             .iter()
             .filter(|v| !v.delete_marker)
@@ -534,26 +540,50 @@ impl<'a> PgRepository<'a> {
                 m
             });
         let now = now_us();
-        for r in &refused {
-            let lock_passed = retention_days
-                .zip(written.get(r.key.as_str()))
-                .is_some_and(|(d, t)| now > t + (i64::from(d) + 1) * 86_400_000_000);
-            if r.code == "AccessDenied" && !lock_passed {
-                out.locked += 1;
-            } else {
-                let code = if r.code == "AccessDenied" { "AccessDenied after the lock passed" } else { &r.code };
-                *out.refused.entry(code.to_owned()).or_default() += 1;
+        let count = |refused: &[cloud_dump_storage::VersionRefused], out: &mut OldVersionsOutcome| {
+            for r in refused {
+                let lock_passed = retention_days
+                    .zip(written.get(r.key.as_str()))
+                    .is_some_and(|(d, t)| now > t + (i64::from(d) + 1) * 86_400_000_000);
+                if r.code == "AccessDenied" && !lock_passed {
+                    out.locked += 1;
+                } else {
+                    let code = if r.code == "AccessDenied" { "AccessDenied after the lock passed" } else { &r.code };
+                    *out.refused.entry(code.to_owned()).or_default() += 1;
+                }
             }
-        }
+        };
+        // 1. Everything but the manifests.
+        let refused = versions.delete(&plan.remove).await.map_err(Error::OldVersions)?;
+        count(&refused, &mut out);
         out.removed = plan.remove.len() - refused.len().min(plan.remove.len());
-        // A key's markers go only once none of its data is left, as the store now says.
+        // 2. A folder's manifest once the store lists nothing else of it.
+        let after = versions.list(&prefix).await.map_err(Error::OldVersions)?;
+        let left: std::collections::BTreeSet<&str> = after
+            .iter()
+            .filter(|v| !v.delete_marker && !v.key.ends_with(&format!("/{}", layout::MANIFEST_FILE)))
+            .filter_map(|v| v.key.rsplit_once('/').map(|(dir, _)| dir))
+            .collect();
+        let last: Vec<(String, String)> = plan
+            .remove_last
+            .iter()
+            .filter(|(k, _)| k.rsplit_once('/').is_some_and(|(dir, _)| !left.contains(dir)))
+            .cloned()
+            .collect();
+        let refused = versions.delete(&last).await.map_err(Error::OldVersions)?;
+        count(&refused, &mut out);
+        out.removed += last.len() - refused.len().min(last.len());
+        // 3. A key's markers once the store lists no data of it.
         let after = versions.list(&prefix).await.map_err(Error::OldVersions)?;
         let with_data: std::collections::BTreeSet<&str> =
             after.iter().filter(|v| !v.delete_marker).map(|v| v.key.as_str()).collect();
         let markers: Vec<(String, String)> =
             plan.markers.into_iter().filter(|(k, _)| !with_data.contains(k.as_str())).collect();
-        let refused_markers = versions.delete(&markers).await.map_err(Error::OldVersions)?;
-        out.markers_removed = markers.len() - refused_markers.len().min(markers.len());
+        let refused = versions.delete(&markers).await.map_err(Error::OldVersions)?;
+        for r in &refused {
+            *out.refused.entry(format!("{} (delete marker)", r.code)).or_default() += 1;
+        }
+        out.markers_removed = markers.len() - refused.len().min(markers.len());
         Ok(out)
     }
 }

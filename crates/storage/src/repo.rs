@@ -78,7 +78,10 @@ impl ObjectInfo {
     pub fn same_object(&self, other: &ObjectInfo) -> bool {
         let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         match (&self.e_tag, &other.e_tag) {
-            (Some(a), Some(b)) => a.trim_matches('"') == b.trim_matches('"') && self.size == other.size,
+            (Some(a), Some(b)) => {
+                let bare = |t: &str| t.trim_start_matches("W/").trim_matches('"').to_owned();
+                bare(a) == bare(b) && self.size == other.size
+            }
             _ => self.size == other.size && secs(self.last_modified) == secs(other.last_modified),
         }
     }

@@ -134,15 +134,16 @@ pub(crate) fn parse_list_page(xml: &str) -> Result<Page, String> {
             (None, None) => break,
         };
         let Some(block) = blocks(&rest[at..], tag).into_iter().next() else { break };
-        if let (Some(key), Some(version_id)) = (field(block, "Key"), field(block, "VersionId")) {
-            out.push(ObjectVersion {
-                key,
-                version_id,
-                latest: field(block, "IsLatest").as_deref() == Some("true"),
-                delete_marker: marker,
-                last_modified: field(block, "LastModified").unwrap_or_default(),
-            });
-        }
+        let (Some(key), Some(version_id)) = (field(block, "Key"), field(block, "VersionId")) else {
+            return Err(format!("a {tag} without its key or version id"));
+        };
+        out.push(ObjectVersion {
+            key,
+            version_id,
+            latest: field(block, "IsLatest").as_deref() == Some("true"),
+            delete_marker: marker,
+            last_modified: field(block, "LastModified").unwrap_or_default(),
+        });
         let close = format!("</{tag}>");
         rest = &rest[at + rest[at..].find(&close).map_or(rest.len() - at, |j| j + close.len())..];
     }
