@@ -502,28 +502,12 @@ mod tests {
     }
 
     fn backup_ending_at(end: u64) -> BackupManifest {
-        BackupManifest {
-            format_version: 1,
-            name: "b".into(),
-            cluster: None,
-            timestamp: "2026-11-23T08:00:00Z".into(),
-            start_time: "2026-11-23T07:59:00Z".into(),
-            stop_time: "2026-11-23T08:00:00Z".into(),
-            pg_version: "15.18".into(),
-            pg_version_num: 150018,
-            system_id: "S".into(),
-            timeline: 1,
-            start_lsn: Lsn(0x0300_0028),
-            end_lsn: Lsn(end),
-            backup_label: "START WAL LOCATION: 0/3000028 (file 000000010000000000000003)\n".into(),
-            wal_included: true,
-            compression: "zstd".into(),
-            encrypted: false,
-            encryption: "none".into(),
-            sealed_key: None,
-            tablespaces: vec![],
-            objects: vec![],
-        }
+        let mut m = BackupManifest::example();
+        m.name = "b".into();
+        m.stop_time = "2026-11-23T08:00:00Z".into();
+        m.end_lsn = Lsn(end);
+        m.objects.clear();
+        m
     }
 
     #[test]

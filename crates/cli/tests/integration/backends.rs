@@ -127,17 +127,23 @@ fn backend_s3() {
     assert_eq!(v["bucket"]["error"], "GET ?versioning answered HTTP 501", "{}", r.stdout);
 }
 
+/// A store whose client reads its settings from the environment (only the test of that
+/// store sets them): the suite on `<scheme>://conf/p`, the round trips on
+/// `<scheme>://roundtrip/pg`; both containers exist.
+fn from_environment(scheme: &str, env: &[(String, String)]) {
+    for (k, v) in env {
+        std::env::set_var(k, v);
+    }
+    runtime().block_on(repository_conformance(&format!("{scheme}://conf/p"), &StorageOptions::default()));
+    round_trips(&format!("{scheme}://roundtrip/pg"), env);
+}
+
 #[test]
 fn backend_azure_azurite() {
     let az = cloud_dump_testkit::Azurite::start().unwrap_or_else(|e| panic!("{e}"));
     az.create_container("conf").unwrap();
     az.create_container("roundtrip").unwrap();
-    // object_store reads the emulator settings from the environment; only this test uses them.
-    for (k, v) in az.env() {
-        std::env::set_var(k, v);
-    }
-    runtime().block_on(repository_conformance("az://conf/p", &StorageOptions::default()));
-    round_trips("az://roundtrip/pg", &az.env());
+    from_environment("az", &az.env());
     std::thread::sleep(Duration::from_millis(10));
 }
 
@@ -146,11 +152,5 @@ fn backend_gcs_stand_in() {
     let gcs = cloud_dump_testkit::GcsStandIn::start().unwrap_or_else(|e| panic!("{e}"));
     gcs.create_bucket("conf").unwrap();
     gcs.create_bucket("roundtrip").unwrap();
-    // object_store reads the service-account file from the environment; only this test
-    // sets it.
-    for (k, v) in gcs.env() {
-        std::env::set_var(k, v);
-    }
-    runtime().block_on(repository_conformance("gs://conf/p", &StorageOptions::default()));
-    round_trips("gs://roundtrip/pg", &gcs.env());
+    from_environment("gs", &gcs.env());
 }
