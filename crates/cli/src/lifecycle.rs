@@ -4,14 +4,10 @@
 use anyhow::{bail, Context, Result};
 use cloud_dump_postgres::expire::Policy;
 use cloud_dump_postgres::info;
-use cloud_dump_postgres::PgRepository;
+use cloud_dump_postgres::{now_us, PgRepository};
 
 use crate::args::{DeleteArgs, ExpireArgs, GlobalArgs, InfoArgs, KeepArgs, VerifyArgs};
 use crate::{mb, setup};
-
-fn now_us() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
-}
 
 pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
     let policy = Policy { retain_full: a.retain_full, retain_days: a.retain_days, now_us: now_us() };

@@ -206,20 +206,22 @@ pub fn plan(
         },
     };
     let mut wal_delete = Vec::new();
-    if let Some((cut, segment_size)) = wal_cut {
-        for o in wal {
-            let segment = match classify(&o.name) {
-                Ok(WalFileKind::Segment) => o.name.as_str(),
-                Ok(WalFileKind::Partial | WalFileKind::Backup) => &o.name[..24],
-                Ok(WalFileKind::History) | Err(_) => continue,
-            };
-            if segment_number(segment, segment_size).is_some_and(|n| n < cut) {
-                wal_delete.push(o.key.clone());
-            }
-        }
+    if let Some(cut) = wal_cut {
+        wal_delete.extend(wal.iter().filter(|o| below_cut(&o.name, cut)).map(|o| o.key.clone()));
         wal_delete.sort();
     }
     Ok(ExpirePlan { backups: verdicts, wal_delete, wal_reason, wal_cut })
+}
+
+/// Whether WAL file `name` (a segment, or its `.partial` / `.backup` file) lies below the
+/// cut `(first segment kept, segment size)`. History files never do.
+pub(crate) fn below_cut(name: &str, (cut, segment_size): (u64, u64)) -> bool {
+    let segment = match classify(name) {
+        Ok(WalFileKind::Segment) => name,
+        Ok(WalFileKind::Partial | WalFileKind::Backup) => &name[..24],
+        Ok(WalFileKind::History) | Err(_) => return false,
+    };
+    segment_number(segment, segment_size).is_some_and(|n| n < cut)
 }
 
 fn fmt_days(d: Option<f64>) -> String {

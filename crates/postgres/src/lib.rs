@@ -34,8 +34,8 @@ pub use lsn::Lsn;
 pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
 pub use progress::{NoProgress, Progress};
 pub use repository::{
-    kept_by_marks, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, OldVersionsOutcome, PgRepository,
-    StoredBackup,
+    kept_by_marks, now_us, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, OldVersionsOutcome,
+    PgRepository, StoredBackup,
 };
 pub use restore::{check_decryption, check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
 pub use wal_archive::{

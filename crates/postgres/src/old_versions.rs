@@ -26,7 +26,6 @@ use cloud_dump_storage::ObjectVersion;
 use crate::expire::{self, BackupFacts, ExpirePlan, Policy};
 use crate::layout::{self, Layout};
 use crate::repository::wal_name_of;
-use crate::wal::{classify, segment_number, WalFileKind};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OldVersionsPlan {
@@ -180,13 +179,7 @@ fn folder_of<'k>(key: &'k str, root: &str, wal_dir: &str) -> Option<(&'k str, &'
 
 /// Whether a WAL archive object (relative to the WAL folder) is of a segment below the cut.
 fn below_cut(rel: &str, cut: Option<(u64, u64)>) -> bool {
-    let (Some((cut, size)), Some(name)) = (cut, wal_name_of(rel)) else { return false };
-    let segment = match classify(&name) {
-        Ok(WalFileKind::Segment) => name.as_str(),
-        Ok(WalFileKind::Partial | WalFileKind::Backup) => &name[..24],
-        Ok(WalFileKind::History) | Err(_) => return false,
-    };
-    segment_number(segment, size).is_some_and(|n| n < cut)
+    cut.zip(wal_name_of(rel)).is_some_and(|(cut, name)| expire::below_cut(&name, cut))
 }
 
 #[cfg(test)]

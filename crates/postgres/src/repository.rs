@@ -490,7 +490,7 @@ impl<'a> PgRepository<'a> {
                 .iter()
                 .filter(|x| !x.delete_marker)
                 .filter_map(|x| x.key.strip_prefix(&dir))
-                .any(|n| kept_by_marks(std::iter::once(n), now_us()));
+                .any(|n| mark_stamp(n).is_some_and(|(t, keep)| keep && t <= now_us() + MARK_FUTURE_SLACK_US));
             let mut what = if manifests.is_empty() {
                 old_versions::Hidden::NeverABackup
             } else {
@@ -608,7 +608,7 @@ fn fmt_age(us: i64) -> String {
     }
 }
 
-pub(crate) fn now_us() -> i64 {
+pub fn now_us() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1000) as i64
 }
 
