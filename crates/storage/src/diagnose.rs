@@ -157,10 +157,8 @@ pub(crate) fn error_document(body: &[u8]) -> (Option<String>, Option<String>) {
         return (reason, message);
     }
     let element = |name: &str| -> Option<String> {
-        let open = format!("<{name}>");
-        let start = text.find(&open)? + open.len();
-        let end = text[start..].find(&format!("</{name}>"))? + start;
-        let value = text[start..end].trim();
+        let value = crate::signed::field(&text, name)?;
+        let value = value.trim();
         (!value.is_empty()).then(|| value.chars().take(300).collect())
     };
     (element("Code"), element("Message").map(|m| m.lines().next().unwrap_or("").to_owned()))

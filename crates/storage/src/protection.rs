@@ -7,7 +7,7 @@ use bytes::Bytes;
 use serde::Serialize;
 
 use crate::repo::StorageOptions;
-use crate::signed::SignedBucket;
+use crate::signed::{field, SignedBucket};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct BucketProtection {
@@ -26,14 +26,6 @@ impl BucketProtection {
     }
 }
 
-/// The text between `<tag>` and `</tag>`.
-fn element<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
-    let open = format!("<{tag}>");
-    let start = xml.find(&open)? + open.len();
-    let end = xml[start..].find(&format!("</{tag}>"))? + start;
-    Some(xml[start..end].trim())
-}
-
 /// Reads the bucket's versioning and Object Lock settings. `Ok(None)`: no static
 /// credentials to sign with.
 pub async fn s3_bucket_protection(bucket: &str, opts: &StorageOptions) -> Result<Option<BucketProtection>, String> {
@@ -44,15 +36,17 @@ pub async fn s3_bucket_protection(bucket: &str, opts: &StorageOptions) -> Result
     if status != 200 {
         return Err(format!("GET ?versioning answered HTTP {status}"));
     }
-    let versioning = element(&body, "Status").unwrap_or("off").to_owned();
+    let text = |tag: &str| field(&body, tag).map(|t| t.trim().to_owned());
+    let versioning = text("Status").unwrap_or_else(|| "off".to_owned());
     let (status, body) = b.send("GET", "", &[("object-lock", "")], Bytes::new(), &[]).await?;
     let (object_lock, mode, days) = match status {
         200 => {
-            let enabled = element(&body, "ObjectLockEnabled") == Some("Enabled");
-            let mode = element(&body, "Mode").map(str::to_owned);
-            let days = element(&body, "Days")
+            let text = |tag: &str| field(&body, tag).map(|t| t.trim().to_owned());
+            let enabled = text("ObjectLockEnabled").as_deref() == Some("Enabled");
+            let mode = text("Mode");
+            let days = text("Days")
                 .and_then(|d| d.parse::<u32>().ok())
-                .or_else(|| element(&body, "Years").and_then(|y| y.parse::<u32>().ok()).map(|y| y * 365));
+                .or_else(|| text("Years").and_then(|y| y.parse::<u32>().ok()).map(|y| y * 365));
             (enabled, mode, days)
         }
         404 => (false, None, None),
@@ -75,6 +69,6 @@ mod tests {
         };
         assert!(p.covers_days(7.0));
         assert!(!p.covers_days(7.5));
-        assert_eq!(element("<a><Status>Enabled</Status></a>", "Status"), Some("Enabled"));
+        assert_eq!(field("<a><Status>Enabled</Status></a>", "Status").as_deref(), Some("Enabled"));
     }
 }

@@ -636,24 +636,34 @@ fn metadata_hosts(location: &Location) -> Vec<String> {
     hosts
 }
 
+/// The S3 endpoint asked for: the option, else the AWS SDKs' endpoint variables (a
+/// Litestream config has no endpoint); `None`: AWS itself.
+pub(crate) fn s3_endpoint(opts: &StorageOptions) -> Option<String> {
+    opts.s3_endpoint.clone().or_else(|| {
+        ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
+            .iter()
+            .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+    })
+}
+
+/// The S3 region: the option, else `AWS_REGION` / `AWS_DEFAULT_REGION`, else us-east-1.
+pub(crate) fn s3_region(opts: &StorageOptions) -> String {
+    opts.s3_region
+        .clone()
+        .or_else(|| {
+            ["AWS_REGION", "AWS_DEFAULT_REGION"].iter().find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()))
+        })
+        .unwrap_or_else(|| "us-east-1".into())
+}
+
 fn s3_builder(bucket: &str, opts: &StorageOptions) -> Result<AmazonS3Builder> {
     let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
     let mut allow_http = opts.s3_allow_http;
-    // The AWS SDKs' endpoint variables count too (a Litestream config has no endpoint).
-    let env_endpoint = ["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
-        .iter()
-        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
-    if let Some(ep) = opts.s3_endpoint.as_ref().or(env_endpoint.as_ref()) {
+    if let Some(ep) = s3_endpoint(opts) {
         b = b.with_endpoint(ep.clone());
         allow_http |= ep.starts_with("http://");
     }
-    match &opts.s3_region {
-        Some(r) => b = b.with_region(r.clone()),
-        None if std::env::var_os("AWS_REGION").is_none() && std::env::var_os("AWS_DEFAULT_REGION").is_none() => {
-            b = b.with_region("us-east-1")
-        }
-        None => {}
-    }
+    b = b.with_region(s3_region(opts));
     if let Some(k) = &opts.s3_access_key_id {
         b = b.with_access_key_id(k.clone());
     }

@@ -120,19 +120,8 @@ impl SignedBucket {
         ) else {
             return Ok(None);
         };
-        let region = opts
-            .s3_region
-            .clone()
-            .or_else(|| env("AWS_REGION"))
-            .or_else(|| env("AWS_DEFAULT_REGION"))
-            .unwrap_or_else(|| "us-east-1".into());
-        let endpoint = opts
-            .s3_endpoint
-            .clone()
-            .or_else(|| env("AWS_ENDPOINT_URL_S3"))
-            .or_else(|| env("AWS_ENDPOINT_URL"))
-            .or_else(|| env("AWS_ENDPOINT"))
-            .unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
+        let region = crate::repo::s3_region(opts);
+        let endpoint = crate::repo::s3_endpoint(opts).unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         let url = url::Url::parse(&endpoint).map_err(|e| format!("endpoint {endpoint}: {e}"))?;
         let authority = match (url.host_str(), url.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -204,6 +193,70 @@ impl SignedBucket {
     }
 }
 
+// XML of S3's answers: enough for the few elements read here.
+
+/// The text between `<tag>` and `</tag>` in `xml`, unescaped.
+pub(crate) fn field(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let start = xml.find(&open)? + open.len();
+    let end = xml[start..].find(&format!("</{tag}>"))? + start;
+    Some(unescape(&xml[start..end]))
+}
+
+/// Every `<tag>…</tag>` block of `xml`, in order.
+pub(crate) fn blocks<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        let body = &rest[i + open.len()..];
+        let Some(j) = body.find(&close) else { break };
+        out.push(&body[..j]);
+        rest = &body[j + close.len()..];
+    }
+    out
+}
+
+/// XML character data → text (the five named entities and numeric references).
+pub(crate) fn unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        let Some(end) = tail.find(';') else {
+            out.push_str(tail);
+            return out;
+        };
+        let entity = &tail[1..end];
+        let ch = match entity {
+            "amp" => Some('&'),
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            e if e.starts_with("#x") => u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32),
+            e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
+            _ => None,
+        };
+        match ch {
+            Some(c) => out.push(c),
+            None => out.push_str(&tail[..=end]),
+        }
+        rest = &tail[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+pub(crate) fn escape(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
+}
+
+/// The versions and delete markers of one ListObjectVersions page, and the markers of the
+/// next page when it is truncated. A body that is not a whole ListVersionsResult, or a
+/// truncated page without the next marker, is an error: a partial listing must never be
+/// taken for the whole.
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use md5::{Digest, Md5};
 
 use crate::repo::StorageOptions;
-use crate::signed::SignedBucket;
+use crate::signed::{blocks, escape, field, SignedBucket};
 use crate::Location;
 
 /// One version of one object, or a delete marker.
@@ -52,68 +52,6 @@ pub fn versions(url: &str, opts: &StorageOptions) -> Result<Option<Versions>, St
     }
 }
 
-/// The text between `<tag>` and `</tag>` in `xml`, unescaped.
-fn field(xml: &str, tag: &str) -> Option<String> {
-    let open = format!("<{tag}>");
-    let start = xml.find(&open)? + open.len();
-    let end = xml[start..].find(&format!("</{tag}>"))? + start;
-    Some(unescape(&xml[start..end]))
-}
-
-/// Every `<tag>…</tag>` block of `xml`, in order.
-fn blocks<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
-    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
-    let mut out = Vec::new();
-    let mut rest = xml;
-    while let Some(i) = rest.find(&open) {
-        let body = &rest[i + open.len()..];
-        let Some(j) = body.find(&close) else { break };
-        out.push(&body[..j]);
-        rest = &body[j + close.len()..];
-    }
-    out
-}
-
-/// XML character data → text (the five named entities and numeric references).
-pub(crate) fn unescape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('&') {
-        out.push_str(&rest[..i]);
-        let tail = &rest[i..];
-        let Some(end) = tail.find(';') else {
-            out.push_str(tail);
-            return out;
-        };
-        let entity = &tail[1..end];
-        let ch = match entity {
-            "amp" => Some('&'),
-            "lt" => Some('<'),
-            "gt" => Some('>'),
-            "quot" => Some('"'),
-            "apos" => Some('\''),
-            e if e.starts_with("#x") => u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32),
-            e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
-            _ => None,
-        };
-        match ch {
-            Some(c) => out.push(c),
-            None => out.push_str(&tail[..=end]),
-        }
-        rest = &tail[end + 1..];
-    }
-    out.push_str(rest);
-    out
-}
-
-pub(crate) fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
-}
-
-/// The versions and delete markers of one ListObjectVersions page, and the markers of the
-/// next page when it is truncated. A body that is not a whole ListVersionsResult, or a
-/// truncated page without the next marker, is an error: a partial listing must never be
-/// taken for the whole.
 /// One page of a version listing, and where the next one starts (key and version markers).
 pub(crate) type Page = (Vec<ObjectVersion>, Option<(String, String)>);
 
@@ -305,6 +243,6 @@ mod tests {
                 message: "locked".into()
             }]
         );
-        assert_eq!(unescape("&#65;&#x42;&amp;&bogus;"), "AB&&bogus;");
+        assert_eq!(crate::signed::unescape("&#65;&#x42;&amp;&bogus;"), "AB&&bogus;");
     }
 }
