@@ -301,11 +301,7 @@ impl<'a> PgRepository<'a> {
         };
         // The newest of the claim's start and the folder's objects: a backup still
         // uploading keeps it young.
-        let newest = objects
-            .iter()
-            .filter_map(|o| o.last_modified.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_micros() as i64)
-            .max();
+        let newest = objects.iter().map(ObjectInfo::modified_us).max();
         let since = match (started, newest) {
             (Some(a), Some(b)) => a.max(b),
             (a, b) => a.or(b).unwrap_or(i64::MAX),
@@ -357,15 +353,7 @@ impl<'a> PgRepository<'a> {
             .wal_objects()
             .await?
             .into_iter()
-            .map(|(w, o)| crate::info::WalLine {
-                name: w.name,
-                bytes: o.size,
-                stored_us: o
-                    .last_modified
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_micros() as i64)
-                    .unwrap_or(0),
-            })
+            .map(|(w, o)| crate::info::WalLine { name: w.name, bytes: o.size, stored_us: o.modified_us() })
             .collect();
         let root = match self.layout.cluster() {
             Some(c) => format!("{c}/"),

@@ -73,6 +73,11 @@ pub struct ObjectInfo {
 }
 
 impl ObjectInfo {
+    /// When it was last written, in µs since the epoch (0 before the epoch).
+    pub fn modified_us(&self) -> i64 {
+        self.last_modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+    }
+
     /// Whether two looks at a key saw the same object: the entity tags where both have one,
     /// else size and time to the second (LIST and HEAD differ in sub-second precision).
     pub fn same_object(&self, other: &ObjectInfo) -> bool {
