@@ -217,18 +217,7 @@ pub async fn info(g: &GlobalArgs, a: &InfoArgs) -> Result<()> {
         return Ok(());
     }
     if let Some(p) = &a.prometheus {
-        let mut text = info::prometheus(&s);
-        if let Ok(Some(b)) = &protection {
-            let labels = format!("repository=\"{}\"", repo.url().replace('\\', "\\\\").replace('"', "\\\""));
-            text.push_str(&format!(
-                "# HELP cloud_dump_bucket_object_lock Whether the bucket has Object Lock.\n# TYPE cloud_dump_bucket_object_lock gauge\n\
-                 cloud_dump_bucket_object_lock{{{labels}}} {}\n\
-                 # HELP cloud_dump_bucket_retention_days The bucket's default retention.\n# TYPE cloud_dump_bucket_retention_days gauge\n\
-                 cloud_dump_bucket_retention_days{{{labels}}} {}\n",
-                u8::from(b.object_lock),
-                b.retention_days.unwrap_or(0)
-            ));
-        }
+        let text = info::prometheus(&s, protection.as_ref().ok().and_then(Option::as_ref));
         if p.as_os_str() == "-" {
             print!("{text}");
         } else {

@@ -241,7 +241,9 @@ fn seconds(rfc3339: &str) -> Option<f64> {
 
 /// Prometheus textfile-collector format (node_exporter): gauges an operator alerts on —
 /// a stale archive, a hole, no recent backup.
-pub fn prometheus(s: &Summary) -> String {
+/// node-exporter textfile lines for `s`, and the bucket's Object Lock and default
+/// retention when they are known.
+pub fn prometheus(s: &Summary, bucket: Option<&cloud_dump_storage::BucketProtection>) -> String {
     let cluster = s.cluster.clone().unwrap_or_default().replace('\\', "\\\\").replace('"', "\\\"");
     let repo = s.repository.replace('\\', "\\\\").replace('"', "\\\"");
     let labels = format!("cluster=\"{cluster}\",repository=\"{repo}\"");
@@ -315,6 +317,18 @@ pub fn prometheus(s: &Summary) -> String {
         "Bytes stored in the repository.",
         vec![(String::new(), s.repository_bytes as f64)],
     );
+    if let Some(b) = bucket {
+        gauge(
+            "cloud_dump_bucket_object_lock",
+            "Whether the bucket has Object Lock.",
+            vec![(String::new(), f64::from(u8::from(b.object_lock)))],
+        );
+        gauge(
+            "cloud_dump_bucket_retention_days",
+            "The bucket's default retention.",
+            vec![(String::new(), f64::from(b.retention_days.unwrap_or(0)))],
+        );
+    }
     o
 }
 
@@ -387,7 +401,20 @@ mod tests {
             (2..8).map(|n| w(&seg(1, n), t0)).chain((12..15).map(|n| w(&seg(2, n), t0 + 1))).collect();
         let s3 = summarize(None, "r".into(), s.backups.clone(), vec![], &gap, 0, SEG, t0);
         assert!(s3.recovery_window.is_none(), "{:?}", s3.recovery_window);
-        let prom = prometheus(&s);
+        let prom = prometheus(&s, None);
+        assert!(!prom.contains("cloud_dump_bucket"), "{prom}");
+        let locked = cloud_dump_storage::BucketProtection {
+            versioning: "Enabled".into(),
+            object_lock: true,
+            retention_mode: Some("COMPLIANCE".into()),
+            retention_days: Some(30),
+        };
+        let with_bucket = prometheus(&s, Some(&locked));
+        assert!(
+            with_bucket.contains("cloud_dump_bucket_retention_days{cluster=\"c\",repository=\"file:///r\"} 30")
+                && with_bucket.contains("cloud_dump_bucket_object_lock{cluster=\"c\",repository=\"file:///r\"} 1"),
+            "{with_bucket}"
+        );
         assert!(
             prom.contains("cloud_dump_wal_holes{cluster=\"c\",repository=\"file:///r\",timeline=\"1\"} 1"),
             "{prom}"
@@ -400,6 +427,6 @@ mod tests {
     fn an_empty_repository() {
         let s = summarize(None, "file:///r".into(), vec![], vec![], &[], 0, SEG, 0);
         assert!(s.recovery_window.is_none() && s.newest_wal.is_none() && s.timelines.is_empty());
-        assert!(prometheus(&s).contains("cloud_dump_backups{cluster=\"\",repository=\"file:///r\"} 0"));
+        assert!(prometheus(&s, None).contains("cloud_dump_backups{cluster=\"\",repository=\"file:///r\"} 0"));
     }
 }
