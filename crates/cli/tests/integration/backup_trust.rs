@@ -172,3 +172,29 @@ fn every_acknowledged_write_on_file_is_durable() {
         }
     }
 }
+
+/// A delete of the folder begun while the backup runs (here a `deleting-` mark appears, as
+/// `delete --abandoned` or a planted mark would leave): the backup fails and never makes a
+/// manifest visible.
+#[test]
+fn a_backup_whose_folder_is_being_deleted_never_reports_success() {
+    let src = pg(15);
+    src.sql("postgres", "CREATE TABLE t AS SELECT g, md5(g::text) h FROM generate_series(1, 300000) g");
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let url = file_url(&repo);
+    // Slowed so the mark lands mid-upload (the claim is written first).
+    let child = spawn_backup(&url, "marked", &src.repl_url(), &[], &["--max-rate", "8M"]);
+    let claim = repo.join("marked/claim");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !claim.exists() {
+        assert!(Instant::now() < deadline, "the backup never claimed its name");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(repo.join("marked/deleting-00000000000000000001"), "deleting\n").unwrap();
+    let (code, log) = finish(child);
+    assert_ne!(code, 0, "the backup reported success in a folder being deleted:\n{log}");
+    assert!(log.contains("is being deleted"), "{log}");
+    assert!(!repo.join("marked/manifest.json").exists(), "a manifest became visible:\n{log}");
+    assert_eq!(cloud_dump(&["list", "--repo", &url, "--json"], &[]).ok().stdout.trim(), "[]");
+}
