@@ -16,6 +16,7 @@ pub mod old_versions;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;
+pub mod timeline;
 mod repository;
 mod restore;
 mod tls;
