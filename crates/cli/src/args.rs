@@ -594,6 +594,15 @@ pub enum TargetKind {
     Latest,
 }
 
+/// Whether the restored copy keeps the backup's archive settings.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ArchiveMode {
+    /// Keep them: a copy that becomes the new primary goes on archiving (the default).
+    Preserve,
+    /// Start the copy with archive_mode = off (restore tests, throwaway copies).
+    Off,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum TargetAction {
     Promote,
@@ -626,9 +635,14 @@ pub struct RestoreArgs {
     pub recovery_target: Option<TargetKind>,
     #[arg(long, value_enum, default_value = "promote")]
     pub recovery_target_action: TargetAction,
-    /// `latest` (follow promotions), `current`, or a timeline id.
+    /// `latest` (the one live branch; refused when the archive holds several), `current`
+    /// (the backup's), or a timeline number.
     #[arg(long, value_name = "TLI")]
     pub recovery_target_timeline: Option<String>,
+    /// `preserve` keeps the backup's archive settings (a copy that becomes the new primary
+    /// goes on archiving); `off` starts the copy with archive_mode = off (restore tests).
+    #[arg(long, value_enum, env = "CLOUD_DUMP_RESTORE_ARCHIVE_MODE", default_value = "preserve")]
+    pub archive_mode: ArchiveMode,
     /// Passphrase for encrypted WAL when it differs from the backup's.
     #[arg(long, env = "WAL_PASSPHRASE", hide_env_values = true)]
     pub wal_passphrase: Option<String>,

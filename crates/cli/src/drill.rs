@@ -206,7 +206,7 @@ fn free_port() -> Result<u16> {
 /// A random point of the recovery window, as an LSN (always reachable: between the end of
 /// the window's first backup and the start of the newest archived segment, where a time
 /// might fall after the last commit), the backup restore will choose for it, and the seed.
-async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result<(Lsn, BackupManifest, u64)> {
+async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result<(Lsn, BackupManifest, u64, u32)> {
     use rand::{Rng, SeedableRng};
     let pg = PgRepository::new(repo, layout);
     let (inv, s) = pg.summary(0).await?;
@@ -219,7 +219,8 @@ async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result
         .find(|b| b.manifest.stop_time == from_time)
         .context("the window's first backup disappeared")?;
     let seg = first.manifest.wal_segment_size();
-    let newest = s.newest_wal.context("no WAL archived")?;
+    let tli = s.recovery_timeline.context("no recovery timeline")?;
+    let newest = s.recovery_window_last.context("no WAL archived")?;
     let per_log = 0x1_0000_0000u64 / seg;
     let number = cloud_dump_postgres::wal::segment_number(&newest, seg).context("bad newest segment")?;
     let to = Lsn((number / per_log) << 32 | ((number % per_log) * seg));
@@ -230,9 +231,19 @@ async fn random_point(repo: &Repo, layout: &Layout, seed: Option<u64>) -> Result
     let seed = seed.unwrap_or_else(rand::random);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let at = Lsn(rng.gen_range(from.0..=to.0));
-    // restore picks the newest backup that ends at or before the target.
-    let m = inv.backups.iter().find(|b| b.manifest.end_lsn <= at).unwrap_or(first).manifest.clone();
-    Ok((at, m, seed))
+    // The backup restore picks: the newest on the timeline's history that ends before it.
+    let graph = cloud_dump_postgres::WalArchive::new(repo, layout)
+        .timeline_graph(seg, &cloud_dump_postgres::WalKeys::default())
+        .await?;
+    let manifests: Vec<BackupManifest> = inv.backups.iter().map(|b| b.manifest.clone()).collect();
+    let (m, _) = cloud_dump_postgres::recovery::choose_restore(
+        &graph,
+        &manifests,
+        None,
+        &cloud_dump_postgres::recovery::RecoveryTarget::Lsn(at),
+        cloud_dump_postgres::recovery::TimelineChoice::Id(tli),
+    )?;
+    Ok((at, m.clone(), seed, tli))
 }
 
 /// Stops the drill's server however the drill ends (fast, then immediate).
@@ -263,13 +274,13 @@ pub async fn run(
         Ok(())
     };
     let mut report = DrillReport::default();
-    let (target_lsn, manifest): (Option<Lsn>, BackupManifest) = if a.random_point {
-        let (at, m, seed) = random_point(repo, layout, a.seed).await?;
+    let (target_lsn, manifest, tli): (Option<Lsn>, BackupManifest, Option<u32>) = if a.random_point {
+        let (at, m, seed, tli) = random_point(repo, layout, a.seed).await?;
         report.seed = Some(seed);
-        (Some(at), m)
+        (Some(at), m, Some(tli))
     } else {
         let n = name.context("no backup to drill")?;
-        (None, cloud_dump_postgres::load_manifest(repo, layout, &n).await?)
+        (None, cloud_dump_postgres::load_manifest(repo, layout, &n).await?, None)
     };
     let major = manifest.pg_version_num / 10000;
     let bin = bin_dir(&a.pg_bin, major)?;
@@ -307,7 +318,9 @@ pub async fn run(
             _ => None,
         },
         recovery_target_action: TargetAction::Promote,
-        recovery_target_timeline: None,
+        // A random point is drawn on the window's timeline.
+        recovery_target_timeline: tli.map(|t| t.to_string()),
+        archive_mode: crate::args::ArchiveMode::Off,
         wal_passphrase: None,
         wal_identity_key: None,
         pgdata: data.clone(),

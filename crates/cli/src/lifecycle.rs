@@ -255,10 +255,17 @@ fn print_text(s: &info::Summary) {
         s.cluster.as_ref().map(|c| format!(" (cluster {c})")).unwrap_or_default()
     );
     match &s.recovery_window {
-        Some((from, to)) => println!("Recovery window: any point from {from} to {to}"),
-        None => {
-            println!("Recovery window: none (no backup whose WAL reaches the newest archived segment without a hole)")
-        }
+        Some((from, to)) => println!(
+            "Recovery window: any point from {from} to {to} ({}{})",
+            s.recovery_window_end.as_deref().unwrap_or("newest segment"),
+            s.recovery_timeline.map(|t| format!(", timeline {t}")).unwrap_or_default()
+        ),
+        None => println!(
+            "Recovery window: none ({})",
+            s.recovery_window_problem
+                .as_deref()
+                .unwrap_or("no backup whose WAL reaches the newest archived segment without a hole")
+        ),
     }
     match (&s.newest_wal, &s.newest_wal_time, s.newest_wal_age_seconds) {
         (Some(n), Some(t), Some(age)) => println!("Newest WAL: {n}, archived {t} ({age:.0} s ago)"),

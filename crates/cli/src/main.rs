@@ -233,7 +233,23 @@ fn main() -> ExitCode {
         let fetch = args.iter().any(|a| a == "wal-fetch" || a == "wal-prefetch");
         return ExitCode::from(if fetch { wal::FETCH_FATAL } else { 1 });
     }
-    let cli = Cli::parse_from(sqlite::litestream_flags(args));
+    let cli = match Cli::try_parse_from(sqlite::litestream_flags(args.clone())) {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let fetch = args.iter().skip(1).any(|a| a == "wal-fetch" || a == "wal-prefetch");
+            if fetch && !matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                // PostgreSQL reads any exit code below 126 as "not in the archive" and ends
+                // recovery there: a usage error (a typo in restore_command or the server's
+                // environment) must stop recovery instead.
+                let text = e.render().to_string();
+                let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
+                early_error(&format!("wal-fetch: {}", first.trim_start_matches("error: ")));
+                return ExitCode::from(wal::FETCH_FATAL);
+            }
+            e.exit()
+        }
+    };
     init_logging(cli.global.log_level, cli.global.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,

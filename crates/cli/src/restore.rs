@@ -9,13 +9,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{repokey, Decryption, ExposeSecret, SecretString};
 use cloud_dump_postgres::recovery::{
-    choose_backup, parse_time, recovery_settings, wal_reach, write_recovery, RecoveryTarget,
+    archiving_of, backup_point, check_restore_wal, check_time_reachable, choose_restore, disable_archiving, parse_time,
+    recovery_settings, wal_reach, write_recovery, Archiving, RecoveryTarget, TimelineChoice,
 };
+use cloud_dump_postgres::timeline::Until;
 use cloud_dump_postgres::{
-    check_decryption, list_backups, plan_restore, run_restore, Lsn, ObjectKind, RestoreRequest, WalArchive,
+    check_backup_key, list_backups, plan_restore, release_control_file, run_restore, Lsn, ObjectKind, RestoreRequest,
+    WalArchive, WalKeys,
 };
 
-use crate::args::{GlobalArgs, RestoreArgs, TargetAction, TargetKind};
+use crate::args::{ArchiveMode, GlobalArgs, RestoreArgs, TargetAction, TargetKind};
 use crate::{mb, setup, wal};
 
 fn target(a: &RestoreArgs) -> Result<Option<RecoveryTarget>> {
@@ -39,11 +42,48 @@ fn target(a: &RestoreArgs) -> Result<Option<RecoveryTarget>> {
     })
 }
 
+/// Runs a restore; a signal (SIGINT, SIGTERM, SIGHUP from a dropped session, SIGQUIT)
+/// stops it with a one-line error. Until a restore has finished, the data directory lacks
+/// global/pg_control, so a restore cut short (by a signal or kill -9) never starts.
 pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut sigs = Vec::new();
+    for (kind, name) in [
+        (SignalKind::interrupt(), "SIGINT"),
+        (SignalKind::terminate(), "SIGTERM"),
+        (SignalKind::hangup(), "SIGHUP"),
+        (SignalKind::quit(), "SIGQUIT"),
+    ] {
+        sigs.push((signal(kind).context("cannot install signal handlers")?, name));
+    }
+    let stopped = async move {
+        let waits = sigs.iter_mut().map(|(s, name)| {
+            let name = *name;
+            Box::pin(async move {
+                s.recv().await;
+                name
+            })
+        });
+        futures::future::select_all(waits).await.0
+    };
+    tokio::select! {
+        r = restore(g, a) => r,
+        name = stopped => bail!(
+            "restore stopped by {name}: {} holds a partial restore that PostgreSQL will not start (no global/pg_control); remove it before retrying",
+            a.pgdata.display()
+        ),
+    }
+}
+
+async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     let target = target(a)?;
     if target.is_none() && (a.recovery_target_timeline.is_some()) {
         bail!("--recovery-target-timeline needs a recovery target (e.g. --recovery-target latest)");
     }
+    let timeline: TimelineChoice = match &a.recovery_target_timeline {
+        Some(t) => t.parse()?,
+        None => TimelineChoice::Latest,
+    };
     let mut mapping = Vec::new();
     for m in &a.tablespace_mapping {
         let (old, new) = m.split_once('=').with_context(|| format!("--tablespace-mapping {m:?}: expected OLD=NEW"))?;
@@ -52,19 +92,41 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     let pgdata = if a.pgdata.is_absolute() { a.pgdata.clone() } else { std::env::current_dir()?.join(&a.pgdata) };
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    let name = match (&a.name, &target) {
-        (Some(n), _) => n.clone(),
-        (None, Some(t)) => {
-            let backups = list_backups(&repo, &layout).await?;
-            match choose_backup(&backups, t) {
-                Some(m) => {
-                    tracing::info!("using backup {} (the newest that ends before {})", m.name, t.describe());
-                    m.name.clone()
-                }
-                None => bail!("no backup in {} ends before {}", repo.url(), t.describe()),
-            }
-        }
+    let wal = WalArchive::new(&repo, &layout);
+
+    // Which backup and which timeline: decided on the archive's timeline graph.
+    let (name, tli, archived) = match (&a.name, &target) {
         (None, None) => bail!("--name is required (or give a --recovery-target-… to use the newest backup before it)"),
+        (Some(n), None) => (n.clone(), None, Vec::new()),
+        (name, Some(t)) => {
+            let backups = list_backups(&repo, &layout).await?;
+            let seg_size = name
+                .as_ref()
+                .and_then(|n| backups.iter().find(|m| &m.name == n))
+                .or(backups.first())
+                .map(|m| m.wal_segment_size())
+                .unwrap_or(16 << 20);
+            let archived = wal.list_names().await?;
+            let graph = wal.graph_of(&archived, seg_size, &WalKeys::default()).await?;
+            let (m, tli) = choose_restore(&graph, &backups, name.as_deref(), t, timeline)?;
+            check_restore_wal(&graph, m, tli, t, wal.dir())?;
+            if matches!(t, RecoveryTarget::Time(..)) {
+                let path = graph
+                    .needed(&backup_point(m), tli, Until::Latest)
+                    .map_err(cloud_dump_postgres::Error::from)?
+                    .map(|n| n.segments)
+                    .unwrap_or_default();
+                check_time_reachable(t, wal.last_commit_on(&path, 16).await?, tli)?;
+            }
+            if name.is_none() {
+                tracing::info!(
+                    "using backup {} (the newest on timeline {tli}'s history that ends before {})",
+                    m.name,
+                    t.describe()
+                );
+            }
+            (m.name.clone(), Some(tli), archived)
+        }
     };
     let req = RestoreRequest {
         name,
@@ -76,52 +138,14 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     };
     let plan = plan_restore(&repo, &req).await?;
     let m = &plan.manifest;
-    check_decryption(m, &req.decryption, false)?;
     let seg_size = m.wal_segment_size();
-
-    // WAL the target needs, and whether the archive can reach it.
-    let wal = WalArchive::new(&repo, &layout);
     let wal_plan = match &target {
-        Some(t) => Some(wal_reach(m, t, &wal.list_names().await?, wal.dir())?),
+        Some(t) => Some(wal_reach(m, t, &archived, wal.dir())?),
         None => None,
     };
-
-    if a.dry_run {
-        println!(
-            "restore plan for backup {} (PostgreSQL {}, LSN {} to {}):",
-            m.name,
-            m.short_version(),
-            m.start_lsn,
-            m.end_lsn
-        );
-        for o in &m.objects {
-            let to = match o.kind {
-                ObjectKind::BackupManifest => plan.pgdata.join("backup_manifest"),
-                _ => plan.target_of(o).unwrap_or_default(),
-            }
-            .display()
-            .to_string();
-            println!("  {}{}  {} stored, {} unpacked  ->  {to}", plan.dir, o.key, mb(o.size), mb(o.raw_size));
-        }
-        if let (Some(t), Some(reach)) = (&target, &wal_plan) {
-            println!(
-                "  then replay WAL from {} ({} archived segments from there) in {} up to {}",
-                reach.first,
-                reach.segments,
-                wal.dir(),
-                t.describe()
-            );
-        }
-        println!(
-            "total: {} to download, {} to write; nothing was written (dry run)",
-            mb(m.stored_size()),
-            mb(m.raw_size())
-        );
-        return Ok(());
-    }
-    check_decryption(m, &req.decryption, true)?;
-    // Open the WAL keys and check every setting before writing anything: a wrong
-    // passphrase or a bad target name must stop us here.
+    // Every key and setting the real run uses is checked, dry run or not, before anything
+    // is written: a wrong passphrase or a bad target name must stop us here.
+    check_backup_key(&repo, &plan, &req).await?;
     let wal_config = match &target {
         Some(_) => Some(wal_settings(g, a, &req, &repo, wal.dir(), seg_size).await?),
         None => None,
@@ -136,18 +160,57 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
                 TargetAction::Pause => "pause",
                 TargetAction::Shutdown => "shutdown",
             };
-            // The settings file holds secrets: gone once recovery ends.
-            Some(recovery_settings(t, action, a.recovery_target_timeline.clone(), &exe, &spool, &conf)?)
+            // The settings file holds secrets: gone once recovery ends. The timeline is
+            // always named: the graph chose it, PostgreSQL must not probe for another.
+            Some(recovery_settings(t, action, tli.map(|t| t.to_string()), &exe, &spool, &conf)?)
         }
         None => None,
     };
+
+    if a.dry_run {
+        println!(
+            "restore plan for backup {} (PostgreSQL {}, LSN {} to {}, timeline {}):",
+            m.name,
+            m.short_version(),
+            m.start_lsn,
+            m.end_lsn,
+            m.timeline
+        );
+        for o in &m.objects {
+            let to = match o.kind {
+                ObjectKind::BackupManifest => plan.pgdata.join("backup_manifest"),
+                _ => plan.target_of(o).unwrap_or_default(),
+            }
+            .display()
+            .to_string();
+            println!("  {}{}  {} stored, {} unpacked  ->  {to}", plan.dir, o.key, mb(o.size), mb(o.raw_size));
+        }
+        if let (Some(t), Some(reach), Some(tli)) = (&target, &wal_plan, tli) {
+            println!(
+                "  then replay WAL from {} ({} archived segments from there) in {} up to {} on timeline {tli}",
+                reach.first,
+                reach.segments,
+                wal.dir(),
+                t.describe()
+            );
+        }
+        println!(
+            "total: {} to download, {} to write; keys and settings checked; nothing was written (dry run)",
+            mb(m.stored_size()),
+            mb(m.raw_size())
+        );
+        return Ok(());
+    }
 
     let progress: Arc<dyn cloud_dump_postgres::Progress> = crate::progress::make(g.progress).into();
     let started = std::time::Instant::now();
     run_restore(&repo, &plan, &req, progress).await?;
     let secs = started.elapsed().as_secs_f64();
+    if a.archive_mode == ArchiveMode::Off {
+        disable_archiving(&plan.pgdata)?;
+    }
 
-    if let (Some(settings), Some(config)) = (settings, wal_config) {
+    let last = if let (Some(settings), Some(config)) = (settings, wal_config) {
         let t = settings.target.clone();
         // A new folder (never one that came from the backup: extraction refuses those).
         std::fs::create_dir(&spool).with_context(|| format!("cannot create {}", spool.display()))?;
@@ -179,18 +242,19 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
                 spool.display()
             ));
         }
-        crate::say(&format!(
-            "restored backup {} into {} ({} in {:.1} s); PostgreSQL will replay archived WAL from {} up to {}: pg_ctl start -D {}",
+        format!(
+            "restored backup {} into {} ({} in {:.1} s); PostgreSQL will replay archived WAL from {} up to {} on timeline {}: pg_ctl start -D {}",
             m.name,
             plan.pgdata.display(),
             mb(m.raw_size()),
             secs,
             wal.dir(),
             t.describe(),
+            tli.unwrap_or(m.timeline),
             plan.pgdata.display()
-        ));
+        )
     } else {
-        crate::say(&format!(
+        format!(
             "restored backup {} into {} ({} in {:.1} s, {:.0} MB/s); start it with: pg_ctl start -D {}",
             m.name,
             plan.pgdata.display(),
@@ -198,9 +262,27 @@ pub async fn run(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             secs,
             m.raw_size() as f64 / 1e6 / secs.max(0.001),
             plan.pgdata.display()
-        ));
-    }
+        )
+    };
+    // The last step: the directory becomes startable only now.
+    release_control_file(&plan.pgdata)?;
+    crate::say(&last);
+    crate::say(&archiving_line(&plan.pgdata, a.archive_mode));
     Ok(())
+}
+
+/// The restore's last line: whether the copy will archive, and where.
+fn archiving_line(pgdata: &std::path::Path, mode: ArchiveMode) -> String {
+    if mode == ArchiveMode::Off {
+        return "archiving: off (--archive-mode off): this copy will not archive WAL into any repository".into();
+    }
+    let read = |f: &str| std::fs::read_to_string(pgdata.join(f)).unwrap_or_default();
+    let (conf, auto) = (read("postgresql.conf"), read("postgresql.auto.conf"));
+    match archiving_of(&[&conf, &auto]) {
+        Archiving::Off => "archiving: off in the backup's settings: this copy will not archive WAL".into(),
+        Archiving::CloudDump => "archiving: on (archive_command runs cloud-dump wal-push): once promoted this copy archives a new timeline into the repository its settings name (this one if unchanged); use --archive-mode off for a throwaway test copy".into(),
+        Archiving::Other => "archiving: on with an archive_command that is not cloud-dump wal-push: once promoted this copy archives where that command sends WAL, not into this repository".into(),
+    }
 }
 
 /// The KEY=VALUE settings wal-fetch needs during recovery, written 0600 into

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use cloud_dump_pipeline::{parse_recipients, repokey, Compression, EncodeSpec, Encryption};
-use cloud_dump_postgres::wal::{history_begin, next_segments, segment_number};
+use cloud_dump_postgres::wal::{next_segments, WalFileKind};
 use cloud_dump_postgres::{is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys};
 use futures::StreamExt;
 
@@ -65,7 +65,10 @@ pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
     let wal = WalArchive::new(&repo, &layout);
     let pass = passphrase(&a.passphrase, &a.passphrase_file)?;
     let encryption = match (a.encrypt, &pass, &a.recipient_key) {
-        (false, _, None) => Encryption::None,
+        (false, None, None) => Encryption::None,
+        (false, Some(_), None) => bail!(
+            "a passphrase was given without --encrypt (or WAL_ENCRYPT=true): add it to encrypt the WAL, or remove the passphrase; nothing was archived"
+        ),
         (false, _, Some(_)) => bail!("--recipient-key given without --encrypt (or WAL_ENCRYPT=true)"),
         (true, _, Some(f)) => {
             let text = std::fs::read_to_string(f)
@@ -85,9 +88,24 @@ pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
     let spec = EncodeSpec { compression, level: compression.default_level(), threads: 0, encryption };
     let keys = keys(pass, &a.identity_key)?;
     // WAL of another database system (a new initdb, pg_upgrade) must not enter this archive.
+    // Every file is tied to a system: a segment by its long header, anything else (history
+    // files, backup history files) by the data directory's pg_control.
     let mut head = [0u8; 40];
     let read = std::fs::File::open(&a.path).and_then(|mut f| std::io::Read::read(&mut f, &mut head));
-    if let Some(system) = read.ok().and_then(|n| segment_system_id(&a.name, &head[..n])) {
+    // (A segment without a valid long header is no segment PostgreSQL wrote; the header
+    // check cannot tie it and it is archived as before.)
+    let system = match read.ok().and_then(|n| segment_system_id(&a.name, &head[..n])) {
+        Some(s) => Some(s),
+        None if matches!(
+            cloud_dump_postgres::wal::classify(&a.name),
+            Ok(WalFileKind::History) | Ok(WalFileKind::Backup)
+        ) =>
+        {
+            Some(control_system_id(&a.path).with_context(|| format!("wal-push {} refused", a.name))?)
+        }
+        None => None,
+    };
+    if let Some(system) = system {
         let cache = a.path.parent().map(|d| d.join(".cloud-dump"));
         wal.check_system(system, cache.as_deref()).await.with_context(|| format!("wal-push {} refused", a.name))?;
     }
@@ -98,6 +116,29 @@ pub async fn push(g: &GlobalArgs, a: &WalPushArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The system identifier of the data directory `wal_file` belongs to: the first 8 bytes of
+/// global/pg_control, found in the working directory (PostgreSQL runs archive_command in
+/// the data directory) or two levels above the file (`<PGDATA>/pg_wal/<name>`, lexically:
+/// pg_wal may be a link to another volume).
+fn control_system_id(wal_file: &Path) -> Result<u64> {
+    let mut places = vec![PathBuf::from("global/pg_control")];
+    if let Some(pgdata) = wal_file.parent().and_then(Path::parent) {
+        places.push(pgdata.join("global/pg_control"));
+    }
+    for p in &places {
+        if let Ok(b) = std::fs::read(p) {
+            if let Some(id) = b.get(..8).map(|h| u64::from_le_bytes(h.try_into().expect("8 bytes"))).filter(|i| *i != 0)
+            {
+                return Ok(id);
+            }
+        }
+    }
+    bail!(
+        "cannot tell which database system it belongs to: no global/pg_control in the working directory or beside {} (run wal-push from the data directory, as archive_command does)",
+        wal_file.display()
+    )
 }
 
 fn spool_dir(dest: &Path) -> PathBuf {
@@ -141,36 +182,26 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
             Ok(true)
         }
         None => {
-            // A missing segment with any later one of its timeline archived is a hole, not
-            // the end of the archive (whatever the segment size).
-            if is_segment(&a.name) {
-                if let Some(next) = wal.segments_after(&a.name, 1).await?.first() {
+            // Missing: the end of the archive, or a hole that some later WAL proves (a later
+            // segment of the timeline, a history file that leaves the timeline after it, a
+            // timeline's WAL without its history file). The timeline graph decides.
+            if matches!(
+                cloud_dump_postgres::wal::classify(&a.name),
+                Ok(WalFileKind::Segment) | Ok(WalFileKind::History)
+            ) {
+                let graph = wal.timeline_graph(segment_size(), &keys).await?;
+                if let Some(why) = graph.hole(&a.name) {
                     // A primary archiving into this repository may have pushed it meanwhile.
                     if let Some(data) = wal.fetch(&a.name, &keys).await? {
                         write_atomically(&a.dest, &data)
                             .with_context(|| format!("cannot write {}", a.dest.display()))?;
                         return Ok(true);
                     }
-                    // PostgreSQL asks a newer timeline for segments from before it began
-                    // (then the older one): that is not a hole. Where the timeline began is
-                    // the last switch point in its (verified) history file.
-                    let tli = &a.name[..8];
-                    let before_timeline = match timeline_begin(&wal, tli, &keys).await? {
-                        None => false,
-                        Some(begin) if std::env::var(SEGMENT_SIZE_ENV).is_ok() => {
-                            number_of(&a.name) < begin / segment_size()
-                        }
-                        // Segment size unknown (a restore_command written by hand): the
-                        // timeline begins at its first archived segment.
-                        Some(_) => wal.first_segment(tli).await?.is_none_or(|first| a.name < first),
-                    };
-                    if !before_timeline {
-                        bail!(
-                            "{} is missing from the archive {} although {next} is archived: the archive has a hole; recovery must not continue past it",
-                            a.name,
-                            wal.dir()
-                        );
-                    }
+                    bail!(
+                        "{} is missing from the archive {} although {why}: the archive has a hole; recovery must not continue past it",
+                        a.name,
+                        wal.dir()
+                    );
                 }
             }
             Ok(false)
@@ -187,21 +218,6 @@ fn segment_size() -> u64 {
         .and_then(|v| v.parse().ok())
         .filter(|s: &u64| s.is_power_of_two())
         .unwrap_or(16 << 20)
-}
-
-/// The segment number of `name` with the recorded segment size.
-fn number_of(name: &str) -> u64 {
-    segment_number(name, segment_size()).unwrap_or(0)
-}
-
-/// Where timeline `tli` began (its last switch point), from its verified history file;
-/// `None` for timeline 1 or when no history file is archived.
-async fn timeline_begin(wal: &WalArchive<'_>, tli: &str, keys: &WalKeys) -> Result<Option<u64>> {
-    if tli == "00000001" {
-        return Ok(None);
-    }
-    let Some(text) = wal.fetch(&format!("{tli}.history"), keys).await? else { return Ok(None) };
-    Ok(history_begin(&String::from_utf8_lossy(&text)).map(|l| l.0))
 }
 
 fn start_prefetch(a: &WalFetchArgs, spool: &Path) {

@@ -13,5 +13,6 @@ mod integration {
     mod pitr;
     mod service;
     mod sqlite;
+    mod timelines;
     mod wal;
 }

@@ -47,6 +47,11 @@ pub enum Error {
     WalDamaged { name: String, key: String, reason: String },
     #[error("this WAL comes from database system {this}, but the archive {dir} holds WAL of system {archived} (another cluster, or this one re-created by initdb or pg_upgrade); give this cluster its own archive: another --cluster (or --wal-prefix)")]
     ForeignSystem { dir: String, archived: String, this: String },
+    #[error(transparent)]
+    Timeline(#[from] crate::timeline::TimelineError),
+    /// A restore needs WAL (segments, history files) the archive does not hold.
+    #[error("the archive {dir} lacks {} needed to restore backup {backup} to {target}: {}{}; nothing was written", if missing.len() == 1 { "a file" } else { "files" }, missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "), if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() })]
+    WalMissing { dir: String, backup: String, target: String, missing: Vec<String> },
     #[error("old versions in the bucket: {0}")]
     OldVersions(String),
     #[error(transparent)]

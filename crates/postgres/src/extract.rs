@@ -81,6 +81,27 @@ pub fn ensure_dir_nofollow(root: &Path, rel: &Path) -> std::result::Result<(), S
     Ok(())
 }
 
+/// PostgreSQL's control file: without it a data directory does not start.
+pub const CONTROL_FILE: &str = "global/pg_control";
+const HELD_BACK_SUFFIX: &str = ".cloud-dump-restoring";
+
+fn held_back(control: &Path) -> PathBuf {
+    let mut name = control.as_os_str().to_owned();
+    name.push(HELD_BACK_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Puts the control file a restore held back in place (fsync of the file and of global/):
+/// the last step of a restore, after its recovery settings are durable.
+pub fn release_control_file(pgdata: &Path) -> Result<()> {
+    let control = pgdata.join(CONTROL_FILE);
+    let held = held_back(&control);
+    let err = |e: io::Error| Error::Restore(format!("cannot put {} in place: {e}", control.display()));
+    fs::File::open(&held).and_then(|f| f.sync_all()).map_err(err)?;
+    fs::rename(&held, &control).map_err(err)?;
+    fs::File::open(pgdata.join("global")).and_then(|d| d.sync_all()).map_err(err)
+}
+
 /// File writes handed from the decoding thread to the writing thread, in archive order.
 enum WriteOp {
     Open(PathBuf, u32),
@@ -201,7 +222,10 @@ fn parse_entries(
                 if fs::symlink_metadata(&dest).is_ok() {
                     return Err(refuse("something already exists at this path".into()));
                 }
-                tx.send(WriteOp::Open(dest.clone(), mode | 0o600)).map_err(|_| stopped())?;
+                // The control file is written under another name until the restore has
+                // finished (release_control_file): a restore cut short never starts.
+                let to = if rel == Path::new(CONTROL_FILE) { held_back(&dest) } else { dest.clone() };
+                tx.send(WriteOp::Open(to, mode | 0o600)).map_err(|_| stopped())?;
                 loop {
                     let mut chunk = vec![0u8; 1 << 20];
                     let n = read_full(&mut entry, &mut chunk)

@@ -27,6 +27,8 @@ pub struct BackupLine {
     pub start_segment: String,
     #[serde(skip)]
     pub stop_time_us: i64,
+    #[serde(skip)]
+    pub point: crate::timeline::BackupPoint,
 }
 
 impl BackupLine {
@@ -52,6 +54,7 @@ impl BackupLine {
             system_id: m.system_id.clone(),
             start_segment: m.start_lsn.segment_name(m.timeline, m.wal_segment_size()),
             stop_time_us: stop,
+            point: crate::recovery::backup_point(m),
         }
     }
 }
@@ -97,6 +100,19 @@ pub struct Summary {
     /// without a hole to the newest archived segment of its timeline, and that segment's
     /// time.
     pub recovery_window: Option<(String, String)>,
+    /// The timeline the window follows (the one live branch), and the last segment on its
+    /// path from the window's first backup.
+    pub recovery_timeline: Option<u32>,
+    pub recovery_window_last: Option<String>,
+    /// Why there is no window, when the timelines say (a missing history file, branches).
+    pub recovery_window_problem: Option<String>,
+    /// What the window's end is: "last commit" (the last transaction end the archive
+    /// holds on the path, where a time target can still stop) or "newest segment" (its
+    /// arrival, when no record tells the commit time).
+    pub recovery_window_end: Option<String>,
+    /// The window's path (segments in replay order), for the runner to date its end.
+    #[serde(skip)]
+    pub recovery_window_path: Vec<String>,
     pub repository_bytes: u64,
 }
 
@@ -111,6 +127,7 @@ pub fn summarize(
     repository_bytes: u64,
     segment_size: u64,
     now_us: i64,
+    graph: &crate::timeline::TimelineGraph,
 ) -> Summary {
     backups.sort_by(|a, b| b.stop_time_us.cmp(&a.stop_time_us).then(b.name.cmp(&a.name)));
     let mut per_tli: BTreeMap<u32, (BTreeMap<u64, String>, u64, bool)> = BTreeMap::new();
@@ -180,36 +197,36 @@ pub fn summarize(
         .max();
     let newest_name = newest_seg.as_ref().map(|(_, _, n)| n.clone());
     let newest_time = newest_name.as_ref().and_then(|n| files.get(n.as_str()).map(|f| f.1));
-    // The recovery window: the oldest backup from whose start segment its own timeline, and
-    // every later timeline from where it begins, run without a hole to their newest
-    // segment (conservative: a hole on any later timeline closes the window).
-    let window = newest_time.and_then(|end_us| {
-        let start = backups
-            .iter()
-            .rev()
-            .find(|b| {
-                let Ok(tli) = u32::from_str_radix(b.start_segment.get(..8).unwrap_or(""), 16) else { return false };
-                let Some(from) = segment_number(&b.start_segment, segment_size) else { return false };
-                let Some((own, _, _)) = per_tli.get(&tli) else { return false };
-                let Some((&own_to, _)) = own.iter().next_back() else { return false };
-                if own_to < from || !(from..=own_to).all(|n| own.contains_key(&n)) {
-                    return false;
+    // The recovery window: on the one live timeline, from the oldest backup on its history
+    // whose WAL runs without a hole (history files included) to the newest segment on it.
+    let (mut window, mut window_tli, mut window_last, mut window_problem) = (None, None, None, None);
+    let mut window_path = Vec::new();
+    match graph.latest(None) {
+        Err(e) => window_problem = Some(e.to_string()),
+        Ok(t) => {
+            window_tli = Some(t);
+            let found =
+                backups.iter().rev().find_map(|b| match graph.needed(&b.point, t, crate::timeline::Until::Latest) {
+                    Ok(Some(n)) if n.missing.is_empty() => n.last.clone().map(|l| (b, l, n.segments)),
+                    _ => None,
+                });
+            match found {
+                Some((b, last, path)) => {
+                    window_path = path;
+                    let end_us = graph.stored(&last).unwrap_or(0);
+                    window = Some((b.stop_time.clone(), fmt_us(end_us)));
+                    window_last = Some(last);
                 }
-                // Later timelines must continue where the WAL so far reaches (a new timeline
-                // begins in, or right after, the last segment of the one before it).
-                let mut reach = own_to;
-                per_tli.range(tli + 1..).all(|(_, (segs, _, _))| match (segs.keys().next(), segs.keys().next_back()) {
-                    (Some(&lo), Some(&hi)) if hi >= from => {
-                        let ok = lo <= reach + 1 && (lo.max(from)..=hi).all(|n| segs.contains_key(&n));
-                        reach = reach.max(hi);
-                        ok
-                    }
-                    _ => true,
-                })
-            })
-            .map(|b| b.stop_time.clone())?;
-        Some((start, fmt_us(end_us)))
-    });
+                None if !backups.is_empty() => {
+                    window_problem = Some(format!(
+                        "no backup on timeline {t}'s history has WAL without a hole up to the newest segment on it"
+                    ))
+                }
+                None => {}
+            }
+        }
+    }
+    let window_end = window.as_ref().map(|_| "newest segment".to_owned());
     Summary {
         cluster,
         repository,
@@ -222,6 +239,11 @@ pub fn summarize(
         newest_wal_time: newest_time.map(fmt_us),
         newest_wal_age_seconds: newest_time.map(|t| ((now_us - t) as f64 / 1e6).max(0.0)),
         recovery_window: window,
+        recovery_timeline: window_tli,
+        recovery_window_last: window_last,
+        recovery_window_end: window_end,
+        recovery_window_problem: window_problem,
+        recovery_window_path: window_path,
         repository_bytes,
     }
 }
@@ -357,7 +379,18 @@ mod tests {
             system_id: "S".into(),
             start_segment: start.into(),
             stop_time_us: stop_us,
+            point: {
+                let n = crate::wal::segment_number(start, SEG).unwrap();
+                crate::timeline::BackupPoint { tli: 1, start: crate::Lsn(n * SEG + 40), end: crate::Lsn(n * SEG + 400) }
+            },
         }
+    }
+
+    /// The graph of `wal`, where timeline 2 left timeline 1 at segment 8.
+    fn g(wal: &[WalLine]) -> crate::timeline::TimelineGraph {
+        let files: Vec<(String, i64)> = wal.iter().map(|w| (w.name.clone(), w.stored_us)).collect();
+        let texts = std::collections::BTreeMap::from([(2, "1\t0/8000000\tx\n".to_string())]);
+        crate::timeline::TimelineGraph::build(&files, &texts, SEG)
     }
 
     fn w(name: &str, at: i64) -> WalLine {
@@ -381,6 +414,7 @@ mod tests {
             1234,
             SEG,
             t0 + 200_000_000,
+            &g(&wal),
         );
         assert_eq!(s.backups[0].name, "new");
         let t1 = &s.timelines[0];
@@ -394,12 +428,14 @@ mod tests {
         // A hole on a later timeline closes the window for every backup before it.
         let mut holed = wal.clone();
         holed.retain(|w| w.name != seg(2, 9));
-        let s2 = summarize(None, "r".into(), s.backups.clone(), vec![], &holed, 0, SEG, t0);
+        let s2 = summarize(None, "r".into(), s.backups.clone(), vec![], &holed, 0, SEG, t0, &g(&holed));
         assert!(s2.recovery_window.is_none(), "{:?}", s2.recovery_window);
         // A gap between one timeline's end and the next one's start closes it too.
         let gap: Vec<WalLine> =
             (2..8).map(|n| w(&seg(1, n), t0)).chain((12..15).map(|n| w(&seg(2, n), t0 + 1))).collect();
-        let s3 = summarize(None, "r".into(), s.backups.clone(), vec![], &gap, 0, SEG, t0);
+        let mut gap = gap;
+        gap.push(w("00000002.history", t0));
+        let s3 = summarize(None, "r".into(), s.backups.clone(), vec![], &gap, 0, SEG, t0, &g(&gap));
         assert!(s3.recovery_window.is_none(), "{:?}", s3.recovery_window);
         let prom = prometheus(&s, None);
         assert!(!prom.contains("cloud_dump_bucket"), "{prom}");
@@ -425,7 +461,7 @@ mod tests {
 
     #[test]
     fn an_empty_repository() {
-        let s = summarize(None, "file:///r".into(), vec![], vec![], &[], 0, SEG, 0);
+        let s = summarize(None, "file:///r".into(), vec![], vec![], &[], 0, SEG, 0, &g(&[]));
         assert!(s.recovery_window.is_none() && s.newest_wal.is_none() && s.timelines.is_empty());
         assert!(prometheus(&s, None).contains("cloud_dump_backups{cluster=\"\",repository=\"file:///r\"} 0"));
     }

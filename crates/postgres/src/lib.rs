@@ -16,20 +16,21 @@ pub mod old_versions;
 pub mod progress;
 pub mod protocol;
 pub mod recovery;
-pub mod timeline;
 mod repository;
 mod restore;
+pub mod timeline;
 mod tls;
 pub mod verify;
 pub mod wal;
 mod wal_archive;
+pub mod walscan;
 
 pub use backup::{run_backup, BackupRequest};
 pub use catalog::{list_backups, load_manifest};
 pub use client::{version_num, Connection, SystemInfo};
 pub use conninfo::{ChannelBindingMode, ConnConfig, SslMode};
 pub use error::{Error, Result};
-pub use extract::{extract, ExtractStats, ExtractTarget};
+pub use extract::{extract, release_control_file, ExtractStats, ExtractTarget, CONTROL_FILE};
 pub use layout::Layout;
 pub use lsn::Lsn;
 pub use manifest::{BackupManifest, ObjectEntry, ObjectKind, TablespaceEntry};
@@ -38,7 +39,9 @@ pub use repository::{
     kept_by_marks, now_us, parse_time_us, time_us, wal_name_of, ExpireOutcome, Inventory, OldVersionsOutcome,
     PgRepository, StoredBackup,
 };
-pub use restore::{check_decryption, check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest};
+pub use restore::{
+    check_backup_key, check_decryption, check_empty_target, plan_restore, run_restore, RestorePlan, RestoreRequest,
+};
 pub use wal_archive::{
     is_segment, segment_system_id, write_atomically, PushOutcome, WalArchive, WalKeys, SHA_METADATA, SYSTEM_FILE,
 };

@@ -95,7 +95,8 @@ pub fn hidden_folders<'v>(
 
 /// The plan for `versions` (keys relative to the repository), after `expire_plan` has run
 /// on the live `backups` under `policy`. `hidden`: what each deleted folder of
-/// [`hidden_folders`] was.
+/// [`hidden_folders`] was. `graph`: the archive's timelines, for the policy's judgement.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     versions: &[ObjectVersion],
     layout: &Layout,
@@ -104,6 +105,7 @@ pub fn plan(
     archive_system: Option<&str>,
     expire_plan: &ExpirePlan,
     policy: &Policy,
+    graph: &crate::timeline::TimelineGraph,
 ) -> OldVersionsPlan {
     let root = layout.backups_root();
     let wal_dir = layout.wal_dir();
@@ -122,7 +124,7 @@ pub fn plan(
                 }
                 let mut with = backups.to_vec();
                 with.push(f.clone());
-                match expire::plan(&with, &[], archive_system, policy, 0) {
+                match expire::plan(&with, &[], archive_system, policy, 0, graph) {
                     Ok(p) => match p.backups.iter().find(|(n, _)| n == folder).map(|(_, v)| v) {
                         Some(v) if v.is_delete() => None,
                         Some(v) => Some(format!("the policy would keep it: {}", v.reason())),
@@ -142,12 +144,12 @@ pub fn plan(
             }
         }
     }
-    let wal_cut = if wal_blocked { None } else { expire_plan.wal_cut };
+    let wal_rule = if wal_blocked { None } else { expire_plan.wal_rule.as_ref() };
 
     for (key, vs) in deleted_keys(versions) {
         let (goes, last) = match folder_of(key, &root, &wal_dir) {
             Some((folder, rest)) => (purge_folders.contains(folder), rest == layout::MANIFEST_FILE),
-            None => (key.strip_prefix(&wal_dir).is_some_and(|rel| below_cut(rel, wal_cut)), false),
+            None => (key.strip_prefix(&wal_dir).is_some_and(|rel| below_cut(rel, wal_rule)), false),
         };
         if !goes {
             continue;
@@ -178,8 +180,8 @@ fn folder_of<'k>(key: &'k str, root: &str, wal_dir: &str) -> Option<(&'k str, &'
 }
 
 /// Whether a WAL archive object (relative to the WAL folder) is of a segment below the cut.
-fn below_cut(rel: &str, cut: Option<(u64, u64)>) -> bool {
-    cut.zip(wal_name_of(rel)).is_some_and(|(cut, name)| expire::below_cut(&name, cut))
+fn below_cut(rel: &str, rule: Option<&expire::WalRule>) -> bool {
+    rule.zip(wal_name_of(rel)).is_some_and(|(rule, name)| rule.drops(&name))
 }
 
 #[cfg(test)]
@@ -211,6 +213,8 @@ mod tests {
             start_lsn: Lsn(d as u64 * SEG),
             system_id: system.into(),
             kept: false,
+            point: crate::timeline::BackupPoint { tli: 1, start: Lsn(d as u64 * SEG), end: Lsn(d as u64 * SEG + 100) },
+            doubt: None,
         }
     }
 
@@ -229,9 +233,11 @@ mod tests {
             .iter()
             .map(|n| expire::WalObject { key: format!("c/wal_archive/{n}.zst"), name: n.clone() })
             .collect();
-        let ep = expire::plan(live, &wal, Some("S"), p, 0).unwrap();
+        let files: Vec<(String, i64)> = names.iter().map(|n| (n.clone(), 0)).collect();
+        let graph = crate::timeline::TimelineGraph::build(&files, &BTreeMap::new(), SEG);
+        let ep = expire::plan(live, &wal, Some("S"), p, 0, &graph).unwrap();
         let hidden: BTreeMap<String, Hidden> = hidden.iter().map(|(n, f)| ((*n).to_owned(), f.clone())).collect();
-        plan(vs, &layout(), &hidden, live, Some("S"), &ep, p)
+        plan(vs, &layout(), &hidden, live, Some("S"), &ep, p, &graph)
     }
 
     #[test]

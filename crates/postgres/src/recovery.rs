@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 use crate::error::{Error, Result};
 use crate::lsn::Lsn;
 use crate::manifest::BackupManifest;
+use crate::timeline::{BackupPoint, Needed, TimelineGraph, Until};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RecoveryTarget {
@@ -390,14 +391,234 @@ pub fn write_recovery(pgdata: &Path, version_num: u32, s: &RecoverySettings) -> 
     if version_num >= 120000 {
         let conf = pgdata.join("postgresql.auto.conf");
         let mut f = std::fs::OpenOptions::new().append(true).create(true).open(&conf).map_err(|e| io(&conf, e))?;
-        f.write_all(text.as_bytes()).map_err(|e| io(&conf, e))?;
+        f.write_all(text.as_bytes()).and_then(|_| f.sync_all()).map_err(|e| io(&conf, e))?;
         let signal = pgdata.join("recovery.signal");
-        std::fs::write(&signal, b"").map_err(|e| io(&signal, e))?;
+        std::fs::File::create(&signal).and_then(|f| f.sync_all()).map_err(|e| io(&signal, e))?;
     } else {
         let conf = pgdata.join("recovery.conf");
-        std::fs::write(&conf, text).map_err(|e| io(&conf, e))?;
+        std::fs::File::create(&conf)
+            .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+            .map_err(|e| io(&conf, e))?;
     }
+    std::fs::File::open(pgdata).and_then(|d| d.sync_all()).map_err(|e| io(pgdata, e))?;
     Ok(done)
+}
+
+/// Makes the restored copy start without archiving (`--archive-mode off`): a line in
+/// postgresql.auto.conf, read after postgresql.conf, fsynced.
+pub fn disable_archiving(pgdata: &Path) -> Result<()> {
+    let conf = pgdata.join("postgresql.auto.conf");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&conf)
+        .map_err(|e| Error::Restore(format!("writing {}: {e}", conf.display())))?;
+    f.write_all(b"\n# written by cloud-dump restore --archive-mode off\narchive_mode = 'off'\n")
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::Restore(format!("writing {}: {e}", conf.display())))
+}
+
+/// What a restored copy will do with its WAL once it runs, from its configuration files
+/// (postgresql.conf then postgresql.auto.conf, the last assignment wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archiving {
+    /// archive_mode is off (or unset).
+    Off,
+    /// archive_command runs `cloud-dump wal-push`.
+    CloudDump,
+    /// archive_mode is on with another (or no) archive_command.
+    Other,
+}
+
+/// Reads `archive_mode` and `archive_command` from configuration texts, in the order
+/// PostgreSQL reads them.
+pub fn archiving_of(texts: &[&str]) -> Archiving {
+    let (mut mode, mut command) = (String::from("off"), String::new());
+    for text in texts {
+        for line in text.lines() {
+            let Some(name) = setting_of(line) else { continue };
+            if name != "archive_mode" && name != "archive_command" {
+                continue;
+            }
+            let rest = line.trim_start()[name.len()..].trim_start().trim_start_matches('=').trim();
+            let value = match rest.strip_prefix('\'') {
+                Some(r) => r.rsplit_once('\'').map(|(v, _)| v).unwrap_or(r).replace("''", "'"),
+                None => rest.split(|c: char| c.is_whitespace() || c == '#').next().unwrap_or("").to_owned(),
+            };
+            if name == "archive_mode" {
+                mode = value.to_ascii_lowercase();
+            } else {
+                command = value;
+            }
+        }
+    }
+    match mode.as_str() {
+        "on" | "always" | "true" | "yes" | "1" => {
+            if command.contains("cloud-dump") && command.contains("wal-push") {
+                Archiving::CloudDump
+            } else {
+                Archiving::Other
+            }
+        }
+        _ => Archiving::Off,
+    }
+}
+
+/// `--recovery-target-timeline`: PostgreSQL's `latest`, `current` or a number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimelineChoice {
+    Latest,
+    Current,
+    Id(u32),
+}
+
+impl std::str::FromStr for TimelineChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<TimelineChoice> {
+        match s.trim() {
+            "latest" => Ok(TimelineChoice::Latest),
+            "current" => Ok(TimelineChoice::Current),
+            n => match n.parse::<u32>() {
+                Ok(t) if t >= 1 => Ok(TimelineChoice::Id(t)),
+                _ => Err(Error::Config(format!(
+                    "--recovery-target-timeline {s:?}: expected latest, current or a timeline number (1 or more)"
+                ))),
+            },
+        }
+    }
+}
+
+/// A backup as the timeline graph sees it.
+pub fn backup_point(m: &BackupManifest) -> BackupPoint {
+    BackupPoint { tli: m.timeline, start: m.start_lsn, end: m.end_lsn }
+}
+
+/// Whether backup `m` ends before `target` (a backup restores only to points after its end).
+fn ends_before(m: &BackupManifest, target: &RecoveryTarget) -> bool {
+    match target {
+        RecoveryTarget::Time(_, t) => stop_time(m).is_some_and(|s| s < *t),
+        RecoveryTarget::Lsn(l) => m.end_lsn <= *l,
+        _ => true,
+    }
+}
+
+/// Which backup a point-in-time restore uses and which timeline it follows, decided on the
+/// timeline graph: `latest` is the one live branch (refused when a history file is missing
+/// or the archive holds more than one live branch); a backup is chosen, or accepted when
+/// named, only when it lies on the ancestry of that timeline. `backups`: newest first.
+pub fn choose_restore<'a>(
+    graph: &TimelineGraph,
+    backups: &'a [BackupManifest],
+    name: Option<&str>,
+    target: &RecoveryTarget,
+    timeline: TimelineChoice,
+) -> Result<(&'a BackupManifest, u32)> {
+    if let Some(n) = name {
+        let m = backups.iter().find(|m| m.name == n).ok_or_else(|| {
+            Error::Config(format!("backup {n:?} is not among the complete backups of this repository"))
+        })?;
+        let tli = match timeline {
+            TimelineChoice::Id(t) => t,
+            TimelineChoice::Current => m.timeline,
+            TimelineChoice::Latest => graph.latest(Some(&backup_point(m)))?,
+        };
+        if !graph.on_ancestry(tli, &backup_point(m)) {
+            graph.path(tli)?;
+            return Err(Error::Config(format!(
+                "backup {n} (timeline {}, consistent at {}) is not on the history of timeline {tli}: PostgreSQL cannot replay from it to that timeline; choose a backup taken before timeline {tli} branched off",
+                m.timeline, m.end_lsn
+            )));
+        }
+        check_target(m, target)?;
+        return Ok((m, tli));
+    }
+    let tli = match timeline {
+        TimelineChoice::Id(t) => Some(t),
+        TimelineChoice::Latest => Some(graph.latest(None)?),
+        TimelineChoice::Current => None,
+    };
+    if let Some(t) = tli {
+        graph.path(t)?;
+    }
+    let fits =
+        |m: &&BackupManifest| ends_before(m, target) && tli.is_none_or(|t| graph.on_ancestry(t, &backup_point(m)));
+    match backups.iter().find(fits) {
+        Some(m) => Ok((m, tli.unwrap_or(m.timeline))),
+        None => Err(Error::Config(match tli {
+            Some(t) => format!("no backup on the history of timeline {t} ends before {}", target.describe()),
+            None => format!("no backup ends before {}", target.describe()),
+        })),
+    }
+}
+
+/// Refuses a time target after the last commit (or abort) the archive holds on the path:
+/// PostgreSQL stops a time target only at a transaction's end, and without one after the
+/// target it ends recovery with "recovery ended before configured recovery target was
+/// reached". `last_commit_us`: the newest such time on the path, when records tell it.
+pub fn check_time_reachable(target: &RecoveryTarget, last_commit_us: Option<i64>, tli: u32) -> Result<()> {
+    if let (RecoveryTarget::Time(text, t), Some(last)) = (target, last_commit_us) {
+        let want = (t.unix_timestamp_nanos() / 1000) as i64;
+        if want > last {
+            return Err(Error::Config(format!(
+                "recovery target time {text} is after the last commit the archive holds on timeline {tli}'s history ({}): PostgreSQL would end recovery before reaching it; choose a time up to then, or --recovery-target latest",
+                crate::info::fmt_us(last)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The segments a backup carries itself when its WAL is included (start to end, its
+/// timeline).
+pub fn own_segments(m: &BackupManifest, seg_size: u64) -> Vec<String> {
+    (m.start_lsn.0 / seg_size..=m.end_lsn.0 / seg_size)
+        .map(|n| crate::timeline::segment_name(m.timeline, n, seg_size))
+        .collect()
+}
+
+/// The WAL a restore of `m` to `target` on timeline `tli` needs, refused before anything is
+/// written when the archive lacks any of it (a hole, a missing history file) or when a
+/// time target lies past every segment on the path.
+pub fn check_restore_wal(
+    graph: &TimelineGraph,
+    m: &BackupManifest,
+    tli: u32,
+    target: &RecoveryTarget,
+    dir: &str,
+) -> Result<Needed> {
+    let until = match target {
+        RecoveryTarget::Time(_, t) => Until::Time((t.unix_timestamp_nanos() / 1000) as i64),
+        RecoveryTarget::Lsn(l) => Until::Lsn(*l),
+        RecoveryTarget::Immediate => Until::Consistent,
+        _ => Until::Latest,
+    };
+    let mut needed = graph
+        .needed(&backup_point(m), tli, until)?
+        .ok_or_else(|| Error::Config(format!("backup {} is not on the history of timeline {tli}", m.name)))?;
+    if m.wal_included {
+        let own = own_segments(m, graph.segment_size());
+        needed.missing.retain(|s| !own.contains(s));
+    }
+    if !needed.missing.is_empty() {
+        return Err(Error::WalMissing {
+            dir: dir.to_owned(),
+            backup: m.name.clone(),
+            target: format!("{} on timeline {tli}", target.describe()),
+            missing: needed.missing.clone(),
+        });
+    }
+    if needed.past_archive {
+        let newest = needed.segments.iter().filter_map(|s| graph.stored(s).map(|t| (t, s))).max();
+        return Err(Error::Config(format!(
+            "{} is after the newest archived WAL on timeline {tli}'s history in {dir} ({}); nothing can replay to it",
+            target.describe(),
+            match newest {
+                Some((t, s)) => format!("{s}, stored {}", crate::info::fmt_us(t)),
+                None => "none archived".into(),
+            }
+        )));
+    }
+    Ok(needed)
 }
 
 #[cfg(test)]

@@ -70,6 +70,11 @@ impl Inventory {
     }
 }
 
+/// The first key under `dir` that lies deeper than its folder, if any.
+fn nested_key<'o>(dir: &str, objects: &'o [ObjectInfo]) -> Option<&'o str> {
+    objects.iter().map(|o| o.key.as_str()).find(|k| k.strip_prefix(dir).is_none_or(|rel| rel.contains('/')))
+}
+
 pub struct PgRepository<'a> {
     repo: &'a Repo,
     layout: Layout,
@@ -101,14 +106,16 @@ fn mark_stamp(name: &str) -> Option<(i64, bool)> {
     Some((stamp.parse().ok()?, keep))
 }
 
-/// Whether a backup folder's marks say "kept": the newest believable mark decides (at one
-/// stamp a keep wins: keeping is the safe reading).
-pub fn kept_by_marks<'a>(names: impl Iterator<Item = &'a str>, now_us: i64) -> bool {
-    names
-        .filter_map(mark_stamp)
-        .filter(|(t, _)| *t <= now_us + MARK_FUTURE_SLACK_US)
-        .max_by_key(|(t, keep)| (*t, *keep))
-        .is_some_and(|(_, keep)| keep)
+/// Whether a backup folder's marks say "kept": the newest mark decides, by the store's own
+/// time for it (the listing's last-modified), never by the stamp a host's clock wrote into
+/// its name (a host a day ahead must not write a mark the server's clock ignores); the stamp
+/// breaks ties, and at one stamp a keep wins (keeping is the safe reading). `marks`: (name
+/// in the folder, store time µs).
+pub fn kept_by_marks<'a>(marks: impl Iterator<Item = (&'a str, i64)>) -> bool {
+    marks
+        .filter_map(|(n, at)| mark_stamp(n).map(|(stamp, keep)| (at, stamp, keep)))
+        .max_by_key(|m| *m)
+        .is_some_and(|(_, _, keep)| keep)
 }
 
 /// The newest believable stamp among a folder's marks.
@@ -152,6 +159,10 @@ impl<'a> PgRepository<'a> {
             }
             folders.entry(folder.to_owned()).or_default().push(o);
         }
+        // A backup folder holds only its own objects, side by side: a folder with nested keys
+        // (another cluster's tree beside a flat layout, say) is never a backup, nor a backup
+        // cut short.
+        folders.retain(|name, objects| nested_key(&self.layout.backup_dir(name), objects).is_none());
         let listed: std::collections::BTreeSet<String> = folders.keys().cloned().collect();
         let with_manifest: Vec<(String, Vec<ObjectInfo>)> = folders.into_iter().collect::<Vec<_>>();
         let mut unfinished = Vec::new();
@@ -176,7 +187,6 @@ impl<'a> PgRepository<'a> {
             .await;
         let mut backups = Vec::new();
         let mut unreadable = Vec::new();
-        let now = now_us();
         for (got, name, objects, key) in loaded {
             match got {
                 Ok(bytes) => {
@@ -188,7 +198,9 @@ impl<'a> PgRepository<'a> {
                         }
                     };
                     let dir = self.layout.backup_dir(&name);
-                    let kept = kept_by_marks(objects.iter().filter_map(|o| o.key.strip_prefix(&dir)), now);
+                    let kept = kept_by_marks(
+                        objects.iter().filter_map(|o| Some((o.key.strip_prefix(&dir)?, o.modified_us()))),
+                    );
                     backups.push(StoredBackup { manifest, kept, objects });
                 }
                 // Deleted since the listing: it is gone.
@@ -222,9 +234,16 @@ impl<'a> PgRepository<'a> {
         let key = format!("{dir}{}{stamp:020}", if keep { KEEP_PREFIX } else { RELEASE_PREFIX });
         let body = format!("{}\n", if keep { "keep" } else { "release" });
         self.repo.put_new(&key, Bytes::from(body)).await?;
-        // Read back: the marks must now say what was asked.
-        let after: Vec<String> = self.repo.list(&dir).await?.iter().filter_map(rel).collect();
-        if kept_by_marks(after.iter().map(String::as_str), now_us()) != keep {
+        // Read back, judged by the store's time as expire judges it: the marks must now say
+        // what was asked.
+        let after: Vec<(String, i64)> = self
+            .repo
+            .list(&dir)
+            .await?
+            .iter()
+            .filter_map(|o| Some((o.key.strip_prefix(&dir)?.to_owned(), o.modified_us())))
+            .collect();
+        if kept_by_marks(after.iter().map(|(n, t)| (n.as_str(), *t))) != keep {
             return Err(Error::Config(format!(
                 "backup {name}: the {} mark was written, but another mark in {dir} decides otherwise",
                 if keep { "keep" } else { "release" }
@@ -309,6 +328,16 @@ impl<'a> PgRepository<'a> {
         if objects.iter().any(|o| o.key == format!("{dir}{}", layout::MANIFEST_FILE)) {
             return Err(Error::Config(format!("{dir} has a manifest: it is a backup, not an abandoned one")));
         }
+        if let Some(k) = nested_key(&dir, &objects) {
+            return Err(Error::Config(format!(
+                "{dir} is not a backup folder: it holds nested keys such as {k} (a cluster's tree, another tool's files); nothing was deleted"
+            )));
+        }
+        if !objects.iter().any(|o| o.key == claim_key) {
+            return Err(Error::Config(format!(
+                "{dir} has no claim ({claim_key}): it is no backup cloud-dump started; nothing was deleted"
+            )));
+        }
         let age = now_us() - since;
         if age < min_age_us {
             return Err(Error::Config(format!(
@@ -349,9 +378,15 @@ impl<'a> PgRepository<'a> {
     pub async fn summary(&self, now_us: i64) -> Result<(Inventory, crate::info::Summary)> {
         let inv = self.inventory().await?;
         let segment_size = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
-        let wal: Vec<crate::info::WalLine> = self
-            .wal_objects()
-            .await?
+        let objects = self.wal_objects().await?;
+        let mut names: Vec<(String, std::time::SystemTime)> =
+            objects.iter().map(|(w, o)| (w.name.clone(), o.last_modified)).collect();
+        names.sort();
+        names.dedup_by(|a, b| a.0 == b.0);
+        let graph = crate::wal_archive::WalArchive::new(self.repo, &self.layout)
+            .graph_of(&names, segment_size, &crate::WalKeys::default())
+            .await?;
+        let wal: Vec<crate::info::WalLine> = objects
             .into_iter()
             .map(|(w, o)| crate::info::WalLine { name: w.name, bytes: o.size, stored_us: o.modified_us() })
             .collect();
@@ -370,8 +405,18 @@ impl<'a> PgRepository<'a> {
             repository_bytes,
             segment_size,
             now_us,
+            &graph,
         );
         summary.unreadable = inv.unreadable.clone();
+        // The window ends at the last commit the archive holds on its path: a time target
+        // past it cannot be reached (PostgreSQL ends recovery before it).
+        if let Some((from, _)) = summary.recovery_window.clone() {
+            let wal = crate::wal_archive::WalArchive::new(self.repo, &self.layout);
+            if let Some(t) = wal.last_commit_on(&summary.recovery_window_path, 16).await? {
+                summary.recovery_window = Some((from, crate::info::fmt_us(t)));
+                summary.recovery_window_end = Some("last commit".into());
+            }
+        }
         Ok((inv, summary))
     }
 
@@ -384,12 +429,30 @@ impl<'a> PgRepository<'a> {
     /// newest backup's label tells.
     pub async fn plan_expire(&self, policy: &Policy) -> Result<(Inventory, ExpirePlan)> {
         let inv = self.inventory().await?;
-        let facts = backup_facts(&inv);
-        let wal: Vec<WalObject> = self.wal_objects().await?.into_iter().map(|(w, _)| w).collect();
+        let objects = self.wal_objects().await?;
+        let graph = self.graph_of(&inv, &objects).await?;
         let system = self.archive_system().await?;
-        let plan =
-            expire::plan(&facts, &wal, system.as_deref(), policy, inv.unreadable.len()).map_err(Error::Config)?;
+        let facts = backup_facts(&inv, &self.layout, &graph, system.as_deref(), now_us());
+        let wal: Vec<WalObject> = objects.into_iter().map(|(w, _)| w).collect();
+        let plan = expire::plan(&facts, &wal, system.as_deref(), policy, inv.unreadable.len(), &graph)
+            .map_err(Error::Config)?;
         Ok((inv, plan))
+    }
+
+    /// The timeline graph of the WAL objects listed, with the newest backup's segment size.
+    pub async fn graph_of(
+        &self,
+        inv: &Inventory,
+        objects: &[(WalObject, ObjectInfo)],
+    ) -> Result<crate::timeline::TimelineGraph> {
+        let segment_size = inv.backups.first().map(|b| b.manifest.wal_segment_size()).unwrap_or(16 << 20);
+        let mut names: Vec<(String, std::time::SystemTime)> =
+            objects.iter().map(|(w, o)| (w.name.clone(), o.last_modified)).collect();
+        names.sort();
+        names.dedup_by(|a, b| a.0 == b.0);
+        crate::wal_archive::WalArchive::new(self.repo, &self.layout)
+            .graph_of(&names, segment_size, &crate::WalKeys::default())
+            .await
     }
 
     /// Carries out a plan: backups first (each manifest first), then WAL.
@@ -416,17 +479,72 @@ impl<'a> PgRepository<'a> {
     }
 }
 
-/// What the expire plan needs of each complete backup.
-fn backup_facts(inv: &Inventory) -> Vec<BackupFacts> {
+/// A manifest whose stop time is this far past the store's own time for it is not believed.
+const STOP_TIME_SLACK_US: i64 = 3600 * 1_000_000;
+
+/// What the expire plan needs of each complete backup, with why it is not believed when it
+/// is not: an object the manifest names missing or of another size (a manifest copied or
+/// written without its backup), a stop time after the store wrote the manifest (a planted
+/// date), or — older than an hour, in the archive's system — WAL from its start to its end
+/// that the archive does not hold.
+pub(crate) fn backup_facts(
+    inv: &Inventory,
+    layout: &Layout,
+    graph: &crate::timeline::TimelineGraph,
+    archive_system: Option<&str>,
+    now: i64,
+) -> Vec<BackupFacts> {
     inv.backups
         .iter()
-        .map(|b| BackupFacts {
-            name: b.name().to_owned(),
-            stop_time_us: time_us(&b.manifest.stop_time),
-            segment_size: b.manifest.wal_segment_size(),
-            start_lsn: b.manifest.start_lsn,
-            system_id: b.manifest.system_id.clone(),
-            kept: b.kept,
+        .map(|b| {
+            let m = &b.manifest;
+            let dir = layout.backup_dir(b.name());
+            let sizes: BTreeMap<&str, u64> =
+                b.objects.iter().filter_map(|o| Some((o.key.strip_prefix(&dir)?, o.size))).collect();
+            let stop = time_us(&m.stop_time);
+            let written = sizes.get(layout::MANIFEST_FILE).and_then(|_| {
+                b.objects
+                    .iter()
+                    .find(|o| o.key.strip_prefix(&dir) == Some(layout::MANIFEST_FILE))
+                    .map(|o| o.modified_us())
+            });
+            let point = crate::recovery::backup_point(m);
+            let doubt = if let Some(o) = m.objects.iter().find(|o| sizes.get(o.key.as_str()) != Some(&o.size)) {
+                Some(format!("{} is not in the store at the size its manifest records ({} bytes)", o.key, o.size))
+            } else if let (Some(stop), Some(w)) = (stop, written.filter(|w| *w > 0)) {
+                (stop > w + STOP_TIME_SLACK_US).then(|| {
+                    format!(
+                        "its stop time {} is after the store wrote its manifest ({})",
+                        m.stop_time,
+                        crate::info::fmt_us(w)
+                    )
+                })
+            } else {
+                None
+            };
+            let doubt = doubt.or_else(|| {
+                let ours = archive_system.is_none_or(|s| s == m.system_id);
+                let old = stop.is_some_and(|t| now - t > STOP_TIME_SLACK_US);
+                if !ours || !old || m.wal_included || graph.root().is_none() {
+                    return None;
+                }
+                match graph.needed(&point, m.timeline, crate::timeline::Until::Consistent) {
+                    Ok(Some(n)) if !n.missing.is_empty() => {
+                        Some(format!("the WAL it needs to become consistent ({}) is not in the archive", n.missing[0]))
+                    }
+                    _ => None,
+                }
+            });
+            BackupFacts {
+                name: b.name().to_owned(),
+                stop_time_us: stop,
+                segment_size: m.wal_segment_size(),
+                start_lsn: m.start_lsn,
+                system_id: m.system_id.clone(),
+                kept: b.kept,
+                point,
+                doubt,
+            }
         })
         .collect()
 }
@@ -462,7 +580,12 @@ impl<'a> PgRepository<'a> {
         dry_run: bool,
     ) -> Result<OldVersionsOutcome> {
         let inv = self.inventory().await?;
-        let facts = backup_facts(&inv);
+        let graph = match &expire_plan.wal_rule {
+            Some(r) => r.graph.clone(),
+            None => self.graph_of(&inv, &self.wal_objects().await?).await?,
+        };
+        let system = self.archive_system().await?;
+        let facts = backup_facts(&inv, &self.layout, &graph, system.as_deref(), now_us());
         let live = inv.folders();
         let prefix = match self.layout.cluster() {
             Some(c) => format!("{c}/"),
@@ -495,6 +618,8 @@ impl<'a> PgRepository<'a> {
                         start_lsn: m.start_lsn,
                         system_id: m.system_id.clone(),
                         kept,
+                        point: crate::recovery::backup_point(&m),
+                        doubt: None,
                     }),
                     (old_versions::Hidden::Backup(_), None) => {
                         what = old_versions::Hidden::Unreadable(format!(
@@ -507,8 +632,8 @@ impl<'a> PgRepository<'a> {
             }
             hidden.insert(folder, what);
         }
-        let system = self.archive_system().await?;
-        let plan = old_versions::plan(&listed, &self.layout, &hidden, &facts, system.as_deref(), expire_plan, policy);
+        let plan =
+            old_versions::plan(&listed, &self.layout, &hidden, &facts, system.as_deref(), expire_plan, policy, &graph);
         let mut out =
             OldVersionsOutcome { hidden_backups_kept: plan.hidden_backups_kept.clone(), ..Default::default() };
         if dry_run {
@@ -617,21 +742,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_newest_mark_decides() {
+    fn the_newest_mark_decides_by_store_time() {
         let k = |s: i64| format!("keep-{s:020}");
         let r = |s: i64| format!("release-{s:020}");
-        let now = 1_000_000_000;
-        let kept = |v: &[String]| kept_by_marks(v.iter().map(String::as_str), now);
+        let kept = |v: &[(String, i64)]| kept_by_marks(v.iter().map(|(n, t)| (n.as_str(), *t)));
         assert!(!kept(&[]));
-        assert!(kept(&[k(5)]));
-        assert!(!kept(&[k(5), r(6)]));
-        assert!(kept(&[k(5), r(6), k(7)]));
-        // One stamp: keeping wins.
-        assert!(kept(&[k(5), r(5)]));
-        assert!(!kept(&["keep-x".into(), "base.tar.zst".into(), "manifest.json".into()]));
-        // A mark far in the future is not believed.
-        assert!(kept(&[k(5), r(now + MARK_FUTURE_SLACK_US + 1)]));
-        assert_eq!(newest_mark([k(5), r(9)].iter().map(String::as_str), now), Some(9));
+        assert!(kept(&[(k(5), 100)]));
+        assert!(!kept(&[(k(5), 100), (r(6), 200)]));
+        assert!(kept(&[(k(5), 100), (r(6), 200), (k(7), 300)]));
+        // One store time: the stamp decides, and at one stamp keeping wins.
+        assert!(!kept(&[(k(5), 100), (r(6), 100)]));
+        assert!(kept(&[(k(5), 100), (r(5), 100)]));
+        assert!(!kept(&[("keep-x".into(), 1), ("base.tar.zst".into(), 1), ("manifest.json".into(), 1)]));
+        // A keep written by a host a day ahead, then a release from a host on time: the
+        // store's clock orders them, whatever the stamps say.
+        let day = 86_400_000_000i64;
+        assert!(!kept(&[(k(10 * day), 100), (r(9 * day), 200)]));
+        assert!(kept(&[(r(9 * day), 100), (k(10 * day), 200)]));
+        assert_eq!(newest_mark([k(5), r(9)].iter().map(String::as_str), 1_000_000_000), Some(9));
     }
 
     #[test]

@@ -308,6 +308,32 @@ pub fn check_decryption(m: &BackupManifest, given: &Decryption, key_needed: bool
     Ok(())
 }
 
+/// Proves the key given opens this backup, as the real restore would: the backup key is
+/// opened, then the smallest object is downloaded, decoded and checked against its SHA-256
+/// (for a dry run, which otherwise writes and downloads nothing).
+pub async fn check_backup_key(repo: &Repo, plan: &RestorePlan, req: &RestoreRequest) -> Result<()> {
+    let m = &plan.manifest;
+    check_decryption(m, &req.decryption, true)?;
+    if !m.encrypted {
+        return Ok(());
+    }
+    let dec = backup_decryption(m, &req.decryption, &plan.dir).await?;
+    let Some(o) = m.objects.iter().min_by_key(|o| o.size) else { return Ok(()) };
+    let src = Source {
+        key: format!("{}{}", plan.dir, o.key),
+        size: o.size,
+        sha256: Some(o.sha256.clone()),
+        compression: compression_of(m)?,
+        encrypted: true,
+    };
+    read_decoded(repo, &src, 1, dec, |r| {
+        std::io::copy(r, &mut std::io::sink()).map_err(|e| PipelineError::io("backup object", e))?;
+        Ok(())
+    })
+    .await?;
+    Ok(())
+}
+
 /// Which key opens a backup's objects: a passphrase opens the backup's sealed X25519 key
 /// (one scrypt), and that key opens every archive; identities and plain backups as given.
 /// Restore and verify both ask here.

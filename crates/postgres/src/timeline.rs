@@ -90,7 +90,9 @@ pub struct Head {
 impl Head {
     pub fn describe(&self) -> String {
         match &self.last {
-            Some(l) => format!("timeline {} (last WAL {l} at {})", self.tli, crate::info::fmt_us(self.last_us.unwrap_or(0))),
+            Some(l) => {
+                format!("timeline {} (last WAL {l} at {})", self.tli, crate::info::fmt_us(self.last_us.unwrap_or(0)))
+            }
             None => format!("timeline {} (no WAL of its own archived)", self.tli),
         }
     }
@@ -126,6 +128,8 @@ impl std::fmt::Display for TimelineError {
     }
 }
 
+impl std::error::Error for TimelineError {}
+
 /// How far a restore replays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Until {
@@ -157,7 +161,7 @@ pub struct Needed {
 }
 
 /// One backup as the graph sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BackupPoint {
     pub tli: u32,
     pub start: Lsn,
@@ -165,7 +169,7 @@ pub struct BackupPoint {
 }
 
 /// The archive's timelines: histories, segments and when each was stored.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TimelineGraph {
     seg_size: u64,
     histories: BTreeMap<u32, Vec<Switch>>,
@@ -310,9 +314,8 @@ impl TimelineGraph {
     /// Whether a backup lies on the ancestry of `target`: its timeline is on the path and
     /// the path leaves it at or after the backup's end.
     pub fn on_ancestry(&self, target: u32, b: &BackupPoint) -> bool {
-        self.path(target).is_ok_and(|p| {
-            p.iter().any(|s| s.tli == b.tli && s.begin <= b.start && s.end.is_none_or(|e| b.end <= e))
-        })
+        self.path(target)
+            .is_ok_and(|p| p.iter().any(|s| s.tli == b.tli && s.begin <= b.start && s.end.is_none_or(|e| b.end <= e)))
     }
 
     fn last_segment(&self, tli: u32) -> Option<(u64, i64)> {
@@ -320,8 +323,9 @@ impl TimelineGraph {
     }
 
     /// The live branches: timelines no later timeline superseded. A timeline born at B
-    /// supersedes an ancestor it leaves at switch point E when all of the ancestor's WAL past
-    /// E's segment was stored before B (a failover, a point-in-time "undo"), and any other
+    /// supersedes an ancestor it leaves at switch point E when all of the ancestor's
+    /// segments from E's on were stored before B (a failover, a point-in-time "undo"; a
+    /// parent completes the segment holding E only by writing past E), and any other
     /// timeline born before it whose WAL was all stored before B (a branch abandoned before
     /// the next one began).
     pub fn heads(&self) -> Vec<Head> {
@@ -329,9 +333,9 @@ impl TimelineGraph {
         for t in self.timelines() {
             let t_born = self.history_us.get(&t).copied();
             let all_before = |from: Option<u64>, b: i64| {
-                self.segments.get(&t).is_none_or(|s| {
-                    s.iter().filter(|(n, _)| from.is_none_or(|f| **n > f)).all(|(_, us)| *us < b)
-                })
+                self.segments
+                    .get(&t)
+                    .is_none_or(|s| s.iter().filter(|(n, _)| from.is_none_or(|f| **n >= f)).all(|(_, us)| *us < b))
             };
             let superseded = self.history_us.iter().any(|(c, born)| {
                 if *c == t {
@@ -364,7 +368,8 @@ impl TimelineGraph {
         if let Some((tli, reason)) = self.damaged.iter().next() {
             return Err(TimelineError::DamagedHistory { tli: *tli, reason: reason.clone() });
         }
-        let heads: Vec<Head> = self.heads().into_iter().filter(|h| from.is_none_or(|b| self.on_ancestry(h.tli, b))).collect();
+        let heads: Vec<Head> =
+            self.heads().into_iter().filter(|h| from.is_none_or(|b| self.on_ancestry(h.tli, b))).collect();
         match heads.len() {
             0 => Ok(from.map(|b| b.tli).or(self.root()).unwrap_or(1)),
             1 => Ok(heads[0].tli),
@@ -525,6 +530,16 @@ impl TimelineGraph {
     /// Every segment of every timeline, with when it was stored.
     pub fn segments_of(&self, tli: u32) -> impl Iterator<Item = (u64, i64)> + '_ {
         self.segments.get(&tli).into_iter().flat_map(|s| s.iter().map(|(n, us)| (*n, *us)))
+    }
+
+    /// When the WAL file `name` was stored (segments and history files).
+    pub fn stored(&self, name: &str) -> Option<i64> {
+        let tli = tli_of(name)?;
+        match classify(name).ok()? {
+            WalFileKind::Segment => self.segments.get(&tli)?.get(&segment_number(name, self.seg_size)?).copied(),
+            WalFileKind::History => self.history_us.get(&tli).copied(),
+            _ => None,
+        }
     }
 
     /// When the history file of `tli` was stored.

@@ -23,7 +23,6 @@ use sha2::Digest;
 use crate::error::{Error, Result};
 use crate::manifest::{BackupManifest, ObjectKind};
 use crate::repository::PgRepository;
-use crate::wal::segment_number;
 use crate::wal_archive::{WalArchive, WalKeys};
 
 /// What to verify and with which keys.
@@ -344,7 +343,93 @@ async fn verify_backup(repo: &Repo, layout: &Layout, m: &BackupManifest, req: &V
     rep
 }
 
-/// WAL continuity from each backup's start, then every segment decoded and checked.
+/// What the timeline graph says of the WAL the backups need: the path a restore to latest
+/// follows from each backup (to each live branch it lies on), history files included.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalPaths {
+    pub problems: Vec<String>,
+    pub not_checked: Vec<String>,
+    /// Every WAL file on those paths (to decode and check).
+    pub files: Vec<String>,
+}
+
+/// A backup younger than this whose own WAL is not archived yet is archiving lag, not a hole.
+const FRESH_BACKUP_US: i64 = 3600 * 1_000_000;
+
+/// One backup for [`wal_paths`]: name, where it lies, its age (µs), the segments it
+/// carries itself (its WAL included).
+pub type PathBackup = (String, crate::timeline::BackupPoint, i64, Vec<String>);
+
+/// The WAL continuity check on the graph (pure).
+pub fn wal_paths(graph: &crate::timeline::TimelineGraph, backups: &[PathBackup]) -> WalPaths {
+    use crate::timeline::Until;
+    let mut out = WalPaths::default();
+    for (tli, why) in graph.missing_histories() {
+        out.problems
+            .push(format!("{tli:08X}.history is missing although {why}: recovery to later timelines stops there"));
+    }
+    let heads = graph.heads();
+    if heads.len() > 1 {
+        out.not_checked.push(format!(
+            "\"latest\" is ambiguous ({}): restores must name --recovery-target-timeline; each branch is checked",
+            heads.iter().map(|h| h.describe()).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let mut files = std::collections::BTreeSet::new();
+    for (name, b, age_us, own) in backups {
+        let mut targets: Vec<u32> = heads.iter().map(|h| h.tli).filter(|t| graph.on_ancestry(*t, b)).collect();
+        if targets.is_empty() {
+            // On a branch no live timeline continues: to the end of its own timeline.
+            out.not_checked.push(format!(
+                "backup {name} lies on timeline {}'s branch, which no live timeline continues: checked to that branch's end",
+                b.tli
+            ));
+            targets.push(b.tli);
+        }
+        for t in targets {
+            match graph.needed(b, t, Until::Latest) {
+                Err(e) => out.problems.push(format!("backup {name}: {e}")),
+                Ok(None) => {}
+                Ok(Some(mut n)) => {
+                    n.missing.retain(|m| !own.contains(m));
+                    files.extend(n.segments.iter().filter(|s| !n.missing.contains(s)).cloned());
+                    files.extend(n.histories.iter().filter(|s| !n.missing.contains(s)).cloned());
+                    let own_end =
+                        crate::timeline::segment_name(b.tli, b.end.0 / graph.segment_size(), graph.segment_size());
+                    if n.missing.is_empty() {
+                        continue;
+                    }
+                    // Within an hour of the backup's end, WAL not archived yet at the end of
+                    // the path (nothing after it is) is archiving lag, not a hole.
+                    let at = |x: &str| n.segments.iter().position(|s| s == x);
+                    let last_present = n.last.as_deref().and_then(at);
+                    let lag = *age_us < FRESH_BACKUP_US
+                        && n.missing.iter().all(|m| {
+                            at(m).is_some_and(|i| {
+                                at(&own_end).is_some_and(|o| i >= o) && last_present.is_none_or(|l| i > l)
+                            })
+                        });
+                    let first = &n.missing[0];
+                    let what = if first.ends_with(".history") { "history file" } else { "segment" };
+                    let msg = format!(
+                        "backup {name} to latest on timeline {t}: {what} {first} is missing{} (its WAL has a hole): a restore stops there",
+                        if n.missing.len() > 1 { format!(" ({} files missing in all)", n.missing.len()) } else { String::new() }
+                    );
+                    if lag {
+                        out.not_checked.push(format!("{msg} (the backup is less than an hour old: not archived yet?)"));
+                    } else {
+                        out.problems.push(msg);
+                    }
+                }
+            }
+        }
+    }
+    out.files = files.into_iter().collect();
+    out
+}
+
+/// WAL continuity from each backup's start along the timeline graph, then every file on
+/// those paths decoded and checked.
 async fn verify_wal(
     repo: &Repo,
     layout: &Layout,
@@ -356,63 +441,25 @@ async fn verify_wal(
     let objects = pg.wal_objects().await?;
     let mut rep = WalReport::default();
     let segment_size = backups.first().map(|b| b.wal_segment_size()).unwrap_or(16 << 20);
-    let mut per_tli: BTreeMap<u32, std::collections::BTreeSet<u64>> = BTreeMap::new();
-    let mut names: Vec<String> = Vec::new();
-    for (w, o) in &objects {
-        rep.bytes += o.size;
-        if crate::wal::classify(&w.name) == Ok(crate::wal::WalFileKind::Segment) {
-            let tli = u32::from_str_radix(&w.name[..8], 16).unwrap_or(0);
-            if let Some(n) = segment_number(&w.name, segment_size) {
-                per_tli.entry(tli).or_default().insert(n);
-            }
-            names.push(w.name.clone());
-        }
-    }
-    names.sort();
-    names.dedup();
-    for b in backups {
-        let start = b.start_lsn.segment_name(b.timeline, segment_size);
-        let Some(from) = segment_number(&start, segment_size) else { continue };
-        let Some(segs) = per_tli.get(&b.timeline) else {
-            rep.problems
-                .push(format!("no WAL archived on timeline {} (backup {} needs {start} on)", b.timeline, b.name));
-            continue;
-        };
-        let to = *segs.iter().next_back().unwrap_or(&from);
-        if to < from {
-            // A backup does not wait for its WAL to be archived: within an hour of its end
-            // that is archiving lag, later it is a broken archive.
-            let age_us = crate::repository::now_us() - crate::repository::parse_time_us(&b.stop_time);
-            let msg = format!(
-                "backup {}: no WAL archived from its start ({start}); the newest on timeline {} ends before it",
-                b.name, b.timeline
-            );
-            if age_us < 3600 * 1_000_000 {
-                rep.not_checked.push(format!("{msg} (the backup is less than an hour old: not archived yet?)"));
-            } else {
-                rep.problems.push(msg);
-            }
-            continue;
-        }
-        if let Some(missing) = (from..=to).find(|n| !segs.contains(n)) {
-            let per_log = 0x1_0000_0000u64 / segment_size;
-            rep.problems.push(format!(
-                "backup {}: segment {:08X}{:08X}{:08X} is missing (its WAL from {start} has a hole)",
-                b.name,
-                b.timeline,
-                missing / per_log,
-                missing % per_log
-            ));
-        }
-    }
-    // Only the WAL the chosen backups need: from the earliest start on.
-    let first_needed = backups
+    rep.bytes = objects.iter().map(|(_, o)| o.size).sum();
+    let graph = wal.timeline_graph(segment_size, &req.wal_keys).await?;
+    let now = crate::repository::now_us();
+    let points: Vec<PathBackup> = backups
         .iter()
-        .filter_map(|b| segment_number(&b.start_lsn.segment_name(b.timeline, segment_size), segment_size))
-        .min();
-    if let Some(first) = first_needed {
-        names.retain(|n| segment_number(n, segment_size).is_some_and(|x| x >= first));
-    }
+        .map(|b| {
+            let own = if b.wal_included { crate::recovery::own_segments(b, segment_size) } else { Vec::new() };
+            (
+                b.name.clone(),
+                crate::recovery::backup_point(b),
+                now - crate::repository::parse_time_us(&b.stop_time),
+                own,
+            )
+        })
+        .collect();
+    let paths = wal_paths(&graph, &points);
+    rep.problems.extend(paths.problems);
+    rep.not_checked.extend(paths.not_checked);
+    let names = paths.files;
     let encrypted = objects.iter().any(|(_, o)| o.key.ends_with(".age"));
     if encrypted && !req.wal_keys.any() {
         rep.not_checked.push("segment contents: the WAL is encrypted and no key was given".into());

@@ -48,15 +48,6 @@ pub fn segment_number(segment: &str, segment_size: u64) -> Option<u64> {
     Some(log * (0x1_0000_0000u64 / segment_size.max(1)) + seg)
 }
 
-/// Where a timeline began: the switch point on the last line of its history file
-/// (`<parent tli>\t<switch LSN>\t<reason>`); `None` when the text holds none.
-pub fn history_begin(text: &str) -> Option<crate::lsn::Lsn> {
-    text.lines()
-        .filter(|l| !l.trim_start().starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .next_back()
-}
-
 /// The `n` segment names after `segment` on the same timeline.
 pub fn next_segments(segment: &str, n: usize, segment_size: u64) -> Vec<String> {
     let Some(mut no) = segment_number(segment, segment_size) else { return Vec::new() };
@@ -88,13 +79,10 @@ mod tests {
     }
 
     #[test]
-    fn segment_numbers_and_history_switch_points() {
+    fn segment_numbers() {
         assert_eq!(segment_number("000000020000000100000003", 16 << 20), Some(256 + 3));
         assert_eq!(segment_number("000000020000000100000003", 64 << 20), Some(64 + 3));
         assert_eq!(segment_number("00000002.history", 16 << 20), None);
-        let h = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000A8\tbefore 2000-01-01\n";
-        assert_eq!(history_begin(h), Some("0/5000A8".parse().unwrap()));
-        assert_eq!(history_begin("# nothing\n"), None);
     }
 
     #[test]

@@ -102,14 +102,38 @@ pub struct WalRecord {
     pub object: String,
     pub size: u64,
     pub sha256: String,
+    /// For a history file: its switch points (`1:0/3000000 2:0/5000A8`), so the timeline
+    /// graph can be read without the keys that open the file (the reasons stay inside).
+    pub switches: Option<String>,
+    /// For a segment: when its last transaction commit or abort happened (Unix µs), read at
+    /// push time; the last point a time target can stop at in it.
+    pub last_commit_us: Option<i64>,
+}
+
+/// The switch points of a history file's text as a record carries them.
+pub fn render_switches(tli: u32, text: &str) -> Option<String> {
+    let h = crate::timeline::parse_history(tli, text).ok()?;
+    Some(h.iter().map(|s| format!("{}:{}", s.tli, s.end)).collect::<Vec<_>>().join(" "))
+}
+
+/// A record's switch points back as history-file text.
+pub fn switches_text(switches: &str) -> String {
+    switches.split_whitespace().filter_map(|p| p.split_once(':')).map(|(t, l)| format!("{t}\t{l}\n")).collect()
 }
 
 impl WalRecord {
     pub fn render(&self) -> String {
-        format!(
+        let mut s = format!(
             "{RECORD_MAGIC}\nname {}\nobject {}\nsize {}\nsha256 {}\n",
             self.name, self.object, self.size, self.sha256
-        )
+        );
+        if let Some(sw) = &self.switches {
+            s.push_str(&format!("switches {sw}\n"));
+        }
+        if let Some(t) = self.last_commit_us {
+            s.push_str(&format!("commit {t}\n"));
+        }
+        s
     }
 
     pub fn parse(text: &str) -> std::result::Result<WalRecord, String> {
@@ -117,11 +141,13 @@ impl WalRecord {
         if lines.next() != Some(RECORD_MAGIC) {
             return Err("not a cloud-dump WAL record".into());
         }
-        let (mut name, mut object, mut size, mut sha) = (None, None, None, None);
+        let (mut name, mut object, mut size, mut sha, mut switches, mut commit) = (None, None, None, None, None, None);
         for l in lines {
             match l.split_once(' ') {
                 Some(("name", v)) => name = Some(v.to_owned()),
                 Some(("object", v)) => object = Some(v.to_owned()),
+                Some(("switches", v)) => switches = Some(v.to_owned()),
+                Some(("commit", v)) => commit = Some(v.parse::<i64>().map_err(|_| "bad commit time")?),
                 Some(("size", v)) => size = Some(v.parse::<u64>().map_err(|_| "bad size")?),
                 Some(("sha256", v)) if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     sha = Some(v.to_ascii_lowercase())
@@ -136,7 +162,7 @@ impl WalRecord {
                 if stem != name {
                     return Err(format!("names object {object} for {name}"));
                 }
-                Ok(WalRecord { name, object, size, sha256 })
+                Ok(WalRecord { name, object, size, sha256, switches, last_commit_us: commit })
             }
             _ => Err("incomplete".into()),
         }
@@ -255,6 +281,16 @@ impl<'a> WalArchive<'a> {
             object: spec.object_name(name),
             size: data.len() as u64,
             sha256: content_sha.clone(),
+            switches: match classify(name) {
+                Ok(WalFileKind::History) => {
+                    crate::timeline::tli_of(name).and_then(|t| render_switches(t, &String::from_utf8_lossy(&data)))
+                }
+                _ => None,
+            },
+            last_commit_us: match classify(name) {
+                Ok(WalFileKind::Segment) => crate::walscan::last_commit_us(&data),
+                _ => None,
+            },
         };
         for _ in 0..3 {
             let record = match self.record(name).await? {
@@ -542,24 +578,79 @@ impl<'a> WalArchive<'a> {
         Ok(())
     }
 
-    /// Every archived file name (suffixes removed), sorted.
+    /// Every archived file name (suffixes removed), sorted, with when it was first stored.
     pub async fn list_names(&self) -> Result<Vec<(String, std::time::SystemTime)>> {
         let mut v: Vec<_> = self
             .repo
             .list(&self.dir)
             .await?
             .into_iter()
-            .filter_map(|o| {
-                let rel = o.key.strip_prefix(&self.dir)?.to_owned();
-                let name = rel.split('.').next()?.to_owned();
-                let name = if rel.contains(".history") { format!("{name}.history") } else { name };
-                classify(&name).ok()?;
-                Some((name, o.last_modified))
-            })
+            .filter_map(|o| Some((crate::repository::wal_name_of(o.key.strip_prefix(&self.dir)?)?, o.last_modified)))
             .collect();
         v.sort();
         v.dedup_by(|a, b| a.0 == b.0);
         Ok(v)
+    }
+
+    /// The text of history file `name` for the timeline graph: the switch points its
+    /// record carries, else its content (records written before they carried them).
+    /// `None` when neither can be read (no key for an encrypted file, damage).
+    pub async fn history_text(&self, name: &str, keys: &WalKeys) -> Result<Option<String>> {
+        if let Some(sw) = self.record(name).await?.and_then(|r| r.switches) {
+            return Ok(Some(switches_text(&sw)));
+        }
+        match self.fetch(name, keys).await {
+            Ok(b) => Ok(b.map(|b| String::from_utf8_lossy(&b).into_owned())),
+            Err(Error::Storage(e)) if !e.is_permanent() => Err(Error::Storage(e)),
+            Err(e) => {
+                tracing::warn!("{name}: cannot be read for the timeline graph: {e}");
+                Ok(None)
+            }
+        }
+    }
+
+    /// The time of the last commit (or abort) on `segments` (a restore path, in replay
+    /// order), read from the records of its last segments, newest first (at most `look`
+    /// of them); `None` when none of those records carries one (segments archived by an
+    /// older cloud-dump, or no transaction ended there).
+    pub async fn last_commit_on(&self, segments: &[String], look: usize) -> Result<Option<i64>> {
+        for name in segments.iter().rev().take(look) {
+            if let Some(t) = self.record(name).await?.and_then(|r| r.last_commit_us) {
+                return Ok(Some(t));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The archive's timelines (one LIST, then each history file's record).
+    pub async fn timeline_graph(&self, segment_size: u64, keys: &WalKeys) -> Result<crate::timeline::TimelineGraph> {
+        let names = self.list_names().await?;
+        self.graph_of(&names, segment_size, keys).await
+    }
+
+    /// The timeline graph of names already listed.
+    pub async fn graph_of(
+        &self,
+        names: &[(String, std::time::SystemTime)],
+        segment_size: u64,
+        keys: &WalKeys,
+    ) -> Result<crate::timeline::TimelineGraph> {
+        let mut texts = std::collections::BTreeMap::new();
+        for (n, _) in names.iter().filter(|(n, _)| classify(n) == Ok(WalFileKind::History)) {
+            if let (Some(t), Some(text)) = (crate::timeline::tli_of(n), self.history_text(n, keys).await?) {
+                texts.insert(t, text);
+            }
+        }
+        let files: Vec<(String, i64)> = names.iter().map(|(n, t)| (n.clone(), system_time_us(*t))).collect();
+        Ok(crate::timeline::TimelineGraph::build(&files, &texts, segment_size))
+    }
+}
+
+/// Microseconds since the epoch.
+pub fn system_time_us(t: std::time::SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_micros() as i64,
+        Err(e) => -(e.duration().as_micros() as i64),
     }
 }
 
@@ -766,6 +857,8 @@ mod tests {
             object: name.into(),
             size: evil_bytes.len() as u64,
             sha256: sha_hex(&evil_bytes),
+            switches: None,
+            last_commit_us: None,
         };
         put_raw(&repo, &format!("wal_archive/{name}.sum"), forged.render().into_bytes()).await;
         let err = wal.fetch(name, &keys).await.unwrap_err();
@@ -837,6 +930,8 @@ mod tests {
             object: "000000010000000000000001.zst.age".into(),
             size: 5,
             sha256: "ab".repeat(32),
+            switches: None,
+            last_commit_us: None,
         };
         assert_eq!(WalRecord::parse(&r.render()).unwrap(), r);
         let other = r.render().replace("object 000000010000000000000001", "object 000000010000000000000002");

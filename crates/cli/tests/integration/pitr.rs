@@ -6,22 +6,22 @@ use std::time::Duration;
 
 use super::common::*;
 
-const NO_ARCHIVE: &str = "archive_mode = off";
+pub(super) const NO_ARCHIVE: &str = "archive_mode = off";
 
 fn count(s: &PgServer) -> String {
     s.sql("postgres", "SELECT count(*) FROM pitr")
 }
 
-struct Archive {
-    url: String,
-    env: Vec<(String, String)>,
+pub(super) struct Archive {
+    pub(super) url: String,
+    pub(super) env: Vec<(String, String)>,
     /// The archive_command's prefix: environment for the store.
-    cmd_env: String,
+    pub(super) cmd_env: String,
     _dir: Option<tempfile::TempDir>,
     _s3: Option<S3Server>,
 }
 
-fn file_archive() -> Archive {
+pub(super) fn file_archive() -> Archive {
     let dir = scratch_dir("pitr-repo");
     std::fs::create_dir_all(dir.path().join("c/wal_archive")).unwrap();
     give_to_postgres(dir.path());
@@ -35,7 +35,7 @@ fn s3_archive() -> Archive {
     Archive { url: "s3://pitr/pg".into(), env, cmd_env, _dir: None, _s3: Some(s3) }
 }
 
-fn restore(a: &Archive, src: &PgServer, pgdata: &std::path::Path, target: &[&str], conf: &str) -> PgServer {
+pub(super) fn restore(a: &Archive, src: &PgServer, pgdata: &std::path::Path, target: &[&str], conf: &str) -> PgServer {
     let bin = cloud_dump_testkit::public_copy(&bin());
     let mut args = vec!["restore", "--repo", &a.url, "--cluster", "c", "--pgdata", pgdata.to_str().unwrap()];
     args.extend_from_slice(target);

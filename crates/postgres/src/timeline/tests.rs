@@ -11,7 +11,10 @@ fn history_text(lines: &[(u32, Lsn)]) -> String {
 }
 
 /// An archive by hand: segments `(tli, from..=to, stored_us_start)`, histories `(tli, lines, stored)`.
-fn graph(segs: &[(u32, u64, u64, i64)], hist: &[(u32, &[(u32, Lsn)], i64)]) -> TimelineGraph {
+/// A history file by hand: timeline, its lines, when it was stored.
+type Hist<'a> = (u32, &'a [(u32, Lsn)], i64);
+
+fn graph(segs: &[(u32, u64, u64, i64)], hist: &[Hist<'_>]) -> TimelineGraph {
     let mut files = Vec::new();
     for (tli, from, to, t0) in segs {
         for n in *from..=*to {
@@ -32,9 +35,12 @@ fn point(tli: u32, seg: u64) -> BackupPoint {
 
 #[test]
 fn parses_history_files_and_refuses_impossible_ones() {
-    let h = parse_history(3, "1\t0/3000000\tno recovery target specified\n\n2\t0/50000A8\tbefore 2000-01-01\n").unwrap();
+    let h =
+        parse_history(3, "1\t0/3000000\tno recovery target specified\n\n2\t0/50000A8\tbefore 2000-01-01\n").unwrap();
     assert_eq!(h, [Switch { tli: 1, end: Lsn(0x3000000) }, Switch { tli: 2, end: Lsn(0x50000A8) }]);
-    for bad in ["", "# only a comment\n", "3\t0/1\tx\n", "2\t0/5\tx\n1\t0/6\tx\n", "1\t0/6\tx\n2\t0/5\tx\n", "x\t0/1\n", "1\n"] {
+    for bad in
+        ["", "# only a comment\n", "3\t0/1\tx\n", "2\t0/5\tx\n1\t0/6\tx\n", "1\t0/6\tx\n2\t0/5\tx\n", "x\t0/1\n", "1\n"]
+    {
         assert!(parse_history(3, bad).is_err(), "{bad:?}");
     }
     assert_eq!(parse_history(1, ""), Ok(vec![]));
@@ -249,13 +255,19 @@ fn generate(seed: u64) -> World {
         match r.below(10) {
             0..=3 => {
                 let k = 1 + r.below(4);
-                { let a = w.active; write(&mut w, &mut reach, a, k, &mut now); }
+                {
+                    let a = w.active;
+                    write(&mut w, &mut reach, a, k, &mut now);
+                }
             }
             4 | 5 => {
                 let at = reach[&w.active];
                 let start = Lsn(at.0 + 40);
                 w.backups.push(BackupPoint { tli: w.active, start, end: Lsn(start.0 + 1000) });
-                { let a = w.active; write(&mut w, &mut reach, a, 1 + r.below(2), &mut now); }
+                {
+                    let a = w.active;
+                    write(&mut w, &mut reach, a, 1 + r.below(2), &mut now);
+                }
             }
             6 => {
                 // Failover: the primary stops, a standby promotes where it stopped (mid-segment).
@@ -267,16 +279,15 @@ fn generate(seed: u64) -> World {
                 reach.insert(next_tli, switch);
                 w.active = next_tli;
                 next_tli += 1;
-                { let a = w.active; write(&mut w, &mut reach, a, 1 + r.below(3), &mut now); }
+                {
+                    let a = w.active;
+                    write(&mut w, &mut reach, a, 1 + r.below(3), &mut now);
+                }
             }
             7 => {
                 // Point-in-time undo: back to a point after a backup on the active line.
-                let on_line: Vec<BackupPoint> = w
-                    .backups
-                    .iter()
-                    .copied()
-                    .filter(|b| w.replay(b, w.active).is_some())
-                    .collect();
+                let on_line: Vec<BackupPoint> =
+                    w.backups.iter().copied().filter(|b| w.replay(b, w.active).is_some()).collect();
                 let Some(b) = on_line.get(r.below(on_line.len() as u64) as usize).copied() else { continue };
                 let switch = Lsn(b.end.0 + 0x100);
                 let parent_tli = w.expected(w.active).into_iter().find(|(_, begin)| *begin <= switch).map(|(t, _)| t);
@@ -290,7 +301,10 @@ fn generate(seed: u64) -> World {
                 reach.insert(next_tli, switch);
                 w.active = next_tli;
                 next_tli += 1;
-                { let a = w.active; write(&mut w, &mut reach, a, 1 + r.below(3), &mut now); }
+                {
+                    let a = w.active;
+                    write(&mut w, &mut reach, a, 1 + r.below(3), &mut now);
+                }
             }
             _ => {
                 // A restore test that kept archive_command: a branch off the active line that
@@ -305,7 +319,10 @@ fn generate(seed: u64) -> World {
                 reach.insert(test, switch);
                 write(&mut w, &mut reach, test, 1 + r.below(2), &mut now);
                 let k = 1 + r.below(3);
-                { let a = w.active; write(&mut w, &mut reach, a, k, &mut now); }
+                {
+                    let a = w.active;
+                    write(&mut w, &mut reach, a, k, &mut now);
+                }
                 w.tests.push(test);
             }
         }
@@ -397,7 +414,7 @@ fn drill_random_timeline_histories_against_postgresql_rules() {
                                 let name = segment_name(victim.0, victim.1, SEG);
                                 assert!(g2.hole(&name).is_some(), "seed {seed}: {name} not seen as a hole");
                                 let n2 = g2.needed(b, target, Until::Latest).unwrap().unwrap();
-                                assert_eq!(n2.missing, [name.clone()], "seed {seed}");
+                                assert_eq!(n2.missing, std::slice::from_ref(&name), "seed {seed}");
                             }
                         }
                         checked += 1;
@@ -421,7 +438,8 @@ fn drill_random_timeline_histories_against_postgresql_rules() {
         // A deleted history file of a timeline with WAL: no latest, and a hole.
         // (The archive's first timeline is exempt: archiving may have begun on it.)
         let first = w.segments.keys().map(|(t, _)| *t).min().unwrap_or(1);
-        if let Some((&t, _)) = w.parents.iter().find(|(t, _)| **t > first && w.segments.keys().any(|(tl, _)| tl == *t)) {
+        if let Some((&t, _)) = w.parents.iter().find(|(t, _)| **t > first && w.segments.keys().any(|(tl, _)| tl == *t))
+        {
             let g3 = graph_of(&w, Some(t), None);
             assert!(g3.hole(&format!("{t:08X}.history")).is_some(), "seed {seed}");
             assert!(matches!(g3.latest(None), Err(TimelineError::MissingHistory { .. })), "seed {seed}");
