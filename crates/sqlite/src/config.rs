@@ -202,8 +202,29 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         total += value * unit;
         rest = &rest[u..];
     }
+    // Duration::from_secs_f64 panics past its range: a setting like 99999999999999999999h
+    // is an error, never a crash (on SIGHUP a panic would stop replication).
+    if !total.is_finite() || total > MAX_DURATION.as_secs_f64() {
+        return Err(format!("invalid duration {s:?}: at most {} days", MAX_DURATION.as_secs() / 86_400));
+    }
     Ok(Duration::from_secs_f64(total))
 }
+
+/// The longest duration any setting takes (100 years).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Checks a duration setting against its sane range; `0` is allowed only where it means "off"
+/// (and is then filtered by the caller).
+pub fn check_range(key: &str, v: Duration, min: Duration) -> std::result::Result<Duration, String> {
+    if v < min {
+        return Err(format!("{key}: {v:?} is too short (at least {min:?})"));
+    }
+    Ok(v)
+}
+
+/// The smallest `max-wal-size`: a WAL limit below a few pages would force a checkpoint at
+/// every commit.
+pub const MIN_MAX_WAL_BYTES: u64 = 1 << 20;
 
 /// Parses a size such as `64MB`, `1GiB`, `4096`.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -217,7 +238,7 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         "g" | "gb" | "gib" => 1 << 30,
         _ => return Err(format!("invalid size {s:?}: use e.g. 64MB")),
     };
-    Ok(value * mult)
+    value.checked_mul(mult).ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
 /// `$VAR` and `${VAR}` replaced by the environment (unset: empty), as Go's `os.ExpandEnv`.
@@ -324,10 +345,19 @@ impl Config {
             }
             let mut spec = DbSpec::new(path, replicas);
             if let Some(n) = db.min_checkpoint_page_count {
-                spec.min_checkpoint_pages = n.max(1);
+                if n == 0 {
+                    return Err(cfg(format!("dbs[{i}].min-checkpoint-page-count: must be at least 1")));
+                }
+                spec.min_checkpoint_pages = n;
             }
             if let Some(s) = db.max_wal_size {
-                spec.max_wal_bytes = parse_size(&s).map_err(|m| cfg(format!("dbs[{i}].max-wal-size: {m}")))?;
+                let v = parse_size(&s).map_err(|m| cfg(format!("dbs[{i}].max-wal-size: {m}")))?;
+                if v < MIN_MAX_WAL_BYTES {
+                    return Err(cfg(format!(
+                        "dbs[{i}].max-wal-size: {s:?} is {v} bytes; at least 1MB (a smaller limit would checkpoint at every commit)"
+                    )));
+                }
+                spec.max_wal_bytes = v;
             }
             dbs.push(spec);
         }
@@ -413,21 +443,28 @@ fn replica(
     if let Some(n) = r.name {
         spec.name = n;
     }
-    if let Some(v) = dur(&r.sync_interval, "sync-interval")? {
-        if v.is_zero() {
-            return Err(format!("{at}.sync-interval: must be more than 0"));
-        }
+    // Each setting within its sane range (0 means "off" only where it says so).
+    let ms = Duration::from_millis;
+    let ranged = |v: Option<Duration>, key: &str, min: Duration| {
+        v.map(|v| check_range(&format!("{at}.{key}"), v, min)).transpose()
+    };
+    if let Some(v) = ranged(dur(&r.sync_interval, "sync-interval")?, "sync-interval", ms(1))? {
         spec.sync_interval = v;
     }
     spec.snapshot_interval = dur(&r.snapshot_interval, "snapshot-interval")?.filter(|d| !d.is_zero());
+    ranged(spec.snapshot_interval, "snapshot-interval", ms(1000))?;
     let retention = r.retention.clone().or(db_retention.map(str::to_owned));
-    if let Some(v) = dur(&retention, "retention")? {
+    // retention 0 would take a snapshot at every sync.
+    if let Some(v) = ranged(dur(&retention, "retention")?, "retention", ms(1000))? {
         spec.retention = v;
     }
-    if let Some(v) = dur(&r.retention_check_interval, "retention-check-interval")? {
+    if let Some(v) =
+        ranged(dur(&r.retention_check_interval, "retention-check-interval")?, "retention-check-interval", ms(1000))?
+    {
         spec.retention_check_interval = v;
     }
     spec.validation_interval = dur(&r.validation_interval, "validation-interval")?.filter(|d| !d.is_zero());
+    ranged(spec.validation_interval, "validation-interval", ms(1000))?;
     if let Some(c) = &r.compression {
         spec.compression = Compression::from_str(c).map_err(|e| format!("{at}.compression: {e}"))?;
     }
@@ -463,6 +500,42 @@ mod tests {
         }
         assert_eq!(parse_size("64MB").unwrap(), 64 << 20);
         assert!(parse_size("lots").is_err());
+        // Out of range: an error, never a panic or a wrap to 0.
+        assert!(parse_duration("99999999999999999999h").is_err());
+        assert!(parse_duration("1e400s").is_err());
+        assert!(parse_size("18446744073709551615GB").is_err());
+        assert!(parse_size("99999999999999999999999").is_err());
+    }
+
+    #[test]
+    fn settings_out_of_range_are_refused_with_a_reason() {
+        let with = |line: &str| {
+            Config::parse(&format!("dbs:\n  - path: /p\n{line}    replicas:\n      - url: s3://b/db\n"), "t")
+        };
+        let replica = |line: &str| {
+            Config::parse(&format!("dbs:\n  - path: /p\n    replicas:\n      - url: s3://b/db\n        {line}\n"), "t")
+        };
+        for (bad, says) in [
+            ("sync-interval: 99999999999999999999h", "sync-interval"),
+            ("sync-interval: 0", "sync-interval"),
+            ("retention: 0", "retention"),
+            ("retention: 1ms", "retention"),
+            ("snapshot-interval: 10ms", "snapshot-interval"),
+            ("retention-check-interval: 0", "retention-check-interval"),
+        ] {
+            let e = replica(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+        for (bad, says) in [
+            ("    max-wal-size: 64\n", "max-wal-size"),
+            ("    max-wal-size: 18446744073709551615GB\n", "max-wal-size"),
+            ("    min-checkpoint-page-count: 0\n", "min-checkpoint-page-count"),
+        ] {
+            let e = with(bad).err().unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+        assert!(replica("snapshot-interval: 0").is_ok(), "0 means off");
+        assert!(with("    max-wal-size: 2MB\n").is_ok());
     }
 
     #[test]

@@ -104,6 +104,19 @@ impl Shared {
     pub fn shadow_path(&self, generation: &str, index: u64) -> PathBuf {
         shadow_path(&self.meta_dir, generation, index)
     }
+
+    /// The database file's permission bits (read and write only): every copy of its
+    /// content (shadow WAL, replica objects) gets them, never more (0600 when unreadable).
+    pub fn file_mode(&self) -> u32 {
+        fs::metadata(&self.path).map(|m| m.mode() & 0o666).unwrap_or(0o600)
+    }
+}
+
+/// Creates `dir` (and its parents inside `meta`) with the directory mode for `mode`.
+fn make_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(cloud_dump_storage::dir_mode_for(mode)))
 }
 
 /// `/var/lib/app.db` → `/var/lib/.app.db-cloud-dump`.
@@ -121,17 +134,16 @@ pub fn shadow_path(meta: &Path, generation: &str, index: u64) -> PathBuf {
 /// naming the holder.
 pub fn lock_shadow_dir(shared: &Shared) -> Result<()> {
     let db = shared.path.display().to_string();
-    fs::create_dir_all(&shared.meta_dir).map_err(|e| {
+    make_private_dir(&shared.meta_dir, shared.file_mode()).map_err(|e| {
         SqliteError::db(&db, format!("cannot create the shadow directory {}: {e}", shared.meta_dir.display()))
     })?;
     let path = shared.meta_dir.join("lock");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| SqliteError::io(path.display(), e))?;
+    let file = std::os::unix::fs::OpenOptionsExt::mode(
+        OpenOptions::new().read(true).write(true).create(true).truncate(false),
+        shared.file_mode(),
+    )
+    .open(&path)
+    .map_err(|e| SqliteError::io(path.display(), e))?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
@@ -206,17 +218,30 @@ impl Shadow {
         index: u64,
         raw: [u8; HEADER_SIZE],
         header: WalHeader,
+        mode: u32,
     ) -> Result<Shadow> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let path = shadow_path(meta, &generation, index);
         let dir = path.parent().expect("shadow path has a parent");
-        fs::create_dir_all(dir).map_err(|e| SqliteError::io(dir.display(), e))?;
+        let mut d = Some(dir);
+        let mut dirs = Vec::new();
+        while let Some(x) = d.filter(|x| x.starts_with(meta)) {
+            dirs.push(x);
+            d = x.parent();
+        }
+        for x in dirs.into_iter().rev() {
+            make_private_dir(x, mode).map_err(|e| SqliteError::io(x.display(), e))?;
+        }
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
+            .mode(mode)
             .open(&path)
             .map_err(|e| SqliteError::io(path.display(), e))?;
+        // A leftover keeps its old mode: set it.
+        file.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| SqliteError::io(path.display(), e))?;
         (&file).write_all(&raw).map_err(|e| SqliteError::io(path.display(), e))?;
         Ok(Shadow {
             generation,
@@ -522,12 +547,33 @@ impl Db {
         let Some((raw, header)) = self.read_wal_header()? else {
             return Err(SqliteError::db(self.p(), "the database has no WAL to start a generation from"));
         };
-        self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation.clone(), seq, 0, raw, header)?);
+        self.shadow = Some(Shadow::create(
+            &self.shared.meta_dir,
+            generation.clone(),
+            seq,
+            0,
+            raw,
+            header,
+            self.shared.file_mode(),
+        )?);
         self.copy_frames()?;
         let meta = &self.shared.meta_dir;
         let tmp = meta.join("generation.tmp");
-        fs::write(&tmp, format!("{generation} {seq}\n")).map_err(|e| SqliteError::io(tmp.display(), e))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| SqliteError::io(tmp.display(), e))?;
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let mode = self.shared.file_mode();
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(|e| SqliteError::io(tmp.display(), e))?;
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .and_then(|_| f.write_all(format!("{generation} {seq}\n").as_bytes()))
+                .and_then(|_| f.sync_all())
+                .map_err(|e| SqliteError::io(tmp.display(), e))?;
+        }
         fs::rename(&tmp, meta.join("generation")).map_err(|e| SqliteError::io(meta.display(), e))?;
         File::open(meta).and_then(|f| f.sync_all()).map_err(|e| SqliteError::io(meta.display(), e))?;
         self.shared.metrics.generations.fetch_add(1, Ordering::Relaxed);
@@ -659,7 +705,15 @@ impl Db {
             }
             let sh = self.shadow.as_ref().expect("a shadow WAL");
             let (generation, seq, index) = (sh.generation.clone(), sh.seq, sh.index + 1);
-            self.shadow = Some(Shadow::create(&self.shared.meta_dir, generation, seq, index, raw, header)?);
+            self.shadow = Some(Shadow::create(
+                &self.shared.meta_dir,
+                generation,
+                seq,
+                index,
+                raw,
+                header,
+                self.shared.file_mode(),
+            )?);
             self.clean_end.set(None);
             tracing::debug!(db = %self.p(), index, "the WAL restarted after our checkpoint; next shadow WAL");
         }

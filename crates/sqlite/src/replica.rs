@@ -239,11 +239,14 @@ impl Replica {
             }
         };
         let stored = sink.finish().await?.wait().await?;
+        let mode = self.shared.file_mode();
+        self.repo.restrict_local(&key, mode)?;
         // The snapshot counts only once its checksum marker exists (restores verify every
         // byte against it).
         self.repo
             .put_durable(&layout::checksum_marker(&key), Bytes::from(layout::render_checksum(&stored.sha256)))
             .await?;
+        self.repo.restrict_local(&layout::checksum_marker(&key), mode)?;
         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
         self.metrics.bytes.fetch_add(stored.size, Ordering::Relaxed);
         self.last_snapshot_ms = Some(pos.time_ms);
@@ -296,6 +299,7 @@ impl Replica {
                 .map_err(|e| SqliteError::io(&key, e))?;
                 let n = encoded.len() as u64;
                 self.repo.put_durable(&key, Bytes::from(encoded)).await?;
+                self.repo.restrict_local(&key, self.shared.file_mode())?;
                 self.metrics.syncs.fetch_add(1, Ordering::Relaxed);
                 self.metrics.bytes.fetch_add(n, Ordering::Relaxed);
                 self.metrics.lag_ms.store(now_ms() - time_ms, Ordering::Relaxed);

@@ -328,10 +328,15 @@ fn tmp_path(out: &Path) -> PathBuf {
 /// Runs `plan` into `out`, which must not exist.
 pub async fn execute(repo: &Repo, plan: &Plan, dec: Decryption, out: &Path, parallelism: usize) -> Result<Restored> {
     let o = out.display().to_string();
-    if out.exists() {
+    // symlink_metadata: a dangling link counts (a rename would replace the link itself).
+    if let Ok(m) = std::fs::symlink_metadata(out) {
         return Err(SqliteError::db(
             &o,
-            "already exists; restore refuses to overwrite (remove it or choose another -o)",
+            if m.file_type().is_symlink() {
+                "is a symbolic link; restore never writes through or over links (give the link's target as -o)"
+            } else {
+                "already exists; restore refuses to overwrite (remove it or choose another -o)"
+            },
         ));
     }
     // A -wal/-shm/-journal left beside the output belongs to an older database: SQLite
@@ -358,7 +363,7 @@ pub async fn execute(repo: &Repo, plan: &Plan, dec: Decryption, out: &Path, para
     }
     let result = restore_into(repo, plan, dec, &tmp, parallelism).await;
     let finish = result.and_then(|r| {
-        if out.exists() {
+        if std::fs::symlink_metadata(out).is_ok() {
             return Err(SqliteError::db(&o, "appeared while restoring; left as it is"));
         }
         leftovers(out)?;
@@ -379,12 +384,11 @@ pub async fn execute(repo: &Repo, plan: &Plan, dec: Decryption, out: &Path, para
 
 async fn restore_into(repo: &Repo, plan: &Plan, dec: Decryption, tmp: &Path, parallelism: usize) -> Result<Restored> {
     let t = tmp.display().to_string();
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(|e| SqliteError::db(&t, format!("cannot create the restore file: {e}")))?;
+    // Owner-only: the restored database is as private as a database should be by default.
+    let file =
+        std::os::unix::fs::OpenOptionsExt::mode(OpenOptions::new().read(true).write(true).create_new(true), 0o600)
+            .open(tmp)
+            .map_err(|e| SqliteError::db(&t, format!("cannot create the restore file: {e}")))?;
     let snap = &plan.entries[0];
     // Every downloaded byte is checked: the snapshot against its checksum marker, WAL
     // objects by SQLite's running frame checksums.

@@ -29,4 +29,4 @@ pub async fn bucket_protection(
         _ => Ok(None),
     }
 }
-pub use repo::{part_size_for, ObjectInfo, Repo, StorageOptions, Upload, REPOSITORY_MARKER};
+pub use repo::{dir_mode_for, part_size_for, ObjectInfo, Repo, StorageOptions, Upload, REPOSITORY_MARKER};

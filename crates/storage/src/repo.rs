@@ -92,6 +92,12 @@ impl ObjectInfo {
     }
 }
 
+/// The directory mode that goes with file mode `mode`: who may read may also search.
+pub fn dir_mode_for(mode: u32) -> u32 {
+    let m = mode & 0o666;
+    m | ((m & 0o444) >> 2)
+}
+
 #[derive(Clone)]
 pub struct Repo {
     store: Arc<dyn ObjectStore>,
@@ -417,6 +423,30 @@ impl Repo {
                 }
                 dir = d.parent();
             }
+        }
+        Ok(())
+    }
+
+    /// On a file:// repository, gives object `key` the mode `mode` (and each folder between
+    /// it and the repository root the matching directory mode: read → read + search), so a
+    /// copy is readable by no one the original is not; elsewhere nothing to do.
+    pub fn restrict_local(&self, key: &str, mode: u32) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let Some(root) = &self.local_root else { return Ok(()) };
+        let file = root.join(self.path(key).as_ref());
+        let set = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m))
+                .map_err(|e| StorageError::Config(format!("cannot set the mode of {}: {e}", p.display())))
+        };
+        set(&file, mode & 0o666)?;
+        let dir_mode = dir_mode_for(mode);
+        let mut dir = file.parent();
+        while let Some(d) = dir {
+            if d == root.as_path() || !d.starts_with(root) {
+                break;
+            }
+            set(d, dir_mode)?;
+            dir = d.parent();
         }
         Ok(())
     }

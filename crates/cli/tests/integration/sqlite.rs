@@ -827,3 +827,71 @@ fn sqlite_verify_and_info() {
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v[0]["generations"][0]["ok"], false, "{}", r.stdout);
 }
+
+/// Every copy of a 0600 database is as private as it: the shadow WAL and its folders, the
+/// file:// replica's objects and folders, the restored file; a restore never writes through
+/// a dangling link; settings out of range are refused at start with a reason.
+#[test]
+fn sqlite_copies_are_as_private_as_the_database() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let c = open(&db);
+    c.execute_batch(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 500)
+         INSERT INTO t(v) SELECT randomblob(300) FROM n",
+    )
+    .unwrap();
+    let replica = dir.path().join("replica");
+    let url = format!("file://{}", replica.display());
+    let rep = replicate(&["--sync-interval", SYNC, db.to_str().unwrap(), url.as_str()], &[]);
+    std::thread::sleep(Duration::from_secs(2));
+    c.execute("INSERT INTO t(v) VALUES (randomblob(100))", []).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    drop(c);
+    let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+    let shadow = dir.path().join(".app.db-cloud-dump");
+    let mut seen = 0;
+    for root in [&shadow, &replica] {
+        for p in walk(root) {
+            let m = mode(&p);
+            if p.file_name().is_some_and(|n| n != "lock" && n != "cloud-dump-repository") {
+                assert_eq!(m & 0o077, 0, "{} is {m:o}", p.display());
+                seen += 1;
+            }
+            let mut d = p.parent();
+            while let Some(x) = d.filter(|x| x.starts_with(root) && *x != root.as_path()) {
+                assert_eq!(mode(x) & 0o077, 0, "{} is {:o}", x.display(), mode(x));
+                d = x.parent();
+            }
+        }
+        if root == &shadow {
+            assert_eq!(mode(root) & 0o077, 0, "{} is {:o}", root.display(), mode(root));
+        }
+    }
+    assert!(seen >= 3, "nothing replicated? {seen}");
+    let out = dir.path().join("restored.db");
+    restore_fp(&url, &out, &[], &[]);
+    assert_eq!(mode(&out), 0o600);
+    // A dangling link as -o: refused, the link left as it was.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(dir.path().join("nowhere/else.db"), &link).unwrap();
+    sqlite(&["restore", "-o", link.to_str().unwrap(), &url], &[]).fails_with("symbolic link");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    // Settings out of range: refused at start, with the setting named.
+    for (setting, value) in [("retention", "0"), ("sync-interval", "99999999999999999999h")] {
+        let cfg = dir.path().join(format!("bad-{setting}.yml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "dbs:\n  - path: {}\n    replicas:\n      - url: {url}\n        {setting}: {value}\n",
+                db.display()
+            ),
+        )
+        .unwrap();
+        sqlite(&["replicate", "-config", cfg.to_str().unwrap()], &[]).fails_with(setting);
+    }
+}
