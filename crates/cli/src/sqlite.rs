@@ -345,7 +345,11 @@ async fn restore(g: &GlobalArgs, a: &SqliteRestoreArgs) -> Result<ExitCode> {
     let (mut empty, mut errors) = (Vec::new(), Vec::new());
     for r in replicas {
         let planned = match Repo::open(&r.url, &r.storage).await {
-            Ok(repo) => StoredReplica::new(&repo).plan_restore(&target).await.map(|p| (repo, p)),
+            Ok(repo) => {
+                let keys = !matches!(decryption_for(&r, &a.age.age_identity_file)?, Decryption::None)
+                    || !r.recipients.is_empty();
+                StoredReplica::new(&repo).plan_restore(&target, keys).await.map(|p| (repo, p))
+            }
             Err(e) => Err(e.into()),
         };
         match planned {

@@ -339,7 +339,8 @@ impl Replica {
             _ => cloud_dump_pipeline::Decryption::None,
         };
         let started = std::time::Instant::now();
-        let result = match crate::restore::plan_from(&self.repo, &crate::restore::Target::default()).await {
+        let keys = !self.spec.identities.is_empty() || !self.spec.recipients.is_empty();
+        let result = match crate::restore::plan_from(&self.repo, &crate::restore::Target::default(), keys).await {
             Ok(plan) => crate::restore::execute(&self.repo, &plan, dec, &scratch, 4).await.map(|r| (plan, r)),
             Err(e) => Err(e),
         };

@@ -247,9 +247,29 @@ pub fn format_ms(ms: i64) -> String {
     t.format(&f).unwrap_or_default()
 }
 
-/// Plans a restore from a replica (one LIST).
-pub async fn plan_from(repo: &Repo, target: &Target) -> Result<Plan> {
-    let entries = list_entries(repo, None).await?;
+/// Splits `entries` into those a restore may read and the unencrypted ones it must refuse:
+/// in a replica configured with keys (`keys`), or holding any encrypted object, an
+/// unencrypted snapshot or WAL object is never read (someone who can write to the bucket,
+/// without any key, could otherwise plant a plain generation whose newer sequence wins).
+/// Pure.
+pub fn refuse_plain(entries: Vec<Entry>, keys: bool) -> (Vec<Entry>, Vec<Entry>) {
+    if !keys && !entries.iter().any(|e| e.encrypted) {
+        return (entries, Vec::new());
+    }
+    entries.into_iter().partition(|e| e.encrypted)
+}
+
+/// Plans a restore from a replica (one LIST). `keys`: the replica is configured with keys
+/// (see [`refuse_plain`]).
+pub async fn plan_from(repo: &Repo, target: &Target, keys: bool) -> Result<Plan> {
+    let (entries, refused) = refuse_plain(list_entries(repo, None).await?, keys);
+    if let Some(e) = refused.first() {
+        tracing::warn!(
+            refused = refused.len(),
+            example = %e.key,
+            "unencrypted objects in an encrypted replica are refused (planted by someone without the key?)"
+        );
+    }
     if entries.is_empty() {
         // "Empty" only when nothing at all is stored under generations/: objects this
         // version does not recognise are not "nothing was replicated".

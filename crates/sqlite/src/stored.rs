@@ -80,9 +80,10 @@ impl<'a> StoredReplica<'a> {
         Ok(generations(&self.entries().await?))
     }
 
-    /// What a restore to `target` would read.
-    pub async fn plan_restore(&self, target: &Target) -> Result<Plan> {
-        crate::restore::plan_from(self.repo, target).await
+    /// What a restore to `target` would read; `keys`: the replica is configured with keys
+    /// (unencrypted objects are then refused).
+    pub async fn plan_restore(&self, target: &Target, keys: bool) -> Result<Plan> {
+        crate::restore::plan_from(self.repo, target, keys).await
     }
 
     /// Every generation planned and, with keys, restored into `scratch` and checked.

@@ -35,11 +35,29 @@ pub async fn verify_replica(
     scratch: &Path,
     parallelism: usize,
 ) -> Result<Vec<GenerationCheck>> {
-    let entries = list_entries(repo, None).await?;
+    let (entries, refused) = crate::restore::refuse_plain(list_entries(repo, None).await?, can_decrypt);
+    let mut out = Vec::new();
+    // Unencrypted objects in an encrypted replica: refused, each generation named.
+    let mut planted: Vec<&str> = refused.iter().map(|e| e.generation.as_str()).collect();
+    planted.dedup();
+    for g in planted {
+        out.push(GenerationCheck {
+            generation: g.to_owned(),
+            snapshot: None,
+            wal_objects: 0,
+            reaches: None,
+            data_time: None,
+            ok: false,
+            restored: false,
+            detail: format!(
+                "{} unencrypted object(s) in an encrypted replica, refused (planted by someone without the key?)",
+                refused.iter().filter(|e| e.generation == g).count()
+            ),
+        });
+    }
     let mut generations: Vec<String> = entries.iter().map(|e| e.generation.clone()).collect();
     generations.sort();
     generations.dedup();
-    let mut out = Vec::new();
     for g in generations {
         let target = Target { generation: Some(g.clone()), ..Default::default() };
         let p = match plan(entries.clone(), &target) {

@@ -895,3 +895,62 @@ fn sqlite_copies_are_as_private_as_the_database() {
         sqlite(&["replicate", "-config", cfg.to_str().unwrap()], &[]).fails_with(setting);
     }
 }
+
+/// Someone without any key replicates a database of their own, unencrypted, and copies its
+/// generation (a newer sequence) into the victim's age-encrypted replica: restore, verify and
+/// validation refuse the plain objects; the victim's data comes back.
+#[test]
+fn sqlite_a_plain_generation_planted_in_an_encrypted_replica_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    cloud_dump(&["keygen", "--output", dir.path().join("id.txt").to_str().unwrap()], &[]).ok();
+    let id_text = std::fs::read_to_string(dir.path().join("id.txt")).unwrap();
+    let secret = id_text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).unwrap().to_owned();
+    let victim = app_db(dir.path());
+    open(&victim).execute("INSERT INTO t(v) VALUES (x'01')", []).unwrap();
+    let replica = dir.path().join("replica");
+    let cfg = dir.path().join("victim.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n        age:\n          identities:\n            - $CLOUD_DUMP_TEST_AGE_IDENTITY\n",
+            victim.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let env = vec![("CLOUD_DUMP_TEST_AGE_IDENTITY".to_owned(), secret.clone())];
+    let rep = replicate(&["--config", cfg.to_str().unwrap()], &env);
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    // The attacker's database, replicated later (a newer generation sequence), unencrypted.
+    let evil_dir = dir.path().join("evil");
+    std::fs::create_dir_all(&evil_dir).unwrap();
+    let evil = app_db(&evil_dir);
+    for _ in 0..7 {
+        open(&evil).execute("INSERT INTO t(v) VALUES (x'66')", []).unwrap();
+    }
+    let evil_replica = dir.path().join("evil-replica");
+    let rep = replicate(
+        &["--sync-interval", SYNC, evil.to_str().unwrap(), &format!("file://{}", evil_replica.display())],
+        &[],
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    let copy = std::process::Command::new("cp")
+        .args(["-r", evil_replica.join("generations").to_str().unwrap(), replica.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let out = dir.path().join("restored.db");
+    let r = sqlite(
+        &["restore", "-config", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), victim.to_str().unwrap()],
+        &env,
+    )
+    .ok();
+    assert_eq!(count(&out), 1, "the planted database was restored:\n{}{}", r.stdout, r.stderr);
+    let v = sqlite(&["verify", "-config", cfg.to_str().unwrap(), victim.to_str().unwrap()], &env);
+    assert_ne!(v.code, 0, "verify passed a planted generation:\n{}", v.stdout);
+    assert!(v.stdout.contains("unencrypted"), "{}", v.stdout);
+}
