@@ -348,6 +348,10 @@ async fn restore(g: &GlobalArgs, a: &SqliteRestoreArgs) -> Result<ExitCode> {
             Ok(repo) => {
                 let keys = !matches!(decryption_for(&r, &a.age.age_identity_file)?, Decryption::None)
                     || !r.recipients.is_empty();
+                // A replica that belongs to another database is never restored as this one.
+                if let Some(db) = &db_path {
+                    cloud_dump_sqlite::replica::check_owner(&repo, db).await?;
+                }
                 StoredReplica::new(&repo).plan_restore(&target, keys).await.map(|p| (repo, p))
             }
             Err(e) => Err(e.into()),

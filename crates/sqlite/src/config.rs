@@ -362,18 +362,22 @@ impl Config {
             dbs.push(spec);
         }
         // Two databases sharing a replica location would interleave their generations and a
-        // restore of one could return the other.
-        let mut urls: Vec<(String, String)> = Vec::new();
+        // restore of one could return the other. Locations are compared as parsed and
+        // canonical (store, endpoint, bucket, normalised prefix; the real path for files),
+        // and one inside another counts as shared.
+        let mut seen: Vec<(LocationKey, String)> = Vec::new();
         for (i, d) in dbs.iter().enumerate() {
             for r in &d.replicas {
-                let u = r.url.trim_end_matches('/').to_owned();
-                if let Some((_, other)) = urls.iter().find(|(x, _)| *x == u) {
+                let key = location_key(&r.url, r.storage.s3_endpoint.as_deref())
+                    .map_err(|e| cfg(format!("dbs[{i}] replica {}: {e}", r.name)))?;
+                if let Some((_, other)) = seen.iter().find(|(k, _)| k.overlaps(&key)) {
                     return Err(cfg(format!(
-                        "dbs[{i}] ({}) replicates to {u}, which {other} already uses; give each database (and each replica) its own location",
-                        d.path.display()
+                        "dbs[{i}] ({}) replicates to {}, the same place as {other} (or inside it); give each database (and each replica) its own location",
+                        d.path.display(),
+                        r.url
                     )));
                 }
-                urls.push((u, format!("{} (replica {})", d.path.display(), r.name)));
+                seen.push((key, format!("{} (replica {}, {})", d.path.display(), r.name, r.url)));
             }
         }
         Ok(Config { addr: file.addr, dbs, ignored })
@@ -383,6 +387,94 @@ impl Config {
         let want = absolute(path);
         self.dbs.iter().find(|d| d.path == want)
     }
+}
+
+/// A replica location as stored: which store, and the path inside it (a list of
+/// components), so that spellings of one place compare equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocationKey {
+    pub store: String,
+    pub path: Vec<String>,
+}
+
+impl LocationKey {
+    /// One location is the other, or lies inside it.
+    pub fn overlaps(&self, other: &LocationKey) -> bool {
+        self.store == other.store && (self.path.starts_with(&other.path) || other.path.starts_with(&self.path))
+    }
+}
+
+/// The canonical key of replica location `url` (with the S3 endpoint it is used with):
+/// `file:///x//rep`, `/x/./rep`, `file://localhost/x/rep` and `/x/y/../rep` are one
+/// place, as are `s3://b//app/` and `s3://b/app`. A query string or fragment is refused
+/// (nothing reads it). A file path is resolved through symbolic links as far as it exists.
+pub fn location_key(url: &str, endpoint: Option<&str>) -> std::result::Result<LocationKey, String> {
+    if url.contains(['?', '#']) {
+        return Err(format!("{url}: a replica URL takes no query string or fragment"));
+    }
+    let loc = Location::parse(url).map_err(|e| e.to_string())?;
+    let parts = |p: &str| -> Vec<String> { p.split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect() };
+    let endpoint = endpoint.map(|e| e.trim_end_matches('/').to_ascii_lowercase()).unwrap_or_default();
+    Ok(match loc {
+        Location::File { path } => LocationKey { store: "file".into(), path: real_components(&path) },
+        Location::S3 { bucket, prefix } => {
+            LocationKey { store: format!("s3 {endpoint} {bucket}"), path: parts(&prefix) }
+        }
+        Location::Gcs { bucket, prefix } => LocationKey { store: format!("gs {bucket}"), path: parts(&prefix) },
+        Location::Azure { container, prefix } => {
+            LocationKey { store: format!("az {endpoint} {container}"), path: parts(&prefix) }
+        }
+        Location::Storj { bucket, prefix } => LocationKey { store: format!("storj {bucket}"), path: parts(&prefix) },
+        Location::Memory { prefix } => LocationKey { store: "memory".into(), path: parts(&prefix) },
+    })
+}
+
+/// The components of `path` made absolute and lexically normal (`.`, `..`, `//`), then
+/// resolved through links for the longest part that exists.
+fn real_components(path: &Path) -> Vec<String> {
+    real_path(path)
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// `path` made absolute and lexically normal, then resolved through links for the longest
+/// part that exists.
+pub fn real_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut lexical = PathBuf::from("/");
+    for c in absolute(path).components() {
+        match c {
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            Component::Normal(n) => lexical.push(n),
+            _ => {}
+        }
+    }
+    // The longest existing ancestor, resolved; the rest appended as written.
+    let mut existing = lexical.clone();
+    let mut rest = Vec::new();
+    let resolved = loop {
+        if let Ok(r) = std::fs::canonicalize(&existing) {
+            break r;
+        }
+        match (existing.file_name().map(|n| n.to_owned()), existing.parent().map(Path::to_path_buf)) {
+            (Some(n), Some(parent)) => {
+                rest.push(n);
+                existing = parent;
+            }
+            _ => break existing,
+        }
+    };
+    let mut full = resolved;
+    for n in rest.into_iter().rev() {
+        full.push(n);
+    }
+    full
 }
 
 fn absolute(p: &Path) -> PathBuf {
@@ -508,6 +600,37 @@ mod tests {
     }
 
     #[test]
+    fn one_place_spelled_many_ways_is_one_place() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("x");
+        std::fs::create_dir_all(real.join("rep")).unwrap();
+        std::os::unix::fs::symlink(&real, d.path().join("link")).unwrap();
+        let base = location_key(&format!("{}/rep", real.display()), None).unwrap();
+        for same in [
+            format!("file://{}//rep", real.display()),
+            format!("file://{}/./rep/", real.display()),
+            format!("file://localhost{}/rep", real.display()),
+            format!("{}/y/../rep", real.display()),
+            format!("{}/link/rep", d.path().display()),
+        ] {
+            assert_eq!(location_key(&same, None).unwrap(), base, "{same}");
+        }
+        let inside = location_key(&format!("{}/rep/deeper", real.display()), None).unwrap();
+        assert!(inside.overlaps(&base) && base.overlaps(&inside));
+        assert!(!location_key(&format!("{}/rep2", real.display()), None).unwrap().overlaps(&base));
+        let s3 = location_key("s3://b/app", Some("http://H:9000/")).unwrap();
+        assert_eq!(location_key("s3://b//app/", Some("http://h:9000")).unwrap(), s3);
+        assert!(!location_key("s3://b/app", Some("http://other:9000")).unwrap().overlaps(&s3));
+        assert!(location_key("s3://b/app?x=1", None).is_err());
+        // In a config: two databases on one place, however spelled, are refused.
+        let cfg = format!(
+            "dbs:\n  - path: /a.db\n    replicas:\n      - path: {r}/rep\n  - path: /b.db\n    replicas:\n      - url: file://{r}//rep/\n",
+            r = real.display()
+        );
+        assert!(Config::parse(&cfg, "t").unwrap_err().to_string().contains("same place"));
+    }
+
+    #[test]
     fn settings_out_of_range_are_refused_with_a_reason() {
         let with = |line: &str| {
             Config::parse(&format!("dbs:\n  - path: /p\n{line}    replicas:\n      - url: s3://b/db\n"), "t")
@@ -563,7 +686,7 @@ mod tests {
         assert_eq!(c.dbs[0].replicas[0].retention, Duration::from_secs(3600));
         let twice = "dbs:\n  - path: /a.db\n    replicas:\n      - url: s3://b/x\n  - path: /b.db\n    replicas:\n      - url: s3://b/x/\n";
         let err = Config::parse(twice, "t").unwrap_err().to_string();
-        assert!(err.contains("already uses"), "{err}");
+        assert!(err.contains("the same place"), "{err}");
         let err = Config::parse("dbs:\n  - path: /p\n    replicas:\n      - url: ftp://x/y\n", "t").unwrap_err();
         assert!(err.to_string().contains("unknown scheme"), "{err}");
         assert!(Config::parse("dbs:\n  - path: /p\n", "t").unwrap_err().to_string().contains("no replicas"));

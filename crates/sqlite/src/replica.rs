@@ -455,6 +455,54 @@ pub fn retention_plan(entries: &[Entry], cutoff: i64, current: &str) -> Vec<Entr
     doomed
 }
 
+/// The replica's owner record: which database writes into it (written create-only by the
+/// first replicator).
+pub const OWNER_OBJECT: &str = "cloud-dump-sqlite-owner";
+
+fn owner_text(db: &std::path::Path) -> String {
+    format!("database {}\n", crate::config::real_path(db).display())
+}
+
+/// The database a replica's owner record names, if it has one.
+pub async fn owner(repo: &Repo) -> Result<Option<String>> {
+    match repo.get(OWNER_OBJECT).await {
+        Ok(b) => Ok(String::from_utf8_lossy(&b).trim().strip_prefix("database ").map(str::to_owned)),
+        Err(cloud_dump_storage::StorageError::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Claims replica `repo` for database `db` (create-only), or refuses when another database
+/// owns it: two replicators (two configs, two hosts) writing one location would interleave
+/// their generations, and a restore would return the other database.
+pub async fn claim_owner(repo: &Repo, db: &std::path::Path) -> Result<()> {
+    let mine = owner_text(db);
+    if owner(repo).await?.is_none() {
+        match repo.put_new(OWNER_OBJECT, Bytes::from(mine.clone())).await {
+            Ok(()) => {
+                let mode =
+                    std::fs::metadata(db).map(|m| std::os::unix::fs::MetadataExt::mode(&m) & 0o666).unwrap_or(0o600);
+                repo.restrict_local(OWNER_OBJECT, mode)?;
+            }
+            Err(cloud_dump_storage::StorageError::AlreadyExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    check_owner(repo, db).await
+}
+
+/// Refuses replica `repo` for database `db` when its owner record names another database.
+pub async fn check_owner(repo: &Repo, db: &std::path::Path) -> Result<()> {
+    let mine = crate::config::real_path(db).display().to_string();
+    match owner(repo).await? {
+        Some(other) if other != mine => Err(SqliteError::Config(format!(
+            "replica {} belongs to database {other} (its {OWNER_OBJECT} record), not {mine}: give this database its own replica location",
+            repo.url()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -268,7 +268,10 @@ async fn start(spec: &DbSpec, stop: &mut watch::Receiver<bool>) -> Result<Option
 async fn prepare(spec: &DbSpec) -> Result<Vec<Repo>> {
     let mut repos = Vec::new();
     for r in &spec.replicas {
-        repos.push(Repo::create(&r.url, &r.storage).await?);
+        let repo = Repo::create(&r.url, &r.storage).await?;
+        // Another database's replica: refused before anything starts.
+        crate::replica::check_owner(&repo, &spec.path).await?;
+        repos.push(repo);
     }
     Ok(repos)
 }
@@ -289,6 +292,16 @@ async fn launch(spec: &DbSpec, repos: Vec<Repo>, stop: &mut watch::Receiver<bool
             return Err(e);
         }
     };
+    // The database opened: its replicas are claimed for it (create-only owner records).
+    for repo in &repos {
+        if let Err(e) = crate::replica::claim_owner(repo, &spec.path).await {
+            // SQLite's connections close before the descriptor (closing it first would drop
+            // their POSIX locks).
+            drop(db);
+            release(&shared);
+            return Err(e);
+        }
+    }
     let (stop_replicas, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let mut metrics = Vec::new();

@@ -954,3 +954,32 @@ fn sqlite_a_plain_generation_planted_in_an_encrypted_replica_is_refused() {
     assert_ne!(v.code, 0, "verify passed a planted generation:\n{}", v.stdout);
     assert!(v.stdout.contains("unencrypted"), "{}", v.stdout);
 }
+
+/// One replica location, two databases: the second replicator (another process, another
+/// spelling of the location) is refused, and a restore of it from there too.
+#[test]
+fn sqlite_a_replica_belongs_to_one_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = app_db(dir.path());
+    let other_dir = dir.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = app_db(&other_dir);
+    let replica = dir.path().join("rep");
+    let rep =
+        replicate(&["--sync-interval", SYNC, one.to_str().unwrap(), &format!("file://{}", replica.display())], &[]);
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    let respelled = format!("file://{}//./rep/", dir.path().display());
+    let mut second = replicate(&["--sync-interval", SYNC, other.to_str().unwrap(), &respelled], &[]);
+    let (code, log) = wait_timeout(&mut second, Duration::from_secs(30));
+    assert_ne!(code, 0, "a second database replicated into another's replica:\n{log}");
+    assert!(log.contains("belongs to database"), "{log}");
+    let cfg = dir.path().join("other.yml");
+    std::fs::write(&cfg, format!("dbs:\n  - path: {}\n    replicas:\n      - url: {respelled}\n", other.display()))
+        .unwrap();
+    let out = dir.path().join("x.db");
+    sqlite(&["restore", "-config", cfg.to_str().unwrap(), "-o", out.to_str().unwrap(), other.to_str().unwrap()], &[])
+        .fails_with("belongs to database");
+    assert!(!out.exists());
+}
