@@ -37,8 +37,13 @@ use crate::wal::{self, WalHeader, FRAME_HEADER_SIZE, HEADER_SIZE};
 
 /// How long we wait for the write lock before trying again at the next tick.
 const LOCK_WAIT: Duration = Duration::from_secs(1);
-/// How long a forced checkpoint holds writers back waiting for readers to move on.
-const FORCE_WAIT: Duration = Duration::from_secs(5);
+/// The longest our checkpoint holds the write lock retrying (the application's own
+/// checkpoint may hold the checkpoint lock a moment); readers are never waited for under it.
+const LOCKED_RETRY: Duration = Duration::from_millis(50);
+/// After a forced checkpoint that readers kept from completing, the next one waits this
+/// long, doubling up to [`FORCED_BACKOFF_MAX`].
+const FORCED_BACKOFF_MIN: Duration = Duration::from_secs(1);
+const FORCED_BACKOFF_MAX: Duration = Duration::from_secs(60);
 const READ_CHUNK: usize = 4 << 20;
 
 /// Where the shadow WAL stands: what replicas upload from.
@@ -277,6 +282,9 @@ pub struct Db {
     /// the only possible WAL restart is at the very next write, with nothing appended after
     /// this position — a restart that also truncated the file lost nothing.
     clean_end: std::cell::Cell<Option<u64>>,
+    /// No forced checkpoint before this (after one that readers kept from completing).
+    forced_after: Option<Instant>,
+    forced_backoff: Duration,
 }
 
 fn is_busy(e: &rusqlite::Error) -> bool {
@@ -362,6 +370,8 @@ impl Db {
             max_wal_bytes: spec.max_wal_bytes,
             buf: Vec::new(),
             clean_end: std::cell::Cell::new(None),
+            forced_after: None,
+            forced_backoff: FORCED_BACKOFF_MIN,
         };
         db.start()?;
         Ok(db)
@@ -787,9 +797,19 @@ impl Db {
         let sh = self.shadow.as_ref().expect("a shadow WAL");
         let frame = (FRAME_HEADER_SIZE + sh.header.page_size as usize) as u64;
         let pages = (sh.end - HEADER_SIZE as u64) / frame;
-        if sh.end >= self.max_wal_bytes {
-            self.checkpoint(true)?;
-        } else if pages >= self.min_checkpoint_pages {
+        let forced_due = self.forced_after.is_none_or(|t| Instant::now() >= t);
+        if sh.end >= self.max_wal_bytes && forced_due {
+            // Past max-wal-size. Readers on old snapshots can keep any checkpoint from
+            // completing; then back off (1 s, doubling to 60 s) instead of retrying at every
+            // tick: the application must never wait on us.
+            if self.checkpoint(true)? {
+                self.forced_after = None;
+                self.forced_backoff = FORCED_BACKOFF_MIN;
+            } else {
+                self.forced_after = Some(Instant::now() + self.forced_backoff);
+                self.forced_backoff = (self.forced_backoff * 2).min(FORCED_BACKOFF_MAX);
+            }
+        } else if pages >= self.min_checkpoint_pages && sh.end < self.max_wal_bytes {
             self.checkpoint(false)?;
         }
         self.prune_shadow();
@@ -807,12 +827,14 @@ impl Db {
     /// `max-wal-size`): the locked step retries for up to 5 s while readers finish.
     pub fn checkpoint(&mut self, forced: bool) -> Result<bool> {
         let shared = self.shared.clone();
-        let gate = if forced {
-            shared.gate.write().unwrap_or_else(|e| e.into_inner())
-        } else {
-            match shared.gate.try_write() {
-                Ok(g) => g,
-                Err(_) => return Ok(false),
+        // Never wait for the gate: a snapshot holding it may be stalled on a slow or hung
+        // store, and the database thread must go on copying (the next tick tries again).
+        let gate = match shared.gate.try_write() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                tracing::debug!(db = %self.p(), forced, "checkpoint postponed: a snapshot is reading the database");
+                return Ok(false);
             }
         };
         let salt = self.shadow.as_ref().map(|s| s.header.salt1);
@@ -837,7 +859,7 @@ impl Db {
     }
 
     fn checkpoint_gated(&mut self, forced: bool) -> Result<bool> {
-        if !forced {
+        {
             // A read transaction on the locker, begun before the copy, keeps the passive
             // step from checkpointing frames we have not copied: the WAL cannot be fully
             // checkpointed — so not restarted and truncated by the application — meanwhile.
@@ -865,7 +887,7 @@ impl Db {
                 return Ok(false);
             }
         }
-        if !self.lock(if forced { FORCE_WAIT } else { LOCK_WAIT })? {
+        if !self.lock(LOCK_WAIT)? {
             tracing::debug!(db = %self.p(), forced, "checkpoint postponed: the application held the write lock");
             // The passive step may have moved frames past our position into the database
             // file: copy up to the WAL's end first, so a snapshot waiting on the gate is
@@ -895,16 +917,17 @@ impl Db {
         self.copy_locked()?;
         self.end_read()?;
         // The application's own autocheckpoint may hold the checkpoint lock for a moment.
-        let deadline = Instant::now() + if forced { FORCE_WAIT } else { Duration::from_millis(50) };
+        // Under the write lock only briefly: readers on old snapshots are never waited for.
+        let deadline = Instant::now() + LOCKED_RETRY;
         let full = loop {
             let full = self.passive();
             if !matches!(full, Ok(false)) || Instant::now() > deadline {
                 if matches!(full, Ok(false)) && forced {
-                    tracing::warn!(db = %self.p(), "forced checkpoint incomplete: other readers hold old snapshots; the WAL keeps growing until they finish");
+                    tracing::warn!(db = %self.p(), "forced checkpoint incomplete: other readers hold old snapshots; trying again later (the WAL grows until they finish)");
                 }
                 break full;
             }
-            std::thread::sleep(Duration::from_millis(if forced { 10 } else { 1 }));
+            std::thread::sleep(Duration::from_millis(1));
         };
         self.begin_read()?;
         let full = full?;
