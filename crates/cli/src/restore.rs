@@ -95,9 +95,9 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     let wal = WalArchive::new(&repo, &layout);
 
     // Which backup and which timeline: decided on the archive's timeline graph.
-    let (name, tli, archived) = match (&a.name, &target) {
+    let (name, tli, archived, tli_setting) = match (&a.name, &target) {
         (None, None) => bail!("--name is required (or give a --recovery-target-… to use the newest backup before it)"),
-        (Some(n), None) => (n.clone(), None, Vec::new()),
+        (Some(n), None) => (n.clone(), None, Vec::new(), None),
         (name, Some(t)) => {
             let backups = list_backups(&repo, &layout).await?;
             let seg_size = name
@@ -107,7 +107,9 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
                 .map(|m| m.wal_segment_size())
                 .unwrap_or(16 << 20);
             let archived = wal.list_names().await?;
-            let graph = wal.graph_of(&archived, seg_size, &WalKeys::default()).await?;
+            // The WAL keys open history files archived before their records carried the
+            // switch points.
+            let graph = wal.graph_of(&archived, seg_size, &graph_keys(a)?).await?;
             let (m, tli) = choose_restore(&graph, &backups, name.as_deref(), t, timeline)?;
             check_restore_wal(&graph, m, tli, t, wal.dir())?;
             if matches!(t, RecoveryTarget::Time(..)) {
@@ -116,7 +118,8 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
                     .map_err(cloud_dump_postgres::Error::from)?
                     .map(|n| n.segments)
                     .unwrap_or_default();
-                check_time_reachable(t, wal.last_commit_on(&path, 16).await?, tli)?;
+                let m_version = m.pg_version_num;
+                check_time_reachable(t, wal.last_commit_on(&path, 16).await?, tli, m_version)?;
             }
             if name.is_none() {
                 tracing::info!(
@@ -125,7 +128,19 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
                     t.describe()
                 );
             }
-            (m.name.clone(), Some(tli), archived)
+            // Named as a number, PostgreSQL requires its history file; the archive's first
+            // timeline may have none (archiving began on it): then it is the backup's own,
+            // which PostgreSQL calls `current`.
+            let setting = if tli > 1 && tli == m.timeline && graph.history_stored(tli).is_none() {
+                if m.pg_version_num >= 120000 {
+                    Some("current".to_owned())
+                } else {
+                    None // PostgreSQL 10 and 11 default to the current timeline
+                }
+            } else {
+                Some(tli.to_string())
+            };
+            (m.name.clone(), Some(tli), archived, setting)
         }
     };
     let req = RestoreRequest {
@@ -162,7 +177,7 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
             };
             // The settings file holds secrets: gone once recovery ends. The timeline is
             // always named: the graph chose it, PostgreSQL must not probe for another.
-            Some(recovery_settings(t, action, tli.map(|t| t.to_string()), &exe, &spool, &conf)?)
+            Some(recovery_settings(t, action, tli_setting.clone(), &exe, &spool, &conf)?)
         }
         None => None,
     };
@@ -269,6 +284,20 @@ async fn restore(g: &GlobalArgs, a: &RestoreArgs) -> Result<()> {
     crate::say(&last);
     crate::say(&archiving_line(&plan.pgdata, a.archive_mode));
     Ok(())
+}
+
+/// The keys that may open history files for the timeline graph: the WAL passphrase (or
+/// the backup's) and the identity files given.
+fn graph_keys(a: &RestoreArgs) -> Result<WalKeys> {
+    let pass = a.wal_passphrase.clone().map(Into::into).or(match setup::decryption(&a.decrypt)? {
+        cloud_dump_pipeline::Decryption::Passphrase(p) => Some(p),
+        _ => None,
+    });
+    let mut identities = Vec::new();
+    for f in [&a.wal_identity_key, &a.decrypt.identity_key].into_iter().flatten() {
+        identities.extend(setup::read_identities(f)?);
+    }
+    Ok(WalKeys { passphrase: pass, identities, require_encrypted: false })
 }
 
 /// The restore's last line: whether the copy will archive, and where.

@@ -189,7 +189,14 @@ async fn fetch_inner(g: &GlobalArgs, a: &WalFetchArgs) -> Result<bool> {
                 cloud_dump_postgres::wal::classify(&a.name),
                 Ok(WalFileKind::Segment) | Ok(WalFileKind::History)
             ) {
-                let graph = wal.timeline_graph(segment_size(), &keys).await?;
+                let names = wal.list_names().await?;
+                let size = match std::env::var(SEGMENT_SIZE_ENV) {
+                    Ok(_) => segment_size(),
+                    // A restore_command written by hand: the size from an archived segment's
+                    // own long page header (segment numbers depend on it).
+                    Err(_) => learned_segment_size(&wal, &names, &keys).await?,
+                };
+                let graph = wal.graph_of(&names, size, &keys).await?;
                 if let Some(why) = graph.hole(&a.name) {
                     // A primary archiving into this repository may have pushed it meanwhile.
                     if let Some(data) = wal.fetch(&a.name, &keys).await? {
@@ -218,6 +225,27 @@ fn segment_size() -> u64 {
         .and_then(|v| v.parse().ok())
         .filter(|s: &u64| s.is_power_of_two())
         .unwrap_or(16 << 20)
+}
+
+/// The segment size of the archive's first listed segment, read from its long page
+/// header (16 MiB when no segment is archived).
+async fn learned_segment_size(
+    wal: &WalArchive<'_>,
+    names: &[(String, std::time::SystemTime)],
+    keys: &WalKeys,
+) -> Result<u64> {
+    let Some((first, _)) = names.iter().find(|(n, _)| is_segment(n)) else { return Ok(16 << 20) };
+    let Some(data) = wal.fetch(first, keys).await? else { return Ok(16 << 20) };
+    let size = data.get(32..36).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as u64);
+    match size {
+        Some(s) if s.is_power_of_two() && ((1 << 20)..=(1 << 30)).contains(&s) => Ok(s),
+        _ => {
+            tracing::warn!(
+                "{first} has no valid long page header: taking 16 MiB WAL segments (set {SEGMENT_SIZE_ENV})"
+            );
+            Ok(16 << 20)
+        }
+    }
 }
 
 fn start_prefetch(a: &WalFetchArgs, spool: &Path) {

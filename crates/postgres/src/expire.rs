@@ -131,12 +131,26 @@ pub fn plan(
     // Backups on the history of a live timeline restore the live data; with the graph
     // incomplete every backup counts as live (the WAL is then kept whole anyway).
     let heads = graph.heads();
-    let graph_known = graph.missing_histories().is_empty();
-    let live =
-        |b: &BackupFacts| !graph_known || heads.is_empty() || heads.iter().any(|h| graph.on_ancestry(h.tli, &b.point));
+    let graph_known = graph.problems().is_empty();
+    // Which system the WAL archive (and so the timeline graph) belongs to.
+    let system = match archive_system {
+        Some(s) => Some(s.to_owned()),
+        None if by_system.len() == 1 => by_system.keys().next().map(|s| s.to_string()),
+        None => None,
+    };
+    // Liveness is told only for the archive's system, and only when the graph is whole:
+    // otherwise every backup counts as live (and the WAL is then kept whole anyway).
+    let live = |b: &BackupFacts| {
+        !graph_known
+            || system.as_deref() != Some(b.system_id.as_str())
+            || heads.is_empty()
+            || heads.iter().any(|h| graph.on_ancestry(h.tli, &b.point))
+    };
     let mut verdicts = Vec::new();
     let mut kept_points: BTreeMap<&str, Vec<&BackupFacts>> = BTreeMap::new();
-    for (system, list) in by_system.iter_mut() {
+    for (system_id, list) in by_system.iter_mut() {
+        let system_id: &str = system_id;
+        let mut verdicts_here: Vec<(&BackupFacts, Verdict)> = Vec::new();
         // Unreadable times first: treated as newest, never deleted.
         list.sort_by(|a, b| {
             let key = |x: &BackupFacts| x.stop_time_us.unwrap_or(i64::MAX);
@@ -186,19 +200,32 @@ pub fn plan(
                 }
                 Verdict::Delete(why.join(", "))
             };
-            if !verdict.is_delete() && b.doubt.is_none() && b.stop_time_us.is_some() {
-                kept_points.entry(system).or_default().push(b);
+            verdicts_here.push((*b, verdict));
+        }
+        // A credible backup off the live line is never deleted only for that while it is
+        // newer than the oldest backup kept on the live line: "live" is told from when WAL
+        // arrived, and a quiet primary beside a restore test that kept archiving looks
+        // superseded until it archives again.
+        let oldest_kept_live = verdicts_here
+            .iter()
+            .filter(|(b, v)| !v.is_delete() && counted(b))
+            .filter_map(|(b, _)| b.stop_time_us)
+            .min();
+        for (b, v) in verdicts_here.iter_mut() {
+            let off_line = b.doubt.is_none() && !live(b);
+            if v.is_delete() && off_line && b.stop_time_us.zip(oldest_kept_live).is_some_and(|(t, o)| t >= o) {
+                *v = Verdict::Keep(format!(
+                    "on timeline {}'s branch, which no live timeline continues; kept while newer than the oldest backup kept on the live line",
+                    b.point.tli
+                ));
             }
-            verdicts.push((b.name.clone(), verdict));
+            if !v.is_delete() && b.doubt.is_none() && b.stop_time_us.is_some() {
+                kept_points.entry(system_id).or_default().push(*b);
+            }
+            verdicts.push((b.name.clone(), v.clone()));
         }
     }
 
-    // Which system the WAL archive belongs to.
-    let system = match archive_system {
-        Some(s) => Some(s.to_owned()),
-        None if by_system.len() == 1 => by_system.keys().next().map(|s| s.to_string()),
-        None => None,
-    };
     let sizes: std::collections::BTreeSet<u64> = match &system {
         Some(sys) => backups.iter().filter(|b| &b.system_id == sys).map(|b| b.segment_size).collect(),
         None => Default::default(),
@@ -218,12 +245,7 @@ pub fn plan(
         }
         Some(_) if !graph_known => Err(format!(
             "the timelines cannot be told ({}): all WAL kept",
-            graph
-                .missing_histories()
-                .iter()
-                .map(|(t, why)| format!("{t:08X}.history is missing although {why}"))
-                .collect::<Vec<_>>()
-                .join("; ")
+            graph.problems().iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")
         )),
         Some(s) => match kept_points.get(s.as_str()) {
             None => Err(format!("no kept backup of system {s} (the archive's): all WAL kept")),
@@ -489,6 +511,46 @@ mod tests {
         let without: Vec<String> = names.iter().filter(|n| !n.ends_with(".history")).cloned().collect();
         let p = plan(&backups, &wal(&without), Some("S"), &policy(Some(1), None, 3), 0, &graph(&without)).unwrap();
         assert!(p.wal_delete.is_empty() && p.wal_reason.contains("00000002.history"), "{}", p.wal_reason);
+    }
+
+    #[test]
+    fn liveness_never_costs_a_backup_it_should_not() {
+        // Timeline 2 left 1 at segment 10 (all of 1 stored before 2 was born: superseded).
+        let mut names: Vec<String> = (0..20).map(|n| seg(1, n)).collect();
+        names.extend((10..30).map(|n| seg(2, n)));
+        names.push("00000002.history".into());
+        let files: Vec<(String, i64)> =
+            names.iter().map(|n| (n.clone(), if n.starts_with("00000002") { 100 } else { 1 })).collect();
+        let text = BTreeMap::from([(2u32, format!("1\t{}\tx\n", Lsn(10 * SEG)))]);
+        let g = TimelineGraph::build(&files, &text, SEG);
+        let mut on2 = b("on2", 5, 25, "S");
+        on2.point.tli = 2;
+        // b("dead", …) on timeline 1 after the switch: off the live line, but newer than the
+        // oldest kept live backup ("base", before the switch): kept.
+        let backups = vec![b("base", 1, 2, "S"), b("dead", 3, 15, "S"), on2.clone()];
+        let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(2), None, 9), 0, &g).unwrap();
+        assert!(!verdict(&p, "base").is_delete(), "{:?}", p.backups);
+        assert!(verdict(&p, "dead").reason().contains("no live timeline continues"), "{:?}", p.backups);
+        assert!(!verdict(&p, "dead").is_delete());
+        // Older than every kept live backup: it goes.
+        let backups = vec![b("dead-old", 1, 15, "S"), b("base", 2, 2, "S"), on2.clone()];
+        let p = plan(&backups, &wal(&names), Some("S"), &policy(Some(1), None, 9), 0, &g).unwrap();
+        assert!(verdict(&p, "dead-old").is_delete(), "{:?}", p.backups);
+        // A damaged history: liveness cannot be told, every backup counts, no WAL goes.
+        let broken = TimelineGraph::build(&files, &BTreeMap::from([(2u32, "garbage".to_string())]), SEG);
+        let p =
+            plan(&[b("x", 1, 15, "S"), on2.clone()], &wal(&names), Some("S"), &policy(Some(2), None, 9), 0, &broken)
+                .unwrap();
+        assert!(
+            p.backups.iter().all(|(_, v)| !v.is_delete()) && p.wal_delete.is_empty(),
+            "{:?} {}",
+            p.backups,
+            p.wal_reason
+        );
+        // Another system's backups are never judged on this archive's timelines.
+        let other = vec![b("o1", 1, 15, "O"), b("o2", 2, 16, "O"), on2];
+        let p = plan(&other, &wal(&names), Some("S"), &policy(Some(2), None, 9), 0, &g).unwrap();
+        assert!(!verdict(&p, "o1").is_delete() && !verdict(&p, "o2").is_delete(), "{:?}", p.backups);
     }
 
     #[test]

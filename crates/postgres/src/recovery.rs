@@ -555,7 +555,16 @@ pub fn choose_restore<'a>(
 /// PostgreSQL stops a time target only at a transaction's end, and without one after the
 /// target it ends recovery with "recovery ended before configured recovery target was
 /// reached". `last_commit_us`: the newest such time on the path, when records tell it.
-pub fn check_time_reachable(target: &RecoveryTarget, last_commit_us: Option<i64>, tli: u32) -> Result<()> {
+/// PostgreSQL before 13 promotes at the end of WAL instead: nothing is refused for them.
+pub fn check_time_reachable(
+    target: &RecoveryTarget,
+    last_commit_us: Option<i64>,
+    tli: u32,
+    version_num: u32,
+) -> Result<()> {
+    if version_num < 130000 {
+        return Ok(());
+    }
     if let (RecoveryTarget::Time(text, t), Some(last)) = (target, last_commit_us) {
         let want = (t.unix_timestamp_nanos() / 1000) as i64;
         if want > last {

@@ -413,8 +413,15 @@ impl<'a> PgRepository<'a> {
         if let Some((from, _)) = summary.recovery_window.clone() {
             let wal = crate::wal_archive::WalArchive::new(self.repo, &self.layout);
             if let Some(t) = wal.last_commit_on(&summary.recovery_window_path, 16).await? {
-                summary.recovery_window = Some((from, crate::info::fmt_us(t)));
-                summary.recovery_window_end = Some("last commit".into());
+                if time_us(&from).is_some_and(|f| t >= f) {
+                    summary.recovery_window = Some((from, crate::info::fmt_us(t)));
+                    summary.recovery_window_end = Some("last commit".into());
+                } else {
+                    // Nothing committed since the window's first backup: only LSN targets
+                    // (and latest) reach past it.
+                    summary.recovery_window_end =
+                        Some("newest segment (no commit since the first backup: no time target can be reached)".into());
+                }
             }
         }
         Ok((inv, summary))

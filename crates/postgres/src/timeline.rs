@@ -35,8 +35,9 @@ pub struct Switch {
 }
 
 /// Parses the history file of timeline `tli`: its ancestors, oldest first. Refuses what
-/// PostgreSQL would not have written (parents not below `tli` or not increasing, switch
-/// points going back).
+/// PostgreSQL would not have written (parents not below `tli` or not increasing). Switch
+/// points may go back: a recovery that stopped on an older timeline of its target's
+/// history copies that history, later lines included (see [`TimelineGraph::path`]).
 pub fn parse_history(tli: u32, text: &str) -> Result<Vec<Switch>, String> {
     let mut out: Vec<Switch> = Vec::new();
     for line in text.lines() {
@@ -58,8 +59,8 @@ pub fn parse_history(tli: u32, text: &str) -> Result<Vec<Switch>, String> {
             return Err(format!("it names timeline {parent} as a parent of timeline {tli}"));
         }
         if let Some(prev) = out.last() {
-            if parent <= prev.tli || end < prev.end {
-                return Err(format!("its timelines or switch points go backwards at {line:?}"));
+            if parent <= prev.tli {
+                return Err(format!("its timelines go backwards at {line:?}"));
             }
         }
         out.push(Switch { tli: parent, end });
@@ -107,7 +108,12 @@ pub enum TimelineError {
     DamagedHistory { tli: u32, reason: String },
     /// More than one live branch: "latest" must be named.
     Ambiguous(Vec<Head>),
+    /// The archive's names describe an impossible amount of WAL.
+    Implausible(String),
 }
+
+/// More segments than any path can hold (2^26 × 16 MiB = 1 PiB): names past it are refused.
+const MAX_PATH_SEGMENTS: u64 = 1 << 26;
 
 impl std::fmt::Display for TimelineError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -118,6 +124,7 @@ impl std::fmt::Display for TimelineError {
             TimelineError::DamagedHistory { tli, reason } => {
                 write!(f, "the history file {tli:08X}.history is damaged: {reason}")
             }
+            TimelineError::Implausible(why) => write!(f, "the WAL archive is implausible: {why}"),
             TimelineError::Ambiguous(heads) => write!(
                 f,
                 "\"latest\" is ambiguous: the archive holds {} live branches: {}; name one with --recovery-target-timeline N",
@@ -281,6 +288,15 @@ impl TimelineGraph {
         self.histories.iter().find(|(_, h)| h.iter().any(|s| s.tli == tli)).map(|(t, _)| *t)
     }
 
+    /// Whether every timeline's history is known (none missing, none damaged): only then
+    /// can live branches and what a backup needs be told.
+    pub fn problems(&self) -> Vec<TimelineError> {
+        let mut out: Vec<TimelineError> =
+            self.missing_histories().into_iter().map(|(tli, why)| TimelineError::MissingHistory { tli, why }).collect();
+        out.extend(self.damaged.iter().map(|(tli, r)| TimelineError::DamagedHistory { tli: *tli, reason: r.clone() }));
+        out
+    }
+
     /// History files the archive should hold and does not, with why.
     pub fn missing_histories(&self) -> Vec<(u32, String)> {
         self.timelines()
@@ -301,11 +317,20 @@ impl TimelineGraph {
             }
             return Ok(vec![Span { tli, begin: Lsn(0), end: None }]);
         };
+        // Each ancestor ends where the path leaves it: at its switch point, or earlier when
+        // a later line's is earlier (a timeline that recovery left before its own end, as
+        // PostgreSQL's reading does: the newest timeline whose begin is at or before a
+        // segment serves it). Such an ancestor's span is empty.
+        let mut ends: Vec<Lsn> = history.iter().map(|s| s.end).collect();
+        for i in (0..ends.len().saturating_sub(1)).rev() {
+            ends[i] = ends[i].min(ends[i + 1]);
+        }
         let mut spans = Vec::new();
         let mut begin = Lsn(0);
-        for s in history {
-            spans.push(Span { tli: s.tli, begin, end: Some(s.end) });
-            begin = s.end;
+        for (s, end) in history.iter().zip(ends) {
+            let begin_here = begin.min(end);
+            spans.push(Span { tli: s.tli, begin: begin_here, end: Some(end) });
+            begin = end;
         }
         spans.push(Span { tli, begin, end: None });
         Ok(spans)
@@ -407,14 +432,24 @@ impl TimelineGraph {
                 },
                 None => {
                     let archived = self.last_segment(s.tli).map(|(n, _)| n);
-                    // The backup's own WAL up to its end is needed whatever is archived.
-                    let floor = if i == 0 { Some(end_seg) } else { None };
+                    // The backup's own WAL up to its end is needed whatever is archived; a
+                    // later timeline's first segment too (without it PostgreSQL would read
+                    // the parent's copy of that segment, past the switch point).
+                    let floor = if i == 0 { Some(end_seg) } else { Some(self.seg(s.begin)) };
                     match archived.max(floor) {
                         Some(h) => h,
                         None => continue,
                     }
                 }
             };
+            if hi.saturating_sub(lo) > MAX_PATH_SEGMENTS {
+                return Err(TimelineError::Implausible(format!(
+                    "timeline {} would need {} segments from {} (a planted or damaged name?)",
+                    s.tli,
+                    hi - lo,
+                    segment_name(s.tli, lo, self.seg_size)
+                )));
+            }
             path.extend((lo..=hi).map(|n| (s.tli, n)));
         }
         // Where replay stops.
@@ -475,6 +510,19 @@ impl TimelineGraph {
                 };
                 if n < self.seg(begin) {
                     return None; // asked of a timeline for WAL from before it began
+                }
+                // A timeline's first segment missing while its parent holds its own copy:
+                // PostgreSQL would read the parent's WAL past the switch point.
+                if tli > 1 && n == self.seg(begin) {
+                    if let Ok(p) = self.path(tli) {
+                        if let Some(parent) = p.len().checked_sub(2).map(|i| p[i].tli) {
+                            if self.segments.get(&parent).is_some_and(|s| s.contains_key(&n)) {
+                                return Some(format!(
+                                    "timeline {tli} begins in it and timeline {parent}'s copy (past the switch point) is archived"
+                                ));
+                            }
+                        }
+                    }
                 }
                 if let Some((m, _)) = self.segments.get(&tli).and_then(|s| s.range(n + 1..).next()) {
                     return Some(format!("{} is archived", segment_name(tli, *m, self.seg_size)));

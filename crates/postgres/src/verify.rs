@@ -364,9 +364,8 @@ pub type PathBackup = (String, crate::timeline::BackupPoint, i64, Vec<String>);
 pub fn wal_paths(graph: &crate::timeline::TimelineGraph, backups: &[PathBackup]) -> WalPaths {
     use crate::timeline::Until;
     let mut out = WalPaths::default();
-    for (tli, why) in graph.missing_histories() {
-        out.problems
-            .push(format!("{tli:08X}.history is missing although {why}: recovery to later timelines stops there"));
+    for e in graph.problems() {
+        out.problems.push(format!("{e}: recovery to the timelines after it cannot be told or stops there"));
     }
     let heads = graph.heads();
     if heads.len() > 1 {

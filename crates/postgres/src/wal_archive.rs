@@ -105,9 +105,9 @@ pub struct WalRecord {
     /// For a history file: its switch points (`1:0/3000000 2:0/5000A8`), so the timeline
     /// graph can be read without the keys that open the file (the reasons stay inside).
     pub switches: Option<String>,
-    /// For a segment: when its last transaction commit or abort happened (Unix µs), read at
-    /// push time; the last point a time target can stop at in it.
-    pub last_commit_us: Option<i64>,
+    /// For a segment: its last transaction commit or abort (read at push time), the last
+    /// point a time target can stop at in it; `None` in records written before this.
+    pub last_commit: Option<crate::walscan::LastCommit>,
 }
 
 /// The switch points of a history file's text as a record carries them.
@@ -130,8 +130,11 @@ impl WalRecord {
         if let Some(sw) = &self.switches {
             s.push_str(&format!("switches {sw}\n"));
         }
-        if let Some(t) = self.last_commit_us {
-            s.push_str(&format!("commit {t}\n"));
+        match self.last_commit {
+            Some(crate::walscan::LastCommit::At(t)) => s.push_str(&format!("commit {t}\n")),
+            Some(crate::walscan::LastCommit::None) => s.push_str("commit none\n"),
+            Some(crate::walscan::LastCommit::Unknown) => s.push_str("commit unknown\n"),
+            None => {}
         }
         s
     }
@@ -147,11 +150,21 @@ impl WalRecord {
                 Some(("name", v)) => name = Some(v.to_owned()),
                 Some(("object", v)) => object = Some(v.to_owned()),
                 Some(("switches", v)) => switches = Some(v.to_owned()),
-                Some(("commit", v)) => commit = Some(v.parse::<i64>().map_err(|_| "bad commit time")?),
+                Some(("commit", v)) => {
+                    use crate::walscan::LastCommit;
+                    commit = Some(match v {
+                        "none" => LastCommit::None,
+                        "unknown" => LastCommit::Unknown,
+                        t => LastCommit::At(t.parse::<i64>().map_err(|_| "bad commit time")?),
+                    })
+                }
                 Some(("size", v)) => size = Some(v.parse::<u64>().map_err(|_| "bad size")?),
                 Some(("sha256", v)) if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
                     sha = Some(v.to_ascii_lowercase())
                 }
+                // Keys a later version adds are ignored (a record never decides content by
+                // them: the object and its SHA-256 do).
+                Some((k, _)) if !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'-') => {}
                 _ => return Err(format!("bad line {l:?}")),
             }
         }
@@ -162,7 +175,7 @@ impl WalRecord {
                 if stem != name {
                     return Err(format!("names object {object} for {name}"));
                 }
-                Ok(WalRecord { name, object, size, sha256, switches, last_commit_us: commit })
+                Ok(WalRecord { name, object, size, sha256, switches, last_commit: commit })
             }
             _ => Err("incomplete".into()),
         }
@@ -287,8 +300,8 @@ impl<'a> WalArchive<'a> {
                 }
                 _ => None,
             },
-            last_commit_us: match classify(name) {
-                Ok(WalFileKind::Segment) => crate::walscan::last_commit_us(&data),
+            last_commit: match classify(name) {
+                Ok(WalFileKind::Segment) => Some(crate::walscan::last_commit(&data)),
                 _ => None,
             },
         };
@@ -611,12 +624,16 @@ impl<'a> WalArchive<'a> {
 
     /// The time of the last commit (or abort) on `segments` (a restore path, in replay
     /// order), read from the records of its last segments, newest first (at most `look`
-    /// of them); `None` when none of those records carries one (segments archived by an
-    /// older cloud-dump, or no transaction ended there).
+    /// of them). `None` — nothing may be concluded — when a record does not tell (written
+    /// before records carried it, or a segment that could not be read to its end) before
+    /// one with a commit is found: an older time would refuse targets that can be reached.
     pub async fn last_commit_on(&self, segments: &[String], look: usize) -> Result<Option<i64>> {
+        use crate::walscan::LastCommit;
         for name in segments.iter().rev().take(look) {
-            if let Some(t) = self.record(name).await?.and_then(|r| r.last_commit_us) {
-                return Ok(Some(t));
+            match self.record(name).await?.and_then(|r| r.last_commit) {
+                Some(LastCommit::At(t)) => return Ok(Some(t)),
+                Some(LastCommit::None) => continue,
+                Some(LastCommit::Unknown) | None => return Ok(None),
             }
         }
         Ok(None)
@@ -858,7 +875,7 @@ mod tests {
             size: evil_bytes.len() as u64,
             sha256: sha_hex(&evil_bytes),
             switches: None,
-            last_commit_us: None,
+            last_commit: None,
         };
         put_raw(&repo, &format!("wal_archive/{name}.sum"), forged.render().into_bytes()).await;
         let err = wal.fetch(name, &keys).await.unwrap_err();
@@ -931,7 +948,7 @@ mod tests {
             size: 5,
             sha256: "ab".repeat(32),
             switches: None,
-            last_commit_us: None,
+            last_commit: None,
         };
         assert_eq!(WalRecord::parse(&r.render()).unwrap(), r);
         let other = r.render().replace("object 000000010000000000000001", "object 000000010000000000000002");

@@ -137,8 +137,30 @@ pub fn shadow_path(meta: &Path, generation: &str, index: u64) -> PathBuf {
 /// Takes the advisory lock of the database's shadow directory for the life of the process
 /// (kept in `shared`): a second replicator of the same database stops here with an error
 /// naming the holder.
+/// The database files (device, inode) this process replicates, with the path each was
+/// configured by. Closing any descriptor of a file drops every POSIX lock the process holds
+/// on it (SQLite's included), so a second entry for one of them is refused by device and
+/// inode before anything is opened.
+static REPLICATED: Mutex<Vec<(u64, u64, PathBuf)>> = Mutex::new(Vec::new());
+
+/// Forgets a database this process no longer replicates (its connections are closed).
+pub fn forget_replicated(path: &Path) {
+    REPLICATED.lock().unwrap_or_else(|e| e.into_inner()).retain(|(_, _, p)| p != path);
+}
+
 pub fn lock_shadow_dir(shared: &Shared) -> Result<()> {
     let db = shared.path.display().to_string();
+    if let Ok(m) = fs::metadata(&shared.path) {
+        let running = REPLICATED.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, other)) =
+            running.iter().find(|(d, i, p)| *d == m.dev() && *i == m.ino() && *p != shared.path)
+        {
+            return Err(SqliteError::db(
+                &db,
+                format!("is the database file this process already replicates as {} (a link to it); refused, nothing opened", other.display()),
+            ));
+        }
+    }
     make_private_dir(&shared.meta_dir, shared.file_mode()).map_err(|e| {
         SqliteError::db(&db, format!("cannot create the shadow directory {}: {e}", shared.meta_dir.display()))
     })?;
@@ -184,6 +206,9 @@ pub fn lock_shadow_dir(shared: &Shared) -> Result<()> {
             }
             Err(std::fs::TryLockError::Error(e)) => return Err(SqliteError::io(&db, e)),
         }
+    }
+    if let Some(Ok(m)) = held.get(1).map(|f| f.metadata()) {
+        REPLICATED.lock().unwrap_or_else(|e| e.into_inner()).push((m.dev(), m.ino(), shared.path.clone()));
     }
     *shared.lock.lock().unwrap_or_else(|e| e.into_inner()) = held;
     Ok(())

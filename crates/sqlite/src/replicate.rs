@@ -363,6 +363,7 @@ async fn finish(r: Running) -> Vec<String> {
 fn release(shared: &Shared) {
     *shared.db_file.lock().unwrap_or_else(|e| e.into_inner()) = None;
     shared.lock.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    crate::db::forget_replicated(&shared.path);
 }
 
 /// Waits (logging once) for a database that does not exist yet; `None` if stopped first.

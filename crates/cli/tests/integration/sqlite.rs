@@ -1035,3 +1035,45 @@ fn sqlite_a_long_reader_never_stalls_the_application() {
     let out = dir.path().join("restored.db");
     assert_eq!(restore_fp(&format!("file://{}", replica.display()), &out, &[], &[]), fingerprint(&db));
 }
+
+/// A SIGHUP config that lists the running database again through a link is refused by
+/// device and inode, opening nothing: the replication's SQLite locks stay, so the
+/// application's own closes never checkpoint and delete the WAL under it, and every row
+/// written afterwards is replicated.
+#[test]
+fn sqlite_a_refused_reload_entry_keeps_the_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    let entry = |p: &Path, rep: &str| {
+        format!(
+            "  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n",
+            p.display(),
+            dir.path().join(rep).display()
+        )
+    };
+    let cfg = dir.path().join("c.yml");
+    std::fs::write(&cfg, format!("dbs:\n{}", entry(&db, "rep"))).unwrap();
+    let rep = replicate(&["--config", cfg.to_str().unwrap()], &[]);
+    // The application opens, writes and closes (each close is its last).
+    let write = |n: usize| {
+        for _ in 0..n {
+            let c = open(&db);
+            c.execute("INSERT INTO t(v) VALUES (randomblob(200))", []).unwrap();
+        }
+    };
+    write(10);
+    std::thread::sleep(Duration::from_millis(1000));
+    std::fs::write(&cfg, format!("dbs:\n{}{}", entry(&db, "rep"), entry(&link, "rep-link"))).unwrap();
+    assert!(Command::new("kill").arg("-HUP").arg(rep.id().to_string()).status().unwrap().success());
+    std::thread::sleep(Duration::from_millis(1500));
+    write(24);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, log) = terminate(rep);
+    assert!(log.contains("already replicates"), "the link was not refused:\n{log}");
+    let out = dir.path().join("restored.db");
+    let url = format!("file://{}", dir.path().join("rep").display());
+    sqlite(&["restore", "-o", out.to_str().unwrap(), &url], &[]).ok();
+    assert_eq!(count(&out), 34, "rows lost after the refused reload (exit {code}):\n{log}");
+}

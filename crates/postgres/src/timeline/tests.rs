@@ -38,12 +38,47 @@ fn parses_history_files_and_refuses_impossible_ones() {
     let h =
         parse_history(3, "1\t0/3000000\tno recovery target specified\n\n2\t0/50000A8\tbefore 2000-01-01\n").unwrap();
     assert_eq!(h, [Switch { tli: 1, end: Lsn(0x3000000) }, Switch { tli: 2, end: Lsn(0x50000A8) }]);
-    for bad in
-        ["", "# only a comment\n", "3\t0/1\tx\n", "2\t0/5\tx\n1\t0/6\tx\n", "1\t0/6\tx\n2\t0/5\tx\n", "x\t0/1\n", "1\n"]
-    {
+    for bad in ["", "# only a comment\n", "3\t0/1\tx\n", "2\t0/5\tx\n1\t0/6\tx\n", "x\t0/1\n", "1\n"] {
         assert!(parse_history(3, bad).is_err(), "{bad:?}");
     }
     assert_eq!(parse_history(1, ""), Ok(vec![]));
+    // Switch points may go back: PostgreSQL copies the target's history when recovery
+    // stopped on an older timeline of it.
+    assert!(parse_history(3, "1\t0/6\tx\n2\t0/5\tx\n").is_ok());
+}
+
+#[test]
+fn a_recovery_that_stopped_on_an_older_timeline_is_followed() {
+    // 1 → 2 at seg 9; a restore with target 2 stopped on timeline 1 at seg 5 and
+    // promoted timeline 3, whose history copies 2's: "1 X, 2 Y" with Y < X.
+    let g = graph(
+        &[(1, 0, 9, 0), (2, 9, 12, 100), (3, 5, 8, 500)],
+        &[(2, &[(1, lsn(9, 0x28))], 50), (3, &[(1, lsn(9, 0x28)), (2, lsn(5, 0x100))], 400)],
+    );
+    let b = point(1, 2);
+    let n = g.needed(&b, 3, Until::Latest).unwrap().unwrap();
+    assert!(n.missing.is_empty(), "{:?}", n.missing);
+    assert!(n.segments.contains(&segment_name(1, 4, SEG)) && n.segments.contains(&segment_name(3, 5, SEG)));
+    assert!(!n.segments.iter().any(|s| s.starts_with("00000002")), "{:?}", n.segments);
+    assert!(!g.on_ancestry(3, &point(2, 10)));
+    assert_eq!(g.latest(None), Ok(3));
+}
+
+#[test]
+fn a_child_whose_first_segment_is_not_archived_is_a_hole_when_the_parent_went_on() {
+    // Timeline 2 left 1 inside segment 7; 1's full segment 7 is archived (it went on), 2's
+    // is not: PostgreSQL would read 1's copy past the switch.
+    let g = graph(&[(1, 0, 9, 0)], &[(2, &[(1, lsn(7, 0x28))], 50)]);
+    assert!(g.hole(&segment_name(2, 7, SEG)).is_some());
+    let n = g.needed(&point(1, 2), 2, Until::Latest).unwrap().unwrap();
+    assert_eq!(n.missing, [segment_name(2, 7, SEG)]);
+    // A planted name far ahead is refused, not walked.
+    let g = graph(&[(1, 0, 3, 0)], &[]);
+    let mut files: Vec<(String, i64)> = (0..3).map(|n| (segment_name(1, n, SEG), 0)).collect();
+    files.push(("00000001FFFFFFFF000000FF".into(), 0));
+    let planted = TimelineGraph::build(&files, &BTreeMap::new(), SEG);
+    assert!(matches!(planted.needed(&point(1, 1), 1, Until::Latest), Err(TimelineError::Implausible(_))));
+    assert!(g.needed(&point(1, 1), 1, Until::Latest).is_ok());
 }
 
 #[test]
