@@ -121,17 +121,20 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
     let (stop_tx, stop_rx) = watch::channel(false);
     // The application runs in its own process group, so a signal reaches all of it (a
     // compound `sh -c` command included), not just the shell.
+    // A simple command is exec'd by the shell (dash would otherwise keep itself as the
+    // parent, die at once on SIGTERM and report 143 while the application still writes).
     let mut child = match &a.exec {
         Some(cmd) => Some(
             tokio::process::Command::new("sh")
                 .arg("-c")
-                .arg(cmd)
+                .arg(if is_simple_command(cmd) { format!("exec {cmd}") } else { cmd.clone() })
                 .process_group(0)
                 .spawn()
                 .with_context(|| format!("cannot start --exec command {cmd:?}"))?,
         ),
         None => None,
     };
+    let group = child.as_ref().and_then(|c| c.id());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
@@ -198,6 +201,22 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
             }
             status = child_wait => {
                 exit = ExitCode::from(exit_status_code(status));
+                // The shell is gone; the application (a compound command's processes) may
+                // not be: replication goes on until its whole process group has exited.
+                if let Some(pgid) = group {
+                    let mut told = false;
+                    while group_alive(pgid) {
+                        if !told {
+                            tracing::info!("the --exec shell exited; waiting for the rest of its process group");
+                            told = true;
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                            _ = sigint.recv() => { let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), Signal::SIGINT); }
+                            _ = sigterm.recv() => { let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), Signal::SIGTERM); }
+                        }
+                    }
+                }
                 tracing::info!("the --exec command exited; stopping replication after a final sync");
                 break;
             }
@@ -209,6 +228,26 @@ async fn replicate(g: &GlobalArgs, a: &SqliteReplicateArgs) -> Result<ExitCode> 
 }
 
 use nix::sys::signal::Signal;
+
+/// Whether any process of process group `pgid` is still alive (signal 0 reaches it).
+fn group_alive(pgid: u32) -> bool {
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid as i32), None).is_ok()
+}
+
+/// A command the shell can `exec`: one program with plain arguments (no operators,
+/// redirections, expansions, quotes or assignments), not a shell keyword or builtin.
+fn is_simple_command(cmd: &str) -> bool {
+    const SPECIAL: &[char] = &[
+        ';', '&', '|', '<', '>', '(', ')', '$', '`', '\\', '"', '\'', '*', '?', '[', ']', '{', '}', '~', '!', '#',
+        '\n', '=',
+    ];
+    const BUILTINS: &[&str] = &[
+        "cd", "exec", "exit", "export", "set", "unset", "eval", ".", "source", "if", "for", "while", "until", "case",
+        "trap", "wait", "ulimit", "umask", "read", "shift", "alias", "command", "time",
+    ];
+    let first = cmd.split_whitespace().next().unwrap_or("");
+    !first.is_empty() && !cmd.contains(SPECIAL) && !BUILTINS.contains(&first)
+}
 
 /// Sends `sig` to the application's process group, as received.
 fn forward(child: &tokio::process::Child, sig: Signal) {

@@ -375,8 +375,15 @@ async fn open_when_present(spec: &DbSpec, shared: Arc<Shared>, stop: &mut watch:
             told = true;
         }
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stop.changed() => if *stop.borrow() { return Ok(None) },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => if *stop.borrow() {
+                // Created just before the stop (an application that made its database and
+                // exited at once): replicated once, by the final sync.
+                if spec.path.exists() {
+                    break;
+                }
+                return Ok(None);
+            },
         }
     }
     let s = spec.clone();

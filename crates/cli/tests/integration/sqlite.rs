@@ -1077,3 +1077,64 @@ fn sqlite_a_refused_reload_entry_keeps_the_locks() {
     sqlite(&["restore", "-o", out.to_str().unwrap(), &url], &[]).ok();
     assert_eq!(count(&out), 34, "rows lost after the refused reload (exit {code}):\n{log}");
 }
+
+/// `--exec` with a real program that handles SIGTERM by writing its shutdown transactions,
+/// under Debian's /bin/sh (dash), as a simple and as a compound command: replication goes
+/// on until the whole process group has exited, every shutdown write is replicated, and
+/// the exit status is the program's for a simple command. An application that creates its
+/// database and exits at once still gets it replicated.
+#[test]
+fn sqlite_exec_waits_for_the_whole_application() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("app.py");
+    std::fs::write(
+        &app,
+        "import signal, sqlite3, sys, time\n\
+         db = sys.argv[1]\n\
+         c = sqlite3.connect(db, timeout=10)\n\
+         c.execute('PRAGMA journal_mode=WAL')\n\
+         c.execute('CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB NOT NULL)')\n\
+         c.commit()\n\
+         def bye(*_):\n\
+         \x20   for i in range(20):\n\
+         \x20       c.execute('INSERT INTO t(v) VALUES (?)', (b'shutdown',))\n\
+         \x20       c.commit()\n\
+         \x20       time.sleep(0.05)\n\
+         \x20   c.close()\n\
+         \x20   sys.exit(7)\n\
+         signal.signal(signal.SIGTERM, bye)\n\
+         while True:\n\
+         \x20   c.execute('INSERT INTO t(v) VALUES (?)', (b'running',)); c.commit(); time.sleep(0.05)\n",
+    )
+    .unwrap();
+    for (k, compound) in [(0, false), (1, true)] {
+        let db = dir.path().join(format!("app{k}.db"));
+        let url = format!("file://{}", dir.path().join(format!("rep{k}")).display());
+        let cmd = if compound {
+            format!("cd {} && python3 {} {}", dir.path().display(), app.display(), db.display())
+        } else {
+            format!("python3 {} {}", app.display(), db.display())
+        };
+        let rep = replicate(&["--sync-interval", SYNC, "--exec", &cmd, db.to_str().unwrap(), &url], &[]);
+        std::thread::sleep(Duration::from_secs(2));
+        let (code, log) = terminate(rep);
+        if !compound {
+            assert_eq!(code, 7, "the application's status:\n{log}");
+        }
+        let shutdown = open(&db)
+            .query_row("SELECT count(*) FROM t WHERE v = x'73687574646f776e'", [], |r| r.get::<_, i64>(0))
+            .unwrap();
+        assert_eq!(shutdown, 20, "the application did not finish its shutdown writes:\n{log}");
+        let out = dir.path().join(format!("restored{k}.db"));
+        assert_eq!(restore_fp(&url, &out, &[], &[]), fingerprint(&db), "compound={compound}:\n{log}");
+    }
+    // Created and gone within a moment.
+    let quick = dir.path().join("quick.db");
+    let url = format!("file://{}", dir.path().join("rep-quick").display());
+    let cmd = format!("sqlite3 {} \"PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, v BLOB NOT NULL); INSERT INTO t(v) VALUES (x'01');\"", quick.display());
+    let mut rep = replicate(&["--sync-interval", SYNC, "--exec", &cmd, quick.to_str().unwrap(), &url], &[]);
+    let (code, log) = wait_timeout(&mut rep, Duration::from_secs(60));
+    assert_eq!(code, 0, "{log}");
+    let out = dir.path().join("quick-restored.db");
+    assert_eq!(restore_fp(&url, &out, &[], &[]).0, 1, "{log}");
+}
