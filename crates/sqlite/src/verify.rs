@@ -26,6 +26,22 @@ pub struct GenerationCheck {
     pub detail: String,
 }
 
+impl GenerationCheck {
+    /// A generation that could not even be planned.
+    fn failed(generation: String, detail: String) -> GenerationCheck {
+        GenerationCheck {
+            generation,
+            snapshot: None,
+            wal_objects: 0,
+            reaches: None,
+            data_time: None,
+            ok: false,
+            restored: false,
+            detail,
+        }
+    }
+}
+
 /// Checks every generation of the replica in `repo`. `can_decrypt` says whether `dec`
 /// opens encrypted objects.
 pub async fn verify_replica(
@@ -41,19 +57,13 @@ pub async fn verify_replica(
     let mut planted: Vec<&str> = refused.iter().map(|e| e.generation.as_str()).collect();
     planted.dedup();
     for g in planted {
-        out.push(GenerationCheck {
-            generation: g.to_owned(),
-            snapshot: None,
-            wal_objects: 0,
-            reaches: None,
-            data_time: None,
-            ok: false,
-            restored: false,
-            detail: format!(
+        out.push(GenerationCheck::failed(
+            g.to_owned(),
+            format!(
                 "{} unencrypted object(s) in an encrypted replica, refused (planted by someone without the key?)",
                 refused.iter().filter(|e| e.generation == g).count()
             ),
-        });
+        ));
     }
     let mut generations: Vec<String> = entries.iter().map(|e| e.generation.clone()).collect();
     generations.sort();
@@ -63,16 +73,7 @@ pub async fn verify_replica(
         let p = match plan(entries.clone(), &target) {
             Ok(p) => p,
             Err(e) => {
-                out.push(GenerationCheck {
-                    generation: g,
-                    snapshot: None,
-                    wal_objects: 0,
-                    reaches: None,
-                    data_time: None,
-                    ok: false,
-                    restored: false,
-                    detail: e.to_string(),
-                });
+                out.push(GenerationCheck::failed(g, e.to_string()));
                 continue;
             }
         };

@@ -29,6 +29,15 @@ fn archiving(src: &mut PgServer, a: &Archive) {
     .unwrap();
 }
 
+/// A PostgreSQL 15 server archiving into a new file:// archive, with the table `t`.
+fn archiving_server() -> (Archive, PgServer) {
+    let a = file_archive();
+    let mut src = pg(15);
+    archiving(&mut src, &a);
+    src.sql("postgres", "CREATE TABLE t(id int, phase text)");
+    (a, src)
+}
+
 fn backup(a: &Archive, src: &PgServer, name: &str) {
     let mut env = a.env.clone();
     env.push(("CLOUD_DUMP_DB_URL".into(), src.repl_url()));
@@ -80,10 +89,7 @@ fn wal_fetch(a: &Archive, name: &str, dest: &Path) -> Run {
 /// missing history file and a hole before the switch are holes, never the end.
 #[test]
 fn a_point_in_time_undo_the_dead_branch_never_wins() {
-    let a = file_archive();
-    let mut src = pg(15);
-    archiving(&mut src, &a);
-    src.sql("postgres", "CREATE TABLE t(id int, phase text)");
+    let (a, mut src) = archiving_server();
     src.sql("postgres", "INSERT INTO t SELECT g, 'good' FROM generate_series(1, 1000) g");
     backup(&a, &src, "b1");
     src.sql("postgres", "INSERT INTO t SELECT g, 'good' FROM generate_series(1001, 1500) g");
@@ -182,10 +188,7 @@ fn a_point_in_time_undo_the_dead_branch_never_wins() {
 /// starts a copy that archives nothing, and restore says so.
 #[test]
 fn a_restore_test_that_kept_archiving_never_hijacks_latest() {
-    let a = file_archive();
-    let mut src = pg(15);
-    archiving(&mut src, &a);
-    src.sql("postgres", "CREATE TABLE t(id int, phase text)");
+    let (a, mut src) = archiving_server();
     src.sql("postgres", "INSERT INTO t SELECT g, 'prod' FROM generate_series(1, 100) g");
     backup(&a, &src, "b1");
     src.sql("postgres", "INSERT INTO t SELECT g, 'prod' FROM generate_series(101, 200) g");
@@ -247,10 +250,7 @@ fn a_restore_test_that_kept_archiving_never_hijacks_latest() {
 /// never take the place of the real backups, and expire cuts no WAL for them.
 #[test]
 fn forged_manifests_do_not_steer_expire() {
-    let a = file_archive();
-    let mut src = pg(15);
-    archiving(&mut src, &a);
-    src.sql("postgres", "CREATE TABLE t(id int, phase text)");
+    let (a, mut src) = archiving_server();
     backup(&a, &src, "b1");
     src.sql("postgres", "INSERT INTO t SELECT g, 'x' FROM generate_series(1, 100) g");
     backup(&a, &src, "b2");
@@ -431,10 +431,7 @@ fn wal_commands_refuse_what_would_lie() {
 /// dry run refuses a wrong passphrase as the real restore does.
 #[test]
 fn marks_layouts_and_dry_runs_judged_by_the_store() {
-    let a = file_archive();
-    let mut src = pg(15);
-    archiving(&mut src, &a);
-    src.sql("postgres", "CREATE TABLE t(id int, phase text)");
+    let (a, mut src) = archiving_server();
     backup(&a, &src, "b1");
     backup(&a, &src, "b2");
     src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();

@@ -260,6 +260,26 @@ impl World {
     }
 }
 
+/// The active primary archives `segs` segments on `tli`.
+fn write(w: &mut World, reach: &mut BTreeMap<u32, Lsn>, tli: u32, segs: u64, now: &mut i64) {
+    for _ in 0..segs {
+        let seg = reach[&tli].0 / SEG;
+        *now += 1;
+        w.segments.insert((tli, seg), *now);
+        reach.insert(tli, lsn(seg + 1, 0));
+    }
+}
+
+/// A promotion: a new timeline leaves `parent` at `switch` and becomes the active one.
+fn branch(w: &mut World, reach: &mut BTreeMap<u32, Lsn>, parent: u32, switch: Lsn, now: &mut i64, next: &mut u32) {
+    *now += 1;
+    w.parents.insert(*next, (parent, switch, *now));
+    w.histories.insert(*next, *now);
+    reach.insert(*next, switch);
+    w.active = *next;
+    *next += 1;
+}
+
 fn generate(seed: u64) -> World {
     let mut r = Rng(seed | 1);
     let mut w = World {
@@ -275,16 +295,6 @@ fn generate(seed: u64) -> World {
     // Where each timeline has reached.
     let mut reach: BTreeMap<u32, Lsn> = BTreeMap::from([(1, lsn(1, 0))]);
     let mut next_tli = 2;
-    let write = |w: &mut World, reach: &mut BTreeMap<u32, Lsn>, tli: u32, segs: u64, now: &mut i64| {
-        let at = reach[&tli];
-        for _ in 0..segs {
-            let seg = reach[&tli].0 / SEG;
-            *now += 1;
-            w.segments.insert((tli, seg), *now);
-            reach.insert(tli, lsn(seg + 1, 0));
-        }
-        let _ = at;
-    };
     let events = 3 + r.below(6);
     for _ in 0..events {
         match r.below(10) {
@@ -308,16 +318,10 @@ fn generate(seed: u64) -> World {
                 // Failover: the primary stops, a standby promotes where it stopped (mid-segment).
                 let at = reach[&w.active];
                 let switch = Lsn(at.0 + 0x28);
-                now += 1;
-                w.parents.insert(next_tli, (w.active, switch, now));
-                w.histories.insert(next_tli, now);
-                reach.insert(next_tli, switch);
-                w.active = next_tli;
-                next_tli += 1;
-                {
-                    let a = w.active;
-                    write(&mut w, &mut reach, a, 1 + r.below(3), &mut now);
-                }
+                let parent = w.active;
+                branch(&mut w, &mut reach, parent, switch, &mut now, &mut next_tli);
+                let (a, segs) = (w.active, 1 + r.below(3));
+                write(&mut w, &mut reach, a, segs, &mut now);
             }
             7 => {
                 // Point-in-time undo: back to a point after a backup on the active line.
@@ -330,16 +334,9 @@ fn generate(seed: u64) -> World {
                 if switch >= reach[&parent] {
                     continue;
                 }
-                now += 1;
-                w.parents.insert(next_tli, (parent, switch, now));
-                w.histories.insert(next_tli, now);
-                reach.insert(next_tli, switch);
-                w.active = next_tli;
-                next_tli += 1;
-                {
-                    let a = w.active;
-                    write(&mut w, &mut reach, a, 1 + r.below(3), &mut now);
-                }
+                branch(&mut w, &mut reach, parent, switch, &mut now, &mut next_tli);
+                let (a, segs) = (w.active, 1 + r.below(3));
+                write(&mut w, &mut reach, a, segs, &mut now);
             }
             _ => {
                 // A restore test that kept archive_command: a branch off the active line that
