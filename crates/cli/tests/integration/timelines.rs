@@ -479,3 +479,62 @@ fn marks_layouts_and_dry_runs_judged_by_the_store() {
     assert!(!target.exists());
     src.stop();
 }
+
+/// Restores to seeded random points on every branch of a history with a point-in-time
+/// "undo": each answer is compared with the rows that branch had committed at that point.
+#[test]
+fn drill_random_points_on_every_branch() {
+    let (a, mut src) = archiving_server();
+    backup(&a, &src, "b1");
+    // Batches on timeline 1, each noted as (LSN after it, rows then).
+    let batches = |s: &PgServer, tag: &str, n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| {
+                s.sql(
+                    "postgres",
+                    &format!("INSERT INTO t SELECT g, '{tag}{i}' FROM generate_series(1, {}) g", 50 + i * 7),
+                );
+                (s.sql("postgres", "SELECT pg_current_wal_insert_lsn()"), all(s))
+            })
+            .collect()
+    };
+    let tl1 = batches(&src, "one", 5);
+    src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    src.stop();
+    let work = scratch_dir("timelines-random");
+    // The undo: back to the third batch, then more on timeline 2.
+    let mut undo =
+        restore(&a, &src, &work.path().join("undo"), &["--name", "b1", "--recovery-target-lsn", &tl1[2].0], "");
+    assert_eq!(all(&undo), tl1[2].1);
+    let tl2 = batches(&undo, "two", 4);
+    undo.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    undo.stop();
+    let mut seed: u64 = 0x5eed_7111;
+    let mut pick = |n: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % n as u64) as usize
+    };
+    let mut checked = 0;
+    for (tli, points) in [("1", &tl1), ("2", &tl2)] {
+        for round in 0..2 {
+            let (lsn, want) = &points[pick(points.len())];
+            let dir = work.path().join(format!("tl{tli}-{round}"));
+            let mut r = restore(
+                &a,
+                &undo,
+                &dir,
+                &["--recovery-target-lsn", lsn, "--recovery-target-timeline", tli, "--archive-mode", "off"],
+                NO_ARCHIVE,
+            );
+            assert_eq!(&all(&r), want, "timeline {tli} at {lsn}");
+            r.stop();
+            checked += 1;
+        }
+    }
+    let mut latest = restore(&a, &undo, &work.path().join("latest"), &["--recovery-target", "latest"], NO_ARCHIVE);
+    assert_eq!(all(&latest), tl2[3].1);
+    latest.stop();
+    println!("drill random points on every branch: {checked}/4 restores matched");
+}
