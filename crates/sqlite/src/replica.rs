@@ -360,6 +360,24 @@ impl Replica {
     /// Deletes what the retention period no longer needs; see [`retention_plan`].
     pub async fn enforce_retention(&mut self) -> Result<()> {
         let entries = list_entries(&self.repo, None).await?;
+        // The store lost what this replica built on (a bucket emptied, a volume remounted
+        // empty): the WAL uploaded since continues a snapshot that no longer exists, and
+        // nothing is restorable. Start over with a snapshot at the next sync, loudly.
+        if let Some(at) = &self.at {
+            let has_base = entries.iter().any(|e| e.generation == at.generation && e.is_snapshot() && e.marked);
+            if !has_base {
+                self.metrics.sync_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    replica = %self.name(),
+                    generation = %at.generation,
+                    "the replica's snapshot of its current generation is gone from the store (emptied or replaced?): nothing was restorable; taking a new snapshot now"
+                );
+                self.at = None;
+                self.last_snapshot_ms = None;
+                self.report();
+                return Ok(());
+            }
+        }
         let cutoff = now_ms() - self.spec.retention.as_millis() as i64;
         let current = self.at.as_ref().map(|a| a.generation.clone()).unwrap_or_default();
         let doomed = retention_plan(&entries, cutoff, &current);

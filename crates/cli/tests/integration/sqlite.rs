@@ -1138,3 +1138,41 @@ fn sqlite_exec_waits_for_the_whole_application() {
     let out = dir.path().join("quick-restored.db");
     assert_eq!(restore_fp(&url, &out, &[], &[]).0, 1, "{log}");
 }
+
+/// The replica's store loses everything (a bucket emptied, a volume remounted empty): the
+/// next periodic listing notices, says so, and a new snapshot makes the replica restorable
+/// again; the restore is exact.
+#[test]
+fn sqlite_a_replica_whose_store_was_emptied_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let replica = dir.path().join("replica");
+    let cfg = dir.path().join("c.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n        retention-check-interval: 1s\n",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+    let rep = replicate(&["-config", cfg.to_str().unwrap()], &[]);
+    let c = open(&db);
+    for _ in 0..20 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(100))", []).unwrap();
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::remove_dir_all(replica.join("generations")).unwrap();
+    for _ in 0..20 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(100))", []).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, log) = terminate(rep);
+    assert_eq!(code, 0, "{log}");
+    assert!(log.contains("gone from the store"), "the loss was not noticed:\n{log}");
+    drop(c);
+    let out = dir.path().join("restored.db");
+    assert_eq!(restore_fp(&format!("file://{}", replica.display()), &out, &[], &[]), fingerprint(&db), "{log}");
+}
