@@ -646,6 +646,10 @@ impl Db {
         };
         let mut buf = std::mem::take(&mut self.buf);
         let r = self.copy_chunks(&f, &mut buf);
+        // A buffer grown for one large transaction is not kept for the life of the process.
+        if buf.capacity() > 2 * READ_CHUNK {
+            buf = Vec::new();
+        }
         self.buf = buf;
         let copied = r?;
         if copied > 0 {
