@@ -9,12 +9,21 @@ use cloud_dump_postgres::{now_us, PgRepository};
 use crate::args::{DeleteArgs, ExpireArgs, GlobalArgs, InfoArgs, KeepArgs, VerifyArgs};
 use crate::{mb, setup};
 
+/// The repository passphrase for the lifecycle commands (`CLOUD_DUMP_PASSPHRASE` or
+/// `CLOUD_DUMP_PASSPHRASE_FILE`): with it, manifests and keep/release marks of
+/// passphrase-encrypted backups are authenticated, and `keep` writes authenticated marks.
+fn lifecycle_passphrase() -> Result<Option<cloud_dump_pipeline::SecretString>> {
+    let value = std::env::var("CLOUD_DUMP_PASSPHRASE").ok().filter(|v| !v.is_empty());
+    let file = std::env::var_os("CLOUD_DUMP_PASSPHRASE_FILE").filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    setup::passphrase(&value, &file)
+}
+
 pub async fn expire(g: &GlobalArgs, a: &ExpireArgs) -> Result<()> {
     let policy = Policy { retain_full: a.retain_full, retain_days: a.retain_days, now_us: now_us() };
     cloud_dump_postgres::expire::check_policy(&policy).map_err(anyhow::Error::msg)?;
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    let pg = PgRepository::new(&repo, &layout);
+    let pg = PgRepository::new(&repo, &layout).with_passphrase(lifecycle_passphrase()?);
     let (inv, plan) = pg.plan_expire(&policy).await.context("cannot plan the expiry")?;
     let verb = if a.dry_run { "would delete" } else { "deleting" };
     for (name, v) in &plan.backups {
@@ -129,7 +138,7 @@ const ABANDONED_AFTER_US: i64 = 24 * 3600 * 1_000_000;
 pub async fn delete(g: &GlobalArgs, a: &DeleteArgs) -> Result<()> {
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    let pg = PgRepository::new(&repo, &layout);
+    let pg = PgRepository::new(&repo, &layout).with_passphrase(lifecycle_passphrase()?);
     cloud_dump_postgres::layout::validate_component("backup name", &a.name).map_err(anyhow::Error::msg)?;
     let inv = pg.inventory().await?;
     if let Some((_, objects)) = inv.interrupted.iter().find(|(n, _)| *n == a.name) {
@@ -184,7 +193,7 @@ pub async fn delete(g: &GlobalArgs, a: &DeleteArgs) -> Result<()> {
 pub async fn keep(g: &GlobalArgs, a: &KeepArgs) -> Result<()> {
     let layout = setup::layout(g)?;
     let repo = setup::open_repo(g).await?;
-    PgRepository::new(&repo, &layout).set_keep(&a.name, !a.release).await?;
+    PgRepository::new(&repo, &layout).with_passphrase(lifecycle_passphrase()?).set_keep(&a.name, !a.release).await?;
     if a.release {
         println!("released backup {}: expire may delete it", a.name);
     } else {

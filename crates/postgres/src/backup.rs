@@ -179,6 +179,7 @@ async fn backup_claimed(
         spec: req.spec.clone(),
         seal,
         sealed_key: None,
+        identity: None,
         parallel: req.parallel.max(1),
         version_num,
         result_sets: Vec::new(),
@@ -260,10 +261,22 @@ async fn backup_claimed(
         sealed_key: state.sealed_key.clone(),
         tablespaces,
         objects,
+        mac: None,
     };
+    // On a passphrase-encrypted backup the manifest and its marks carry a MAC under the
+    // backup's own key: a writer without the passphrase cannot forge either.
+    let mac_key = state.identity.as_ref().map(|id| {
+        use cloud_dump_pipeline::ExposeSecret;
+        crate::mac::backup_mac_key(id.to_string().expose_secret())
+    });
+    let mut manifest = manifest;
+    if let Some(k) = &mac_key {
+        manifest.mac = Some(crate::mac::mac_hex(k, &manifest.mac_message()));
+    }
     if req.keep {
         let key = crate::repository::keep_mark_key(&dir, crate::repository::now_us());
-        repo.put_new(&key, Bytes::from_static(b"keep\n")).await?;
+        let name = key.strip_prefix(&dir).unwrap_or(&key).to_owned();
+        repo.put_new(&key, Bytes::from(crate::mac::mark_body(true, &name, mac_key.as_ref()))).await?;
         written.push(key);
     }
     let manifest_key = format!("{dir}{}", layout::MANIFEST_FILE);
@@ -412,6 +425,8 @@ struct Streamer<'a> {
     /// The per-backup key being sealed with the passphrase; resolved before the first archive.
     seal: Option<Seal>,
     sealed_key: Option<String>,
+    /// The backup's own identity once sealed (its MAC key derives from it).
+    identity: Option<age::x25519::Identity>,
     parallel: usize,
     version_num: u32,
     result_sets: Vec<Vec<Vec<Option<String>>>>,
@@ -544,6 +559,7 @@ impl Streamer<'_> {
             spec.encryption = cloud_dump_pipeline::Encryption::Recipients(vec![identity.to_public()]);
             self.spec = Arc::new(spec);
             self.sealed_key = Some(sealed);
+            self.identity = Some(identity);
         }
         let key = format!("{}{}", self.dir, self.spec.object_name(stem));
         tracing::debug!("streaming {key}");

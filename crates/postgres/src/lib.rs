@@ -11,6 +11,7 @@ mod extract;
 pub mod info;
 pub mod layout;
 pub mod lsn;
+pub mod mac;
 pub mod manifest;
 pub mod old_versions;
 pub mod progress;

@@ -70,6 +70,10 @@ pub struct BackupManifest {
     pub sealed_key: Option<String>,
     pub tablespaces: Vec<TablespaceEntry>,
     pub objects: Vec<ObjectEntry>,
+    /// With `passphrase`: HMAC-SHA256 of this manifest (serialized without this field)
+    /// under the key derived from the backup's identity (mac.rs), hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl BackupManifest {
@@ -88,6 +92,19 @@ impl BackupManifest {
         let mut v = serde_json::to_vec_pretty(self).expect("manifest serializes");
         v.push(b'\n');
         v
+    }
+
+    /// The bytes the MAC covers: the manifest as serialized without its MAC.
+    pub fn mac_message(&self) -> Vec<u8> {
+        let mut m = self.clone();
+        m.mac = None;
+        m.to_json()
+    }
+
+    /// Whether its MAC verifies under the key derived from `identity` (its text).
+    pub fn mac_verifies(&self, identity: &str) -> bool {
+        let key = crate::mac::backup_mac_key(identity);
+        self.mac.as_deref().is_some_and(|m| crate::mac::verifies(&key, &self.mac_message(), m))
     }
 
     /// Stored bytes of all objects.
@@ -122,6 +139,7 @@ impl BackupManifest {
             encrypted: false,
             encryption: "none".into(),
             sealed_key: None,
+            mac: None,
             tablespaces: vec![],
             objects: vec![ObjectEntry {
                 key: "base.tar.zst".into(),

@@ -31,6 +31,9 @@ const DELETING_PREFIX: &str = "deleting-";
 pub struct StoredBackup {
     pub manifest: BackupManifest,
     pub kept: bool,
+    /// With the passphrase at hand, for a passphrase-encrypted backup: whether its manifest's
+    /// MAC verifies (`None`: not checked).
+    pub authenticated: Option<bool>,
     /// Keys relative to the repository root.
     pub objects: Vec<ObjectInfo>,
 }
@@ -78,6 +81,8 @@ fn nested_key<'o>(dir: &str, objects: &'o [ObjectInfo]) -> Option<&'o str> {
 pub struct PgRepository<'a> {
     repo: &'a Repo,
     layout: Layout,
+    /// Authenticates manifests and marks of passphrase-encrypted backups (mac.rs).
+    passphrase: Option<cloud_dump_pipeline::SecretString>,
 }
 
 /// Whether `key` is a deleting mark in backup folder `dir`.
@@ -132,7 +137,27 @@ pub fn wal_name_of(rel: &str) -> Option<String> {
 
 impl<'a> PgRepository<'a> {
     pub fn new(repo: &'a Repo, layout: &Layout) -> PgRepository<'a> {
-        PgRepository { repo, layout: layout.clone() }
+        PgRepository { repo, layout: layout.clone(), passphrase: None }
+    }
+
+    /// With the repository's passphrase: manifests and marks of passphrase-encrypted backups
+    /// are authenticated (a manifest whose MAC does not verify is not believed; a release
+    /// mark whose MAC does not verify is ignored).
+    pub fn with_passphrase(mut self, passphrase: Option<cloud_dump_pipeline::SecretString>) -> PgRepository<'a> {
+        self.passphrase = passphrase;
+        self
+    }
+
+    /// The MAC key of a passphrase-encrypted backup (one scrypt), when the passphrase is at
+    /// hand; `Err` when the passphrase does not open its key.
+    async fn mac_key(&self, m: &BackupManifest) -> Result<Option<[u8; 32]>> {
+        let (Some(p), Some(sealed)) = (self.passphrase.clone(), m.sealed_key.clone()) else { return Ok(None) };
+        let what = format!("{}manifest.json (backup key)", self.layout.backup_dir(&m.name));
+        let id = tokio::task::spawn_blocking(move || cloud_dump_pipeline::repokey::open_identity(&sealed, &p, &what))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e)))??;
+        use cloud_dump_pipeline::ExposeSecret;
+        Ok(Some(crate::mac::backup_mac_key(id.to_string().expose_secret())))
     }
 
     pub fn repo(&self) -> &Repo {
@@ -198,10 +223,43 @@ impl<'a> PgRepository<'a> {
                         }
                     };
                     let dir = self.layout.backup_dir(&name);
-                    let kept = kept_by_marks(
-                        objects.iter().filter_map(|o| Some((o.key.strip_prefix(&dir)?, o.modified_us()))),
-                    );
-                    backups.push(StoredBackup { manifest, kept, objects });
+                    // With the key: the manifest's MAC, and only release marks whose MAC
+                    // verifies count (a planted release must not un-keep a backup).
+                    let (authenticated, believed) = match self.mac_key(&manifest).await {
+                        Ok(Some(k)) => {
+                            let ok = manifest
+                                .mac
+                                .as_deref()
+                                .is_some_and(|mac| crate::mac::verifies(&k, &manifest.mac_message(), mac));
+                            let mut believed = Vec::new();
+                            for o in &objects {
+                                let Some(n) = o.key.strip_prefix(&dir) else { continue };
+                                if n.starts_with(RELEASE_PREFIX) {
+                                    let body = match self.repo.get(&o.key).await {
+                                        Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                                        Err(StorageError::NotFound { .. }) => continue,
+                                        Err(e) => return Err(e.into()),
+                                    };
+                                    if !crate::mac::mark_verifies(&k, n, &body) {
+                                        tracing::warn!("{}: its MAC does not verify; ignored (planted?)", o.key);
+                                        continue;
+                                    }
+                                }
+                                believed.push((n.to_owned(), o.modified_us()));
+                            }
+                            (Some(ok), Some(believed))
+                        }
+                        Ok(None) => (None, None),
+                        // A passphrase that does not open this backup's key: not authenticated.
+                        Err(_) => (Some(false), None),
+                    };
+                    let kept = match &believed {
+                        Some(b) => kept_by_marks(b.iter().map(|(n, t)| (n.as_str(), *t))),
+                        None => kept_by_marks(
+                            objects.iter().filter_map(|o| Some((o.key.strip_prefix(&dir)?, o.modified_us()))),
+                        ),
+                    };
+                    backups.push(StoredBackup { manifest, kept, authenticated, objects });
                 }
                 // Deleted since the listing: it is gone.
                 Err(StorageError::NotFound { .. }) => {}
@@ -232,7 +290,10 @@ impl<'a> PgRepository<'a> {
         // After every mark there is, whatever this host's clock says.
         let stamp = newest_mark(names.iter().map(String::as_str), now).map_or(now, |t| t.max(now - 1) + 1).max(0);
         let key = format!("{dir}{}{stamp:020}", if keep { KEEP_PREFIX } else { RELEASE_PREFIX });
-        let body = format!("{}\n", if keep { "keep" } else { "release" });
+        let m = crate::catalog::load_manifest(self.repo, &self.layout, name).await?;
+        let mac_key = self.mac_key(&m).await?;
+        let mark = key.strip_prefix(&dir).unwrap_or(&key).to_owned();
+        let body = crate::mac::mark_body(keep, &mark, mac_key.as_ref());
         self.repo.put_new(&key, Bytes::from(body)).await?;
         // Read back, judged by the store's time as expire judges it: the marks must now say
         // what was asked.
@@ -501,6 +562,11 @@ pub(crate) fn backup_facts(
     archive_system: Option<&str>,
     now: i64,
 ) -> Vec<BackupFacts> {
+    let written_us = |b: &StoredBackup| {
+        let dir = layout.backup_dir(b.name());
+        b.objects.iter().find(|o| o.key.strip_prefix(&dir) == Some(layout::MANIFEST_FILE)).map(|o| o.modified_us())
+    };
+    let first_mac_us = inv.backups.iter().filter(|b| b.authenticated == Some(true)).filter_map(written_us).min();
     inv.backups
         .iter()
         .map(|b| {
@@ -516,7 +582,18 @@ pub(crate) fn backup_facts(
                     .map(|o| o.modified_us())
             });
             let point = crate::recovery::backup_point(m);
-            let doubt = if let Some(o) = m.objects.iter().find(|o| sizes.get(o.key.as_str()) != Some(&o.size)) {
+            // A manifest without a MAC counts only when it was written before the first one
+            // that has a valid MAC (backups from before manifests carried one).
+            let mac_doubt = match b.authenticated {
+                Some(false) if m.mac.is_some() => Some("its MAC does not verify (forged or damaged)".to_owned()),
+                Some(false) if first_mac_us.zip(written).is_some_and(|(f, w)| w >= f) => {
+                    Some("it has no MAC although it was written after backups that have one (forged?)".to_owned())
+                }
+                _ => None,
+            };
+            let doubt = if let Some(d) = mac_doubt {
+                Some(d)
+            } else if let Some(o) = m.objects.iter().find(|o| sizes.get(o.key.as_str()) != Some(&o.size)) {
                 Some(format!("{} is not in the store at the size its manifest records ({} bytes)", o.key, o.size))
             } else if let (Some(stop), Some(w)) = (stop, written.filter(|w| *w > 0)) {
                 (stop > w + STOP_TIME_SLACK_US).then(|| {

@@ -538,3 +538,46 @@ fn drill_random_points_on_every_branch() {
     latest.stop();
     println!("drill random points on every branch: {checked}/4 restores matched");
 }
+
+/// On a passphrase-encrypted repository the manifest and the keep/release marks carry a MAC
+/// under the backup's own key: with the passphrase, expire ignores a planted release mark
+/// (the kept backup stays) and does not count a forged manifest (a copy of a real backup's
+/// folder, objects included, with a newer stop time).
+#[test]
+fn planted_marks_and_manifests_fail_their_mac() {
+    let (a, mut src) = archiving_server();
+    let pass = ("CLOUD_DUMP_PASSPHRASE".to_owned(), "mac me".to_owned());
+    for name in ["e1", "e2", "e3"] {
+        let env = vec![
+            ("CLOUD_DUMP_DB_URL".to_owned(), src.repl_url()),
+            ("CLOUD_DUMP_ENCRYPT".to_owned(), "true".to_owned()),
+            pass.clone(),
+        ];
+        cloud_dump(&["backup", "--repo", &a.url, "--cluster", "c", "--name", name], &env).ok();
+        src.sql("postgres", "INSERT INTO t SELECT g, 'x' FROM generate_series(1, 10) g");
+    }
+    src.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
+    cloud_dump(&["keep", "--repo", &a.url, "--cluster", "c", "--name", "e1"], std::slice::from_ref(&pass)).ok();
+    let root = Path::new(a.url.strip_prefix("file://").unwrap()).join("c/backup");
+    // A planted release, newer than the keep, without a MAC.
+    let stamp = cloud_dump_postgres::now_us() + 1_000_000;
+    std::fs::write(root.join("e1").join(format!("release-{stamp:020}")), "release\n").unwrap();
+    // A forged copy of e3, objects and all, claiming to be newer.
+    std::fs::create_dir_all(root.join("f1")).unwrap();
+    for e in std::fs::read_dir(root.join("e3")).unwrap().flatten() {
+        std::fs::copy(e.path(), root.join("f1").join(e.file_name())).unwrap();
+    }
+    let mpath = root.join("f1/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["name"] = serde_json::json!("f1");
+    std::fs::write(&mpath, serde_json::to_vec(&m).unwrap()).unwrap();
+    let r =
+        cloud_dump(&["expire", "--repo", &a.url, "--cluster", "c", "--retain-full", "1"], std::slice::from_ref(&pass))
+            .ok();
+    assert!(r.stdout.contains("MAC does not verify"), "{}", r.stdout);
+    let listed = cloud_dump(&["list", "--repo", &a.url, "--cluster", "c"], &[]).ok().stdout;
+    assert!(listed.contains("e1"), "the kept backup was deleted by a planted release:\n{}\n{listed}", r.stdout);
+    assert!(listed.contains("e3"), "the newest real backup was deleted:\n{}\n{listed}", r.stdout);
+    assert!(!listed.contains("e2"), "e2 should have expired:\n{}\n{listed}", r.stdout);
+    src.stop();
+}
