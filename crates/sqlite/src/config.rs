@@ -45,6 +45,7 @@ struct FileDb {
     retention: Option<String>,
     min_checkpoint_page_count: Option<u64>,
     max_wal_size: Option<String>,
+    max_shadow_size: Option<String>,
     #[serde(flatten)]
     other: BTreeMap<String, serde_yaml::Value>,
 }
@@ -99,6 +100,9 @@ pub struct DbSpec {
     pub replicas: Vec<ReplicaSpec>,
     pub min_checkpoint_pages: u64,
     pub max_wal_bytes: u64,
+    /// The most the shadow directory may hold: past it, replicas too far behind (down)
+    /// resume from a new snapshot instead of pinning every WAL byte ever written.
+    pub max_shadow_bytes: u64,
 }
 
 impl DbSpec {
@@ -108,6 +112,7 @@ impl DbSpec {
             replicas,
             min_checkpoint_pages: DEFAULT_MIN_CHECKPOINT_PAGES,
             max_wal_bytes: DEFAULT_MAX_WAL_BYTES,
+            max_shadow_bytes: DEFAULT_MAX_SHADOW_BYTES,
         }
     }
 }
@@ -225,6 +230,9 @@ pub fn check_range(key: &str, v: Duration, min: Duration) -> std::result::Result
 /// The smallest `max-wal-size`: a WAL limit below a few pages would force a checkpoint at
 /// every commit.
 pub const MIN_MAX_WAL_BYTES: u64 = 1 << 20;
+
+/// Default bound of the shadow directory (`max-shadow-size`).
+pub const DEFAULT_MAX_SHADOW_BYTES: u64 = 1 << 30;
 
 /// Parses a size such as `64MB`, `1GiB`, `4096`.
 pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
@@ -358,6 +366,13 @@ impl Config {
                     )));
                 }
                 spec.max_wal_bytes = v;
+            }
+            if let Some(s) = db.max_shadow_size {
+                let v = parse_size(&s).map_err(|m| cfg(format!("dbs[{i}].max-shadow-size: {m}")))?;
+                if v < 4 * MIN_MAX_WAL_BYTES {
+                    return Err(cfg(format!("dbs[{i}].max-shadow-size: {s:?} is {v} bytes; at least 4MB")));
+                }
+                spec.max_shadow_bytes = v;
             }
             dbs.push(spec);
         }

@@ -63,6 +63,8 @@ pub struct ShadowPos {
 #[derive(Debug, Default)]
 pub struct DbMetrics {
     pub wal_bytes: AtomicU64,
+    /// Bytes in the shadow directory's WAL files.
+    pub shadow_bytes: AtomicU64,
     pub wal_size: AtomicU64,
     pub checkpoints: AtomicU64,
     pub checkpoint_errors: AtomicU64,
@@ -300,6 +302,7 @@ pub struct Db {
     shadow: Option<Shadow>,
     min_checkpoint_pages: u64,
     max_wal_bytes: u64,
+    max_shadow_bytes: u64,
     /// Reused read buffer for the WAL.
     buf: Vec<u8>,
     /// The shadow end at our last complete checkpoint, while the read transaction begun
@@ -393,6 +396,7 @@ impl Db {
             shadow: None,
             min_checkpoint_pages: spec.min_checkpoint_pages,
             max_wal_bytes: spec.max_wal_bytes,
+            max_shadow_bytes: spec.max_shadow_bytes,
             buf: Vec::new(),
             clean_end: std::cell::Cell::new(None),
             forced_after: None,
@@ -970,9 +974,60 @@ impl Db {
         Ok(full)
     }
 
+    /// Keeps the shadow directory within `max-shadow-size`: past it, every shadow file but
+    /// the current one goes, whatever the replicas have uploaded. A replica that was behind
+    /// (its store down) then finds its next shadow file missing and takes a new snapshot.
+    fn bound_shadow(&self, sh: &Shadow) {
+        let gens = self.shared.meta_dir.join("generations");
+        let size = |dir: &Path| -> u64 {
+            let mut total = 0;
+            for g in fs::read_dir(dir).into_iter().flatten().flatten() {
+                for f in fs::read_dir(g.path().join("wal")).into_iter().flatten().flatten() {
+                    total += f.metadata().map(|m| m.len()).unwrap_or(0);
+                }
+            }
+            total
+        };
+        let mut total = size(&gens);
+        if total > self.max_shadow_bytes {
+            for g in fs::read_dir(&gens).into_iter().flatten().flatten() {
+                if g.file_name().to_string_lossy() != sh.generation {
+                    let _ = fs::remove_dir_all(g.path());
+                    continue;
+                }
+                for f in fs::read_dir(g.path().join("wal")).into_iter().flatten().flatten() {
+                    let n = f.file_name().to_string_lossy().into_owned();
+                    if n.strip_suffix(".wal")
+                        .and_then(|s| u64::from_str_radix(s, 16).ok())
+                        .is_some_and(|i| i < sh.index)
+                    {
+                        let _ = fs::remove_file(f.path());
+                    }
+                }
+            }
+            let after = size(&gens);
+            if after == total {
+                // Only the current shadow file: nothing more can go (it is the WAL since its
+                // last restart, bounded by max-wal-size while checkpoints complete).
+                self.shared.metrics.shadow_bytes.store(total, Ordering::Relaxed);
+                return;
+            }
+            tracing::warn!(
+                db = %self.p(),
+                bytes = total,
+                limit = self.max_shadow_bytes,
+                kept = after,
+                "the shadow WAL passed max-shadow-size: a replica is too far behind (its store down?); it resumes from a new snapshot"
+            );
+            total = after;
+        }
+        self.shared.metrics.shadow_bytes.store(total, Ordering::Relaxed);
+    }
+
     /// Removes shadow files every replica has uploaded.
     fn prune_shadow(&self) {
         let Some(sh) = &self.shadow else { return };
+        self.bound_shadow(sh);
         let positions = self.shared.replica_pos.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if positions.iter().any(|p| p.is_none()) {
             return;

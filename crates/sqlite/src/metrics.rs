@@ -46,6 +46,12 @@ pub fn render(all: &[Watched]) -> String {
         db_rows(&|d| m(&d.metrics.wal_size)),
     );
     family(
+        "cloud_dump_sqlite_shadow_bytes",
+        "gauge",
+        "Bytes of WAL kept in the shadow directory for replicas not yet caught up.",
+        db_rows(&|d| m(&d.metrics.shadow_bytes)),
+    );
+    family(
         "cloud_dump_sqlite_checkpoints_total",
         "counter",
         "Checkpoints run by cloud-dump.",

@@ -77,6 +77,7 @@ fn same_settings(a: &DbSpec, b: &DbSpec) -> bool {
     a.path == b.path
         && a.min_checkpoint_pages == b.min_checkpoint_pages
         && a.max_wal_bytes == b.max_wal_bytes
+        && a.max_shadow_bytes == b.max_shadow_bytes
         && a.replicas.len() == b.replicas.len()
         && a.replicas.iter().zip(&b.replicas).all(|(x, y)| replica(x, y))
 }

@@ -1176,3 +1176,56 @@ fn sqlite_a_replica_whose_store_was_emptied_recovers() {
     let out = dir.path().join("restored.db");
     assert_eq!(restore_fp(&format!("file://{}", replica.display()), &out, &[], &[]), fingerprint(&db), "{log}");
 }
+
+/// One of two replicas goes down (its S3 server stops) while the application writes far
+/// more WAL than max-shadow-size: the shadow directory stays within its bound (a gauge
+/// reports it), the healthy replica is unaffected and restores exactly.
+#[test]
+fn sqlite_a_replica_that_is_down_never_fills_the_disk() {
+    let s3 = S3Server::start(&["down"]);
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let good = dir.path().join("good");
+    let port = cloud_dump_testkit::free_port();
+    let cfg = dir.path().join("c.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "addr: \"127.0.0.1:{port}\"\ndbs:\n  - path: {}\n    max-wal-size: 1MB\n    max-shadow-size: 4MB\n    min-checkpoint-page-count: 100\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n      - url: s3://down/db\n        endpoint: {}\n        sync-interval: 200ms\n",
+            db.display(),
+            good.display(),
+            s3.endpoint
+        ),
+    )
+    .unwrap();
+    let rep = replicate(&["-config", cfg.to_str().unwrap()], &s3.env());
+    std::thread::sleep(Duration::from_secs(2));
+    drop(s3); // the second replica's store is gone from now on
+    let c = open(&db);
+    let shadow = dir.path().join(".app.db-cloud-dump");
+    let mut largest = 0u64;
+    for _ in 0..40 {
+        c.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100)
+             INSERT INTO t(v) SELECT randomblob(4000) FROM n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+        let size: u64 = walk(&shadow)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+            .map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+            .sum();
+        largest = largest.max(size);
+    }
+    let metrics = http_get(port, "/metrics");
+    let (_, log) = terminate(rep);
+    // 16 MB written; the bound is 4 MB, plus the current shadow file (the WAL since its last
+    // restart, about max-wal-size) and a tick's worth of writes.
+    assert!(largest < 8 << 20, "the shadow directory grew to {largest} bytes:\n{log}");
+    assert!(log.contains("max-shadow-size"), "{log}");
+    assert!(metrics.contains("cloud_dump_sqlite_shadow_bytes"), "{metrics}");
+    drop(c);
+    let out = dir.path().join("restored.db");
+    assert_eq!(restore_fp(&format!("file://{}", good.display()), &out, &[], &[]), fingerprint(&db), "{log}");
+}
