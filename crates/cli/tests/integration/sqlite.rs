@@ -28,6 +28,20 @@ fn app_db(dir: &Path) -> PathBuf {
     db
 }
 
+/// A config with one database and one file replica, `db_lines` and `replica_lines`
+/// (indented YAML) added to each.
+fn one_db_config(cfg: &Path, db: &Path, replica: &Path, db_lines: &str, replica_lines: &str) {
+    std::fs::write(
+        cfg,
+        format!(
+            "dbs:\n  - path: {}\n{db_lines}    replicas:\n      - path: {}\n        sync-interval: 200ms\n{replica_lines}",
+            db.display(),
+            replica.display()
+        ),
+    )
+    .unwrap();
+}
+
 fn count(db: &Path) -> u64 {
     open(db).query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0)).unwrap() as u64
 }
@@ -994,15 +1008,7 @@ fn sqlite_a_long_reader_never_stalls_the_application() {
     let db = app_db(dir.path());
     let replica = dir.path().join("replica");
     let cfg = dir.path().join("c.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    max-wal-size: 1MB\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n",
-            db.display(),
-            replica.display()
-        ),
-    )
-    .unwrap();
+    one_db_config(&cfg, &db, &replica, "    max-wal-size: 1MB\n", "");
     let rep = replicate(&["-config", cfg.to_str().unwrap()], &[]);
     std::thread::sleep(Duration::from_secs(1));
     // The report: a read transaction held for 8 s.
@@ -1148,15 +1154,7 @@ fn sqlite_a_replica_whose_store_was_emptied_recovers() {
     let db = app_db(dir.path());
     let replica = dir.path().join("replica");
     let cfg = dir.path().join("c.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "dbs:\n  - path: {}\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n        retention-check-interval: 1s\n",
-            db.display(),
-            replica.display()
-        ),
-    )
-    .unwrap();
+    one_db_config(&cfg, &db, &replica, "", "        retention-check-interval: 1s\n");
     let rep = replicate(&["-config", cfg.to_str().unwrap()], &[]);
     let c = open(&db);
     for _ in 0..20 {

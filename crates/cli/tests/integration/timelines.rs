@@ -392,35 +392,21 @@ fn wal_commands_refuse_what_would_lie() {
     one.sql("postgres", "CREATE TABLE t(id int)");
     one.switch_and_wait_archived(Duration::from_secs(60)).unwrap();
     let other = pg(15);
-    let pg_wal = other.data.join("pg_wal");
-    std::fs::write(pg_wal.join("00000002.history"), "1\t0/3000000\tno recovery target specified\n").unwrap();
-    let mut c = std::process::Command::new(bin());
-    c.current_dir(&other.data).args([
-        "wal-push",
-        "pg_wal/00000002.history",
-        "00000002.history",
-        "--repo",
-        &a.url,
-        "--cluster",
-        "c",
-    ]);
-    let out = c.output().unwrap();
+    // wal-push of a history file from a data directory, as archive_command runs it.
+    let push_history = |data: &Path| {
+        std::fs::write(data.join("pg_wal/00000002.history"), "1\t0/3000000\tno recovery target specified\n").unwrap();
+        std::process::Command::new(bin())
+            .current_dir(data)
+            .args(["wal-push", "pg_wal/00000002.history", "00000002.history", "--repo", &a.url, "--cluster", "c"])
+            .output()
+            .unwrap()
+    };
+    let out = push_history(&other.data);
     assert!(!out.status.success(), "a foreign history file was archived");
     assert!(String::from_utf8_lossy(&out.stderr).contains("system"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!wal_dir(&a).join("00000002.history.sum").exists());
     // The archive's own cluster archives its history file.
-    std::fs::write(one.data.join("pg_wal/00000002.history"), "1\t0/3000000\tno recovery target specified\n").unwrap();
-    let mut c = std::process::Command::new(bin());
-    c.current_dir(&one.data).args([
-        "wal-push",
-        "pg_wal/00000002.history",
-        "00000002.history",
-        "--repo",
-        &a.url,
-        "--cluster",
-        "c",
-    ]);
-    let out = c.output().unwrap();
+    let out = push_history(&one.data);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     one.stop();
 }
