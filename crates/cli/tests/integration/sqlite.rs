@@ -1227,3 +1227,60 @@ fn sqlite_a_replica_that_is_down_never_fills_the_disk() {
     let out = dir.path().join("restored.db");
     assert_eq!(restore_fp(&format!("file://{}", good.display()), &out, &[], &[]), fingerprint(&db), "{log}");
 }
+
+/// One of two replicas points at a store that accepts connections and never answers (a
+/// hung load balancer): the snapshot that waits on it gives up (CLOUD_DUMP_STORE_STALL_MS,
+/// a test hook, shortens the 30 s) and frees the database's gate, so our checkpoints go on
+/// and the WAL stays near max-wal-size; the healthy replica restores exactly.
+#[test]
+fn sqlite_a_hung_store_never_pins_the_wal() {
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", hung.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in hung.incoming().take(64).flatten() {
+            held.push(c); // accepted, never answered
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let db = app_db(dir.path());
+    let good = dir.path().join("good");
+    let cfg = dir.path().join("c.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "dbs:\n  - path: {}\n    max-wal-size: 1MB\n    min-checkpoint-page-count: 100\n    replicas:\n      - path: {}\n        sync-interval: 200ms\n      - url: s3://hung/db\n        endpoint: {endpoint}\n        sync-interval: 200ms\n",
+            db.display(),
+            good.display()
+        ),
+    )
+    .unwrap();
+    let env: Vec<(String, String)> = [
+        ("CLOUD_DUMP_STORE_STALL_MS", "1500"),
+        ("AWS_ACCESS_KEY_ID", "x"),
+        ("AWS_SECRET_ACCESS_KEY", "y"),
+        ("AWS_REGION", "us-east-1"),
+    ]
+    .iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let rep = replicate(&["-config", cfg.to_str().unwrap()], &env);
+    std::thread::sleep(Duration::from_secs(5));
+    let c = open(&db);
+    let mut largest = 0u64;
+    for _ in 0..50 {
+        c.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 50)
+             INSERT INTO t(v) SELECT randomblob(4000) FROM n",
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        largest = largest.max(std::fs::metadata(format!("{}-wal", db.display())).map(|m| m.len()).unwrap_or(0));
+    }
+    let (_, log) = terminate(rep);
+    drop(c);
+    // 10 MB written, max-wal-size 1 MB: the WAL grows only while a snapshot waits (1.5 s).
+    assert!(largest < 6 << 20, "the WAL grew to {largest} bytes:\n{log}");
+    let out = dir.path().join("restored.db");
+    assert_eq!(restore_fp(&format!("file://{}", good.display()), &out, &[], &[]), fingerprint(&db), "{log}");
+}
