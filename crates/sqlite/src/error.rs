@@ -41,9 +41,6 @@ pub enum SqliteError {
     /// the caller reopens it.
     #[error("{path}: the database file was replaced")]
     Replaced { path: String },
-    /// A snapshot upload made no progress for too long (a store that does not answer).
-    #[error("{key}: the store made no progress for {seconds} s; the replica lags")]
-    Stalled { key: String, seconds: u64 },
     #[error(transparent)]
     Pipeline(#[from] PipelineError),
     #[error(transparent)]

@@ -52,10 +52,6 @@ pub struct Replica {
     last_snapshot_ms: Option<i64>,
     next_retention_ms: i64,
     next_validation_ms: Option<i64>,
-    /// After a snapshot the store did not answer: no new one before this (backing off, so a
-    /// hung store holds the database's gate only now and then).
-    snapshot_after: Option<std::time::Instant>,
-    snapshot_backoff: Duration,
     pub metrics: Arc<ReplicaMetrics>,
 }
 
@@ -84,8 +80,6 @@ impl Replica {
             last_snapshot_ms: None,
             next_retention_ms: 0,
             next_validation_ms: None,
-            snapshot_after: None,
-            snapshot_backoff: store_stall(),
             metrics: Arc::default(),
         }
     }
@@ -164,21 +158,7 @@ impl Replica {
             Some(t) => now_ms() - t >= self.spec.snapshot_every().as_millis() as i64,
         };
         if snapshot_due {
-            if self.snapshot_after.is_some_and(|t| std::time::Instant::now() < t) {
-                return Ok(()); // backing off after a store that did not answer
-            }
-            match self.snapshot().await {
-                Err(e @ SqliteError::Stalled { .. }) => {
-                    self.snapshot_after = Some(std::time::Instant::now() + self.snapshot_backoff);
-                    self.snapshot_backoff = (self.snapshot_backoff * 2).min(Duration::from_secs(600));
-                    return Err(e);
-                }
-                r => {
-                    r?;
-                    self.snapshot_after = None;
-                    self.snapshot_backoff = store_stall();
-                }
-            }
+            self.snapshot().await?;
         }
         let cur = self.shared.pos.borrow().clone();
         if cur.generation == self.at.as_ref().map(|a| a.generation.clone()).unwrap_or_default() {
@@ -237,47 +217,16 @@ impl Replica {
         let size = std::fs::metadata(&self.shared.path).map(|m| m.len()).ok();
         let key =
             self.encode.object_name(&layout::snapshot_stem(&pos.generation, pos.index, pos.end, pos.time_ms, pos.seq));
-        // The reader holds the database's gate (our checkpoints wait on it): a store that
-        // stops answering must not hold it for long. No progress for `store_stall()` ends
-        // the snapshot (the reader stops, the gate is free); the next sync tries again.
-        let stalled = || SqliteError::Stalled { key: key.clone(), seconds: store_stall().as_secs() };
-        let mut sink = match tokio::time::timeout(
-            store_stall(),
-            Sink::start(&self.repo, &key, size, self.encode.clone()),
-        )
-        .await
-        {
-            Ok(s) => s?,
-            Err(_) => {
-                drop(rx);
-                let _ = reader.await;
-                tracing::warn!(replica = %self.name(), "snapshot: the store does not answer; the replica lags, trying again at the next sync");
-                return Err(stalled());
-            }
-        };
+        let mut sink = Sink::start(&self.repo, &key, size, self.encode.clone()).await?;
         let mut failed = None;
-        let mut stalled_out = false;
         while let Some(b) = rx.recv().await {
-            match tokio::time::timeout(store_stall(), sink.write(b)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    failed = Some(e);
-                    break;
-                }
-                Err(_) => {
-                    tracing::warn!(replica = %self.name(), "snapshot: the store stopped answering; the replica lags, trying again at the next sync");
-                    stalled_out = true;
-                    break;
-                }
+            if let Err(e) = sink.write(b).await {
+                failed = Some(e);
+                break;
             }
         }
         drop(rx);
         let read = reader.await.map_err(|e| SqliteError::Replica(format!("snapshot reader: {e}")))?;
-        if stalled_out {
-            // The gate is free again; the upload's abort may not be answered either.
-            let _ = tokio::time::timeout(Duration::from_secs(5), sink.abort()).await;
-            return Err(stalled());
-        }
         if let Some(e) = failed {
             sink.abort().await;
             return Err(e.into());
@@ -522,16 +471,6 @@ pub fn retention_plan(entries: &[Entry], cutoff: i64, current: &str) -> Vec<Entr
         }
     }
     doomed
-}
-
-/// How long a store may make no progress (a snapshot upload, an owner record) before it is
-/// given up: 30 s, or `CLOUD_DUMP_STORE_STALL_MS` (a test hook).
-pub fn store_stall() -> Duration {
-    std::env::var("CLOUD_DUMP_STORE_STALL_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map(Duration::from_millis)
-        .unwrap_or(Duration::from_secs(30))
 }
 
 /// The replica's owner record: which database writes into it (written create-only by the

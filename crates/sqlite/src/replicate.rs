@@ -270,15 +270,8 @@ async fn prepare(spec: &DbSpec) -> Result<Vec<Repo>> {
     let mut repos = Vec::new();
     for r in &spec.replicas {
         let repo = Repo::create(&r.url, &r.storage).await?;
-        // Another database's replica: refused before anything starts. A store that does
-        // not answer does not hold the database back (the replica then lags, loudly).
-        match tokio::time::timeout(crate::replica::store_stall(), crate::replica::check_owner(&repo, &spec.path)).await
-        {
-            Ok(r) => r?,
-            Err(_) => {
-                tracing::warn!(replica = %r.name, "the replica's store does not answer: its owner is not checked now")
-            }
-        }
+        // Another database's replica: refused before anything starts.
+        crate::replica::check_owner(&repo, &spec.path).await?;
         repos.push(repo);
     }
     Ok(repos)
@@ -302,19 +295,7 @@ async fn launch(spec: &DbSpec, repos: Vec<Repo>, stop: &mut watch::Receiver<bool
     };
     // The database opened: its replicas are claimed for it (create-only owner records).
     for repo in &repos {
-        let claimed = match tokio::time::timeout(
-            crate::replica::store_stall(),
-            crate::replica::claim_owner(repo, &spec.path),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::warn!(replica = %repo.url(), "the replica's store does not answer: it is not claimed for this database now");
-                Ok(())
-            }
-        };
-        if let Err(e) = claimed {
+        if let Err(e) = crate::replica::claim_owner(repo, &spec.path).await {
             // SQLite's connections close before the descriptor (closing it first would drop
             // their POSIX locks).
             drop(db);
@@ -369,21 +350,9 @@ async fn finish(r: Running) -> Vec<String> {
         unsynced.push(format!("{} (final copy of its WAL)", db.display()));
     }
     let _ = r.stop_replicas.send(true);
-    // A replica whose store does not answer must not hold the stop (or a reload) for ever:
-    // each final sync gets until a common deadline, then it is abandoned and reported.
-    let deadline = tokio::time::Instant::now() + (crate::replica::store_stall() * 2).max(Duration::from_secs(3));
-    for (name, mut t) in r.replicas {
-        match tokio::time::timeout_at(deadline, &mut t).await {
-            Ok(done) => {
-                if !done.unwrap_or(false) {
-                    unsynced.push(name);
-                }
-            }
-            Err(_) => {
-                t.abort();
-                tracing::error!(replica = %name, "its store did not answer the final sync in time; abandoned");
-                unsynced.push(format!("{name} (its store did not answer)"));
-            }
+    for (name, t) in r.replicas {
+        if !t.await.unwrap_or(false) {
+            unsynced.push(name);
         }
     }
     // SQLite has closed the database: its descriptors and locks can go, so that a
